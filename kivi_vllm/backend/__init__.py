@@ -1,0 +1,1 @@
+"""vLLM glue for the KIVI cache: backend (static facts), metadata (per step), impl (per layer)."""

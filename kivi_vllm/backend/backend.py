@@ -1,0 +1,103 @@
+"""``KiviAttentionBackend``: the static facts vLLM asks of an attention backend (name, shapes, what it supports).
+
+Registered in vLLM's ``CUSTOM`` slot by :func:`kivi_vllm.register` and selected with
+``--attention-backend CUSTOM`` (``kivi-serve`` does that). Interface: ``vllm/v1/attention/backend.py``.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from vllm.config import get_current_vllm_config_or_none
+from vllm.v1.attention.backend import AttentionBackend, AttentionType, MultipleOf
+
+from ..config import DEFAULT_BLOCK_SIZE, KiviConfig, KiviConfigError
+from ..layout import PageLayout
+
+
+def _current_kivi_config() -> tuple[KiviConfig, torch.dtype]:
+    vllm_config = get_current_vllm_config_or_none()
+    if vllm_config is None or vllm_config.model_config is None:
+        raise RuntimeError(
+            "KIVI: the vLLM config is not set here; the KIVI page size depends on it "
+            "(get_kv_cache_shape must run inside vLLM's set_current_vllm_config)"
+        )
+    return KiviConfig.from_vllm_config(vllm_config), vllm_config.model_config.dtype
+
+
+class KiviAttentionBackend(AttentionBackend):
+    """KIVI 2/4-bit paged KV cache (keys per channel, values per token, open group exact)."""
+
+    #: Marks the backend for :mod:`kivi_vllm.patches` (KV-cache spec and CPU platform selection).
+    IS_KIVI: ClassVar[bool] = True
+    #: The store runs inside ``forward``, after attention: the step's own tokens are attended exactly and the
+    #: cache is read as it was before the step (see :mod:`kivi_vllm.reference`).
+    forward_includes_kv_cache_update: bool = True
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    #: KIVI *is* the cache format: combining it with fp8 or another quantized cache dtype is refused.
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16"]
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"  # vLLM's single out-of-tree slot (attention.py looks the name up in AttentionBackendEnum)
+
+    @staticmethod
+    def get_impl_cls():
+        from .impl import KiviAttentionImpl
+
+        return KiviAttentionImpl
+
+    @staticmethod
+    def get_builder_cls():
+        from .metadata import KiviMetadataBuilder
+
+        return KiviMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes() -> list[int | MultipleOf]:
+        # Any multiple of the group size, so vLLM never splits a page into smaller kernel blocks: one page has one
+        # residual stage.
+        vllm_config = get_current_vllm_config_or_none()
+        group = KiviConfig.from_vllm_config(vllm_config).group_size if vllm_config else 16
+        return [MultipleOf(group)]
+
+    @classmethod
+    def get_preferred_block_size(cls, default_block_size: int) -> int:
+        return DEFAULT_BLOCK_SIZE
+
+    @classmethod
+    def supports_head_size(cls, head_size: int) -> bool:
+        try:
+            KiviConfig.check_head_size(head_size)
+        except KiviConfigError:
+            return False
+        return True
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def supports_combination(cls, head_size, dtype, kv_cache_dtype, block_size, use_mla, has_sink, use_sparse,
+                             use_mm_prefix, device_capability) -> str | None:
+        """KIVI's own checks, worded for users: settings, head size, block size (when the user set one)."""
+        try:
+            cfg = KiviConfig.from_vllm_config(get_current_vllm_config_or_none())
+            cfg.check_head_size(head_size)
+            if block_size is not None:
+                cfg.check_block_size(block_size)
+        except KiviConfigError as e:
+            return str(e)
+        return None
+
+    @staticmethod
+    def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
+                           cache_dtype_str: str = "auto") -> tuple[int, ...]:
+        """(num_blocks, num_kv_heads, page_bytes) uint8; page_bytes from :class:`PageLayout`.
+
+        ``cache_dtype_str`` is ignored on purpose: vLLM's runners pass different strings (V1 vs V2), the layout
+        comes from the KIVI settings alone.
+        """
+        cfg, dtype = _current_kivi_config()
+        return (num_blocks, num_kv_heads, PageLayout.from_config(cfg, block_size, head_size, dtype).page_bytes)

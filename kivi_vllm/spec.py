@@ -1,0 +1,81 @@
+"""The KV-cache spec that makes vLLM size and count KIVI pages.
+
+vLLM derives the page size of every layer only from its ``KVCacheSpec`` (``v1/kv_cache_interface.py``); the
+block count, the "KV cache size: N tokens" log, admission and metrics all follow from it. KIVI layers return this
+``FullAttentionSpec`` subclass (see ``patches/kv_cache_spec.py``), so the uint8 page is exactly
+``num_kv_heads * PageLayout.page_bytes`` bytes. Being a ``FullAttentionSpec`` subclass, it maps to vLLM's
+``FullAttentionManager`` through the spec registry's MRO walk without registration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+from .config import KiviConfig
+from .layout import PageLayout
+
+
+@dataclass(frozen=True, kw_only=True)
+class KiviAttentionSpec(FullAttentionSpec):
+    """``FullAttentionSpec`` whose page is a KIVI page (``dtype`` is ``torch.uint8``).
+
+    Attributes (beyond vLLM's):
+        k_bits, v_bits, group_size, residual: the KIVI settings (see :class:`kivi_vllm.config.KiviConfig`).
+        residual_dtype: the model dtype, used for the exact residual stage.
+    """
+
+    k_bits: int = 2
+    v_bits: int = 2
+    group_size: int = 32
+    residual: str = "kv"
+    residual_dtype: torch.dtype = torch.bfloat16
+
+    @classmethod
+    def from_full_spec(cls, spec: FullAttentionSpec, cfg: KiviConfig, residual_dtype: torch.dtype) -> "KiviAttentionSpec":
+        """Turn vLLM's bf16 spec for a layer into the KIVI spec with the same block size and heads.
+
+        Raises:
+            KiviConfigError: block size not a multiple of the group size, or unsupported head size.
+        """
+        out = cls(
+            block_size=spec.block_size,
+            num_kv_heads=spec.num_kv_heads,
+            head_size=spec.head_size,
+            head_size_v=spec.head_size_v,
+            dtype=torch.uint8,
+            indexes_kv_by_block_stride=spec.indexes_kv_by_block_stride,
+            k_bits=cfg.k_bits,
+            v_bits=cfg.v_bits,
+            group_size=cfg.group_size,
+            residual=cfg.residual,
+            residual_dtype=residual_dtype,
+        )
+        out.layout  # validates
+        return out
+
+    @property
+    def layout(self) -> PageLayout:
+        """The byte layout of one page for one KV head."""
+        return PageLayout(
+            self.block_size, self.head_size, self.k_bits, self.v_bits, self.group_size, self.residual,
+            self.residual_dtype,
+        )
+
+    @property
+    def real_page_size_bytes(self) -> int:
+        return self.num_kv_heads * self.layout.page_bytes
+
+    @classmethod
+    def merge(cls, specs: list["KiviAttentionSpec"]) -> "KiviAttentionSpec":
+        """vLLM's merge rebuilds the spec from base fields only; carry the KIVI fields over (all layers agree)."""
+        merged = super().merge(specs)
+        first = specs[0]
+        kivi = ("k_bits", "v_bits", "group_size", "residual", "residual_dtype")
+        for s in specs:
+            assert all(getattr(s, f) == getattr(first, f) for f in kivi), (
+                "All KIVI layers in one KV cache group must share the KIVI settings"
+            )
+        return replace(merged, **{f: getattr(first, f) for f in kivi})
