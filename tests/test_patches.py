@@ -1,0 +1,44 @@
+"""The version-checked vLLM patches: they match the installed vLLM 0.26.0 and refuse anything else, loudly."""
+
+import pytest
+
+import kivi_vllm
+from kivi_vllm import patches
+from kivi_vllm.patches import cpu_platform, kv_cache_spec
+
+
+def test_installed_vllm_is_the_supported_one():
+    # Fails on any vLLM but 0.26.x: the patches below were written against its source.
+    assert patches.vllm_version().startswith("0.26."), patches.vllm_version()
+
+
+def test_patched_sources_match_vllm_0_26_0():
+    from vllm.model_executor.layers.attention.attention import Attention
+    from vllm.platforms.cpu import CpuPlatform
+
+    kivi_vllm.register()  # idempotent; the wrappers keep the original in __wrapped__
+    assert patches.source_fingerprint(Attention.get_kv_cache_spec) == kv_cache_spec.EXPECTED
+    assert patches.source_fingerprint(CpuPlatform.get_attn_backend_cls.__func__) == cpu_platform.EXPECTED_SELECT
+    assert patches.source_fingerprint(CpuPlatform.update_block_size_for_backend.__func__) == cpu_platform.EXPECTED_BLOCK
+
+
+@pytest.mark.parametrize("version", ["0.25.1", "0.27.0", "1.0.0", "0.2.6"])
+def test_other_vllm_versions_are_refused(version):
+    with pytest.raises(patches.VllmVersionError, match=f"supports vLLM 0.26.x only, found vLLM {version}"):
+        patches.check_vllm_version(version)
+
+
+def test_changed_source_is_refused():
+    def get_kv_cache_spec(self, vllm_config):  # stands in for a different vLLM's version of the function
+        return None
+
+    with pytest.raises(patches.VllmVersionError, match="source differs from vLLM 0.26.0's"):
+        patches.require_source(get_kv_cache_spec, kv_cache_spec.EXPECTED, "Attention.get_kv_cache_spec")
+
+
+def test_register_is_idempotent_and_registers_custom():
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    kivi_vllm.register()
+    kivi_vllm.register()
+    assert AttentionBackendEnum.CUSTOM.get_path() == kivi_vllm.BACKEND_PATH
