@@ -189,7 +189,7 @@ def forward(
             groups completed before the chunk from the cache (KIVI paper §3.3; outputs then depend on chunking).
 
     Returns:
-        ``out`` (or a new tensor), computed in float32 and cast to its dtype.
+        ``out`` (or a new tensor), computed in float64 (see :func:`_attend`) and cast to its dtype.
     """
     if out is None:
         out = torch.zeros_like(query)
@@ -248,7 +248,12 @@ def _attend(q, p0, k_q, v_q, k_e, v_e, k_e0, v_e0, G, residual, scale, streaming
     """Attention of queries at positions p0 + i over keys [0, p0 + len(q)) with the visibility rule of :func:`forward`.
 
     k_q, v_q: dequantized keys/values from position 0; k_e, v_e: exact ones from positions k_e0 / v_e0.
-    All float32 [*, Hkv, D]; q [nq, Hq, D]. Returns float32 [nq, Hq, D].
+    All float32 [*, Hkv, D]; q [nq, Hq, D]. Returns float64 [nq, Hq, D].
+
+    Computed in float64 on purpose: the reduction order of BLAS and softmax kernels depends on the row length, which
+    depends on where a chunk ends; float32 rounding differences would then reach the bf16 output now and then, and a
+    2-bit code flips on such a last-bit change of a key. In float64 the difference is below every later rounding, so
+    a query's output is the same whatever chunk it was computed in.
     """
     nq, hq, d = q.shape
     hkv = k_q.shape[1] if k_q.numel() else k_e.shape[1]
@@ -265,12 +270,12 @@ def _attend(q, p0, k_q, v_q, k_e, v_e, k_e0, v_e0, G, residual, scale, streaming
     causal = j <= p
 
     def spread(x, first):  # [n, Hkv, D] covering positions [first, first + n) -> [Hkv, total, D], zeros elsewhere
-        full = torch.zeros(hkv, total, d, dtype=torch.float32, device=dev)
+        full = torch.zeros(hkv, total, d, dtype=torch.float64, device=dev)
         n = min(x.shape[0], total - first)
         full[:, first : first + n] = x[:n].transpose(0, 1)
         return full
 
-    qh = q.float().unflatten(1, (hkv, hq // hkv)).permute(1, 2, 0, 3) * scale  # [Hkv, rep, nq, D]
+    qh = q.double().unflatten(1, (hkv, hq // hkv)).permute(1, 2, 0, 3) * scale  # [Hkv, rep, nq, D]
     s_q = qh @ spread(k_q, 0).unsqueeze(1).transpose(-1, -2)  # [Hkv, rep, nq, total]
     s_e = qh @ spread(k_e, k_e0).unsqueeze(1).transpose(-1, -2)
     s = torch.where(k_quant, s_q, s_e).masked_fill(~causal, float("-inf"))
