@@ -1,6 +1,6 @@
 """Version-checked patches of vLLM internals, for the three places vLLM 0.26 offers no hook.
 
-Importable as ``kivi_vllm.patches`` (``pyproject.toml`` maps this folder there). Each patch module
+Importable as ``kivi_vllm.patches`` (``kivi_vllm/patches`` is a link to this folder; wheels carry the files). Each patch module
 names the vLLM function it wraps and the SHA-256 of that function's source in vLLM 0.26.0; a patch applies only
 when the installed source matches, so another vLLM version fails at startup with a message instead of serving
 wrong pages. ``tests/test_patches.py`` checks the fingerprints against the installed vLLM.
