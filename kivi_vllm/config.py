@@ -11,7 +11,6 @@ Errors name the flag and the allowed values, so a bad combination stops the serv
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -126,10 +125,6 @@ class KiviConfig:
         return dataclasses.asdict(self)
 
     # ------------------------------------------------------------------ checks that need the model
-    def value_group_size(self, head_size: int) -> int:
-        """Channels per value group: G when it divides the head size, else ``gcd(G, head_size)`` (e.g. 16 for 80)."""
-        return math.gcd(self.group_size, head_size)
-
     def check_block_size(self, block_size: int) -> None:
         """Raise KiviConfigError unless ``block_size`` is a positive multiple of the group size."""
         if block_size <= 0 or block_size % self.group_size:

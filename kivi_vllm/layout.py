@@ -8,7 +8,7 @@ Inside one page and one head, with m = B / G groups of G consecutive tokens:
     GR                record of group 1
     ...
     (m-1) * GR        record of group m-1
-    stage_offset      residual ("stage"): fp16/bf16 keys [G, D], then values [G, D] (residual="kv")
+    stage_offset      residual ("stage") in the model dtype: keys [G, D], then values [G, D] (residual="kv")
 
 A group record (GR bytes) holds, in this order (D = head size, Gv = channels per value group):
 
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -113,6 +114,10 @@ class PageLayout:
 
     def region_sizes(self) -> dict[str, int]:
         """Bytes of each region of one group record, then of each stage tensor."""
+        return dict(self._sizes)
+
+    @cached_property
+    def _sizes(self) -> dict[str, int]:
         g, d = self.group_size, self.head_size
         sizes = {
             "k_codes": g * self.k_row_bytes,
@@ -129,18 +134,18 @@ class PageLayout:
 
     @property
     def residual_itemsize(self) -> int:
-        return torch.empty((), dtype=self.residual_dtype).element_size()
+        return self.residual_dtype.itemsize
 
     @property
     def record_bytes(self) -> int:
         """GR, bytes of one quantized group record."""
-        s = self.region_sizes()
+        s = self._sizes
         return s["k_codes"] + s["k_scale"] + s["k_min"] + s["v_codes"] + s["v_scale"] + s["v_min"]
 
     @property
     def stage_bytes(self) -> int:
         """Bytes of the residual stage: G * D * itemsize for keys, the same again for values when residual="kv"."""
-        s = self.region_sizes()
+        s = self._sizes
         return s["k_stage"] + s.get("v_stage", 0)
 
     @property
@@ -164,8 +169,9 @@ class PageLayout:
         return 2 * self.head_size * itemsize / self.bytes_per_token
 
     # ------------------------------------------------------------------ offsets within a record
+    @cached_property
     def _record_offsets(self) -> dict[str, int]:
-        s, off, out = self.region_sizes(), 0, {}
+        s, off, out = self._sizes, 0, {}
         for name in ("k_codes", "k_scale", "k_min", "v_codes", "v_scale", "v_min"):
             out[name] = off
             off += s[name]
@@ -183,8 +189,8 @@ class PageLayout:
         return pages[..., : m * gr].unflatten(-1, (m, gr))
 
     def _region(self, pages: torch.Tensor, name: str) -> torch.Tensor:
-        off = self._record_offsets()[name]
-        return self._records(pages)[..., off : off + self.region_sizes()[name]]
+        off = self._record_offsets[name]
+        return self._records(pages)[..., off : off + self._sizes[name]]
 
     def k_codes(self, pages: torch.Tensor) -> torch.Tensor:
         """[..., m, G, D*k_bits/8] uint8 packed key codes."""
@@ -213,14 +219,14 @@ class PageLayout:
     def k_stage(self, pages: torch.Tensor) -> torch.Tensor:
         """[..., G, D] residual keys of the page's open group (index = token position mod G)."""
         off = self.stage_offset
-        n = self.region_sizes()["k_stage"]
+        n = self._sizes["k_stage"]
         return pages[..., off : off + n].view(self.residual_dtype).unflatten(-1, (self.group_size, self.head_size))
 
     def v_stage(self, pages: torch.Tensor) -> torch.Tensor:
         """[..., G, D] residual values of the open group; only with residual="kv"."""
         assert self.residual == "kv", "values have no stage with residual='k'"
-        off = self.stage_offset + self.region_sizes()["k_stage"]
-        n = self.region_sizes()["v_stage"]
+        off = self.stage_offset + self._sizes["k_stage"]
+        n = self._sizes["v_stage"]
         return pages[..., off : off + n].view(self.residual_dtype).unflatten(-1, (self.group_size, self.head_size))
 
     def describe(self) -> str:

@@ -48,3 +48,15 @@ def matching_prefix(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
+
+
+#: Questions appended to one shared manual section by :func:`shared_prefix_prompts`.
+SHARED_QUESTIONS = ("What does this text describe?", "Give an example.", "Summarize it.", "Who would read this?",
+                    "Explain the first sentence.", "What is a target list?")
+
+
+def shared_prefix_prompts(chars: int = 1200) -> list[str]:
+    """Six prompts that share their first ~290 SmolLM2 tokens (one manual section) and differ in the question:
+    the workload for prefix caching, chunking and preemption checks."""
+    shared = manual_text("assignment").strip()[:chars]
+    return [f"{shared}\n\nQuestion: {q}\nAnswer:" for q in SHARED_QUESTIONS]

@@ -122,27 +122,23 @@ def read_context(
         (keys, values) float32 [n, num_kv_heads, head_size]: dequantized complete groups, then the open group's
         tokens exactly as staged (residual="k": values of every token dequantized).
     """
-    B, G = layout.block_size, layout.group_size
-    if num_tokens == 0:
-        h, d = kv_cache.shape[1], layout.head_size
-        empty = torch.empty(0, h, d, dtype=torch.float32, device=kv_cache.device)
-        return empty, empty
-    nblk = -(-num_tokens // B)
-    pages = kv_cache[block_ids[:nblk].long()]
+    n, B, G = num_tokens, layout.block_size, layout.group_size
+    pages = kv_cache[block_ids[: -(-n // B)].long()]
     k, v = dequantize_pages(pages, layout)
-    return _patch_open_group(k, v, pages, num_tokens, layout)
-
-
-def _patch_open_group(k, v, pages, n, layout):
-    """Keep the first n rows and replace the open group's rows with the exact staged tokens."""
-    B, G = layout.block_size, layout.group_size
     k, v = k[:n], v[:n]
-    nq = (n // G) * G  # tokens in complete groups
+    nq = n // G * G  # tokens in complete groups
     if nq < n:
-        page = pages[nq // B]
-        k = torch.cat([k[:nq], layout.k_stage(page)[:, : n - nq].transpose(0, 1).float()])
-        if layout.residual == "kv":
-            v = torch.cat([v[:nq], layout.v_stage(page)[:, : n - nq].transpose(0, 1).float()])
+        k_st, v_st = staged_tokens(pages[nq // B], n - nq, layout)
+        k = torch.cat([k[:nq], k_st])
+        v = torch.cat([v[:nq], v_st]) if v_st is not None else v
+    return k, v
+
+
+def staged_tokens(page: torch.Tensor, count: int, layout: PageLayout) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The first ``count`` exact tokens of a page's open group, float32 [count, num_kv_heads, head_size] keys and
+    values (values None with residual="k"). ``page``: [num_kv_heads, page_bytes] uint8."""
+    k = layout.k_stage(page)[:, :count].transpose(0, 1).float()
+    v = layout.v_stage(page)[:, :count].transpose(0, 1).float() if layout.residual == "kv" else None
     return k, v
 
 
@@ -159,7 +155,6 @@ def forward(
     layout: PageLayout,
     scale: float,
     out: torch.Tensor | None = None,
-    store_kv: bool = True,
     query_tile: int = 256,
     streaming: bool = True,
 ) -> torch.Tensor:
@@ -183,8 +178,8 @@ def forward(
         layout: the page layout.
         scale: softmax scale (1/sqrt(head_size) for Llama).
         out: optional [T, num_heads, head_size] output, written in place.
-        store_kv: False for layers that share another layer's cache (the store already happened).
-        query_tile: queries per score tile (bounds memory to num_heads * tile * context floats).
+        query_tile: most queries per score tile; fewer for long contexts, so that one tile's scores stay below
+            2^24 elements (128 MiB in float64) whatever the context length.
         streaming: False selects prefill="exact": a chunk attends to its own tokens exactly and reads only the
             groups completed before the chunk from the cache (KIVI paper §3.3; outputs then depend on chunking).
 
@@ -209,12 +204,9 @@ def forward(
         blocks = block_table[[r for r, _ in rows], [(n // G * G) // B for _, n in rows]].long()
         snap = kv_cache[blocks]
         for i, (r, n) in enumerate(rows):
-            k = layout.k_stage(snap[i])[:, : n % G].transpose(0, 1).float()
-            v = layout.v_stage(snap[i])[:, : n % G].transpose(0, 1).float() if layout.residual == "kv" else None
-            staged[r] = (k, v)
+            staged[r] = staged_tokens(snap[i], n % G, layout)
     # 2. Store: quantize every group completed in this step, stage the rest.
-    if store_kv:
-        store(kv_cache, key, value, slot_mapping, layout)
+    store(kv_cache, key, value, slot_mapping, layout)
     # 3. Dequantize every page the batch reads, in one call.
     spans, ids, cols = [], [], []
     for r, qs, qe, n in reqs:
@@ -234,8 +226,9 @@ def forward(
         nq_end = total // G * G  # keys of positions below this exist quantized
         v_q_end = nq_end if layout.residual == "kv" else total
         k_q, v_q = all_k[base : base + nq_end], all_v[base : base + v_q_end]
-        for t0 in range(qs, qe, query_tile):
-            t1 = min(qe, t0 + query_tile)
+        tile = max(1, min(query_tile, 2**24 // (query.shape[1] * total)))
+        for t0 in range(qs, qe, tile):
+            t1 = min(qe, t0 + tile)
             p0 = n + t0 - qs
             out[t0:t1] = _attend(
                 query[t0:t1], p0, k_q, v_q, k_exact, v_exact, total - k_exact.shape[0],
@@ -250,35 +243,41 @@ def _attend(q, p0, k_q, v_q, k_e, v_e, k_e0, v_e0, G, residual, scale, streaming
     k_q, v_q: dequantized keys/values from position 0; k_e, v_e: exact ones from positions k_e0 / v_e0.
     All float32 [*, Hkv, D]; q [nq, Hq, D]. Returns float64 [nq, Hq, D].
 
+    Keys below ``a`` (the start of the first query's group, or of the chunk's first group with prefill="exact") are
+    dequantized for every query here; only [a, p0 + nq) needs the per-query choice between the two versions.
+
     Computed in float64 on purpose: the reduction order of BLAS and softmax kernels depends on the row length, which
     depends on where a chunk ends; float32 rounding differences would then reach the bf16 output now and then, and a
     2-bit code flips on such a last-bit change of a key. In float64 the difference is below every later rounding, so
     a query's output is the same whatever chunk it was computed in.
     """
     nq, hq, d = q.shape
-    hkv = k_q.shape[1] if k_q.numel() else k_e.shape[1]
+    hkv = k_e.shape[1]
     total = p0 + nq
     dev = q.device
+    a = (p0 if streaming else chunk_start) // G * G  # a <= p0, and k_e0 <= a (k_e starts at the open group)
     p = torch.arange(p0, total, device=dev)[:, None]  # query positions
-    j = torch.arange(total, device=dev)[None, :]  # key positions
+    j = torch.arange(a, total, device=dev)[None, :]  # key positions of the mixed range
     if streaming:  # the key's group was complete before the query (what decode at position p reads)
         k_quant = (j // G + 1) * G <= p
         v_quant = k_quant if residual == "kv" else j < p
     else:  # prefill="exact": only groups complete before the chunk are read quantized (KIVI paper §3.3)
-        k_quant = j < chunk_start // G * G
+        k_quant = torch.zeros_like(j, dtype=torch.bool)
         v_quant = k_quant if residual == "kv" else j < chunk_start
     causal = j <= p
 
-    def spread(x, first):  # [n, Hkv, D] covering positions [first, first + n) -> [Hkv, total, D], zeros elsewhere
-        full = torch.zeros(hkv, total, d, dtype=torch.float64, device=dev)
-        n = min(x.shape[0], total - first)
-        full[:, first : first + n] = x[:n].transpose(0, 1)
-        return full
+    def rows(x, first):  # x covers positions [first, first + len(x)): its rows for [a, total), zeros where absent
+        out = torch.zeros(total - a, hkv, d, dtype=torch.float64, device=dev)
+        lo, hi = max(a, first), min(total, first + x.shape[0])
+        if hi > lo:
+            out[lo - a : hi - a] = x[lo - first : hi - first]
+        return out
 
+    kt = lambda x: x.double().permute(1, 2, 0).unsqueeze(1)  # noqa: E731  [n, Hkv, D] -> [Hkv, 1, D, n]
+    vt = lambda x: x.double().transpose(0, 1).unsqueeze(1)  # noqa: E731  [n, Hkv, D] -> [Hkv, 1, n, D]
     qh = q.double().unflatten(1, (hkv, hq // hkv)).permute(1, 2, 0, 3) * scale  # [Hkv, rep, nq, D]
-    s_q = qh @ spread(k_q, 0).unsqueeze(1).transpose(-1, -2)  # [Hkv, rep, nq, total]
-    s_e = qh @ spread(k_e, k_e0).unsqueeze(1).transpose(-1, -2)
-    s = torch.where(k_quant, s_q, s_e).masked_fill(~causal, float("-inf"))
-    prob = torch.softmax(s, dim=-1)
-    o = (prob * v_quant) @ spread(v_q, 0).unsqueeze(1) + (prob * ~v_quant) @ spread(v_e, v_e0).unsqueeze(1)
+    s_mixed = torch.where(k_quant, qh @ kt(rows(k_q, 0)), qh @ kt(rows(k_e, k_e0))).masked_fill(~causal, float("-inf"))
+    prob = torch.softmax(torch.cat([qh @ kt(k_q[:a]), s_mixed], dim=-1), dim=-1)
+    p_all, p_mixed = prob[..., :a], prob[..., a:]
+    o = p_all @ vt(v_q[:a]) + (p_mixed * v_quant) @ vt(rows(v_q, 0)) + (p_mixed * ~v_quant) @ vt(rows(v_e, v_e0))
     return o.permute(2, 0, 1, 3).reshape(nq, hq, d)

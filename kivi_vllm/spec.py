@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import torch
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
-from .config import KiviConfig
+from .config import KiviConfig, KiviConfigError
 from .layout import PageLayout
 
 
@@ -38,8 +38,14 @@ class KiviAttentionSpec(FullAttentionSpec):
         """Turn vLLM's bf16 spec for a layer into the KIVI spec with the same block size and heads.
 
         Raises:
-            KiviConfigError: block size not a multiple of the group size, or unsupported head size.
+            KiviConfigError: block size not a multiple of the group size, unsupported head size, or value head size
+                different from the key head size.
         """
+        if spec.head_size_v != spec.head_size:
+            raise KiviConfigError(
+                f"KIVI: value head size {spec.head_size_v} differs from key head size {spec.head_size}; "
+                "the KIVI page needs both equal"
+            )
         out = cls(
             block_size=spec.block_size,
             num_kv_heads=spec.num_kv_heads,

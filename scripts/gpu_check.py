@@ -32,7 +32,7 @@ def one(name: str, model: str) -> dict:
     env, kw, kivi, what = RUNS[name]
     from vllm import LLM, SamplingParams
 
-    from kivi_vllm.prompts import long_prompts, manual_text
+    from kivi_vllm.prompts import long_prompts, shared_prefix_prompts
 
     args = dict(model=model, dtype="bfloat16", max_model_len=2048, seed=0, kv_cache_memory_bytes=4 * 2**30,
                 max_num_batched_tokens=1024, max_num_seqs=16)
@@ -47,13 +47,7 @@ def one(name: str, model: str) -> dict:
     res = dict(name=name, init_s=round(init, 1), kv_tokens=cfg.cache_config.kv_cache_size_tokens,
                block_size=cfg.cache_config.block_size, v2=cfg.use_v2_model_runner,
                cudagraph_mode=str(cfg.compilation_config.cudagraph_mode))
-    if what == "agree":
-        prompts = long_prompts(8)
-    else:
-        shared = manual_text("assignment").strip()[:1200]
-        prompts = [f"{shared}\n\nQuestion: {q}\nAnswer:" for q in
-                   ["What does this text describe?", "Give an example.", "Summarize it.", "Who would read this?",
-                    "Explain the first sentence.", "What is a target list?"]]
+    prompts = long_prompts(8) if what == "agree" else shared_prefix_prompts()
     t0 = time.time()
     outs = llm.generate(prompts, sp, use_tqdm=False)
     res["gen_s"] = round(time.time() - t0, 2)

@@ -44,4 +44,34 @@ def test_block_and_head_size_checks():
     for bad in (40, 72, 512):
         with pytest.raises(KiviConfigError, match=f"head size {bad} is not supported"):
             KiviConfig.check_head_size(bad)
-    assert KiviConfig().value_group_size(80) == 16 and KiviConfig().value_group_size(128) == 32
+
+
+def parse_kivi_flags(argv, additional=None, **engine):
+    import argparse
+
+    from kivi_vllm.serving.cli import add_kivi_args
+
+    p = argparse.ArgumentParser()
+    add_kivi_args(p)
+    ns = p.parse_args(argv)
+    ns.additional_config = additional
+    ns.kv_cache_dtype = engine.get("kv_cache_dtype", "auto")
+    ns.block_size = engine.get("block_size")
+    ns.attention_backend = engine.get("attention_backend")
+    return ns
+
+
+def test_kivi_serve_flags_merge_with_additional_config():
+    from kivi_vllm.serving.cli import check_engine_args, kivi_config_from_args
+
+    assert kivi_config_from_args(parse_kivi_flags([])) == KiviConfig()
+    c = kivi_config_from_args(parse_kivi_flags(["--kivi-bits", "4", "--kivi-v-bits", "2", "--kivi-prefill", "exact"]))
+    assert (c.k_bits, c.v_bits, c.prefill) == (4, 2, "exact")
+    # flags win over --additional-config, which fills in the rest
+    c = kivi_config_from_args(parse_kivi_flags(["--kivi-group-size", "64"], {"kivi": {"bits": 4, "group_size": 16}}))
+    assert (c.k_bits, c.v_bits, c.group_size) == (4, 4, 64)
+    check_engine_args(parse_kivi_flags([], block_size=512, attention_backend="CUSTOM"), KiviConfig())
+    with pytest.raises(KiviConfigError, match="--block-size=100"):
+        check_engine_args(parse_kivi_flags([], block_size=100), KiviConfig())
+    with pytest.raises(KiviConfigError, match="--kv-cache-dtype fp8_e4m3 cannot be combined"):
+        check_engine_args(parse_kivi_flags([], kv_cache_dtype="fp8_e4m3"), KiviConfig())

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import close_llm, greedy, make_llm
-from kivi_vllm.prompts import long_prompts, manual_text, matching_prefix
+from kivi_vllm.prompts import long_prompts, matching_prefix, shared_prefix_prompts
 
 pytestmark = pytest.mark.engine
 N_TOKENS = 64
@@ -56,55 +56,64 @@ def test_prompts_are_long(runs):
     assert min(lens) >= 300, lens
 
 
-def nll_of_continuations(model_path, prompt_ids, ids) -> float:
-    """Mean negative log-likelihood (nats/token) of each continuation under the fp32 transformers model."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+def nll_of_continuations(model, prompt_ids, ids) -> float:
+    """Mean negative log-likelihood (nats/token) of each continuation under an fp32 transformers model."""
     total, count = 0.0, 0
     with torch.no_grad():
         for p, c in zip(prompt_ids, ids):
-            x = torch.tensor([p + c])
-            logp = torch.log_softmax(model(x).logits[0, len(p) - 1 : -1].float(), -1)
+            logp = torch.log_softmax(model(torch.tensor([p + c])).logits[0, len(p) - 1 : -1].float(), -1)
             total -= logp.gather(1, torch.tensor(c)[:, None]).sum().item()
             count += len(c)
     return total / count
 
 
+def distinct_4grams(ids) -> float:
+    """Mean over continuations of unique 4-grams / 4-grams: 1.0 never repeats, near 0 loops."""
+    fr = [len({tuple(c[i : i + 4]) for i in range(len(c) - 3)}) / (len(c) - 3) for c in ids]
+    return sum(fr) / len(fr)
+
+
 def test_greedy_agreement_and_coherence(runs, model_path):
+    from transformers import AutoModelForCausalLM
+
     base = runs["bf16"]["ids"]
     report = {}
     for name in ("kivi4", "kivi2"):
         pref = [matching_prefix(a, b) for a, b in zip(base, runs[name]["ids"])]
         pos = sum(x == y for a, b in zip(base, runs[name]["ids"]) for x, y in zip(a, b)) / (len(base) * N_TOKENS)
         report[name] = dict(matching_prefix=pref, mean_prefix=sum(pref) / len(pref), positionwise=round(pos, 3))
-    # Coherence, judged by an independent scorer: the fp32 transformers model's NLL of each continuation.
-    # Greedy bf16 text is the floor; the same tokens shuffled within each continuation are the ceiling of nonsense.
+    # Coherence, judged independently of the engine: the fp32 transformers model's NLL of each continuation (fluent,
+    # on-topic tokens score low; the bf16 tokens shuffled within each continuation are the nonsense reference) and
+    # how much each continuation repeats itself (NLL alone rewards loops).
     g = torch.Generator().manual_seed(0)
     shuffled = [[c[i] for i in torch.randperm(len(c), generator=g)] for c in base]
     prompts = runs["bf16"]["prompt_ids"]
-    nll = {name: nll_of_continuations(model_path, prompts, runs[name]["ids"]) for name in CONFIGS}
-    nll["shuffled_bf16"] = nll_of_continuations(model_path, prompts, shuffled)
-    for name in report:
-        report[name]["nll"] = round(nll[name], 3)
-    print("\n" + json.dumps({"agreement_vs_bf16": report, "nll": {k: round(v, 3) for k, v in nll.items()}}, indent=1))
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    nll = {name: nll_of_continuations(model, prompts, runs[name]["ids"]) for name in CONFIGS}
+    nll["shuffled_bf16"] = nll_of_continuations(model, prompts, shuffled)
+    distinct = {name: round(distinct_4grams(runs[name]["ids"]), 3) for name in CONFIGS}
+    print("\n" + json.dumps({"agreement_vs_bf16": report, "nll": {k: round(v, 3) for k, v in nll.items()},
+                             "distinct_4grams": distinct}, indent=1))
     print("kivi2 sample:", repr(runs["kivi2"]["text"][0][:160]))
-    assert report["kivi4"]["mean_prefix"] >= 8, report
+    assert report["kivi4"]["mean_prefix"] >= 4, report
     gap = nll["shuffled_bf16"] - nll["bf16"]
-    assert nll["kivi4"] <= nll["bf16"] + 0.15 * gap, nll
-    assert nll["kivi2"] <= nll["bf16"] + 0.5 * gap, nll
+    assert nll["kivi4"] <= nll["bf16"] + 0.1 * gap, nll
+    assert nll["kivi2"] <= nll["bf16"] + 0.2 * gap, nll
+    for name in ("kivi4", "kivi2"):
+        assert distinct[name] >= 0.5 * distinct["bf16"], distinct
 
 
 # ------------------------------------------------------------------------------------------------ invariance
-SHARED = manual_text("assignment").strip()[:1200]  # ~300 tokens shared by every prompt
-QUESTIONS = ["What does this text describe?", "Give an example.", "Summarize it.", "Who would read this?",
-             "Explain the first sentence.", "What is a target list?"]
-SHARED_PROMPTS = [f"{SHARED}\n\nQuestion: {q}\nAnswer:" for q in QUESTIONS]
-KIVI2_SMALL_PAGES = dict(kivi={"bits": 2}, block_size=64)
+SHARED_PROMPTS = shared_prefix_prompts()  # ~290 shared tokens, then a question
+KIVI2_SMALL_PAGES = dict(kivi={"bits": 2, "prefill": "streaming"}, block_size=64)
 
 
 def generate_ids(llm, prompts, n=32):
     return [list(r.outputs[0].token_ids) for r in llm.generate(prompts, greedy(n), use_tqdm=False)]
+
+
+def counter(llm, name: str) -> float:
+    return sum(m.value for m in llm.get_metrics() if m.name == name)
 
 
 def kv_pages(worker):
@@ -147,9 +156,11 @@ def flip_codes(worker) -> int:
 def prefix_cached_run(model_path):
     """KIVI-2, 64-token pages, prefix caching on: two rounds of prompts sharing a 300-token prefix, then the
     same prompt again after scribbling over unused page bytes, then after flipping every stored code."""
-    llm = make_llm(model_path, **KIVI2_SMALL_PAGES, enable_prefix_caching=True)
-    res = dict(round1=generate_ids(llm, SHARED_PROMPTS), round2=generate_ids(llm, SHARED_PROMPTS))
-    res["hits"] = llm.llm_engine.vllm_config.cache_config.enable_prefix_caching
+    llm = make_llm(model_path, **KIVI2_SMALL_PAGES, enable_prefix_caching=True, disable_log_stats=False)
+    res = dict(round1=generate_ids(llm, SHARED_PROMPTS))
+    hits1 = counter(llm, "vllm:prefix_cache_hits")
+    res["round2"] = generate_ids(llm, SHARED_PROMPTS)
+    res["hit_tokens"] = (hits1, counter(llm, "vllm:prefix_cache_hits") - hits1)
     res["scribbled"] = sum(llm.collective_rpc(scribble_unused))
     res["after_scribble"] = generate_ids(llm, SHARED_PROMPTS[:2])
     res["flipped"] = sum(llm.collective_rpc(flip_codes))
@@ -159,7 +170,10 @@ def prefix_cached_run(model_path):
 
 
 def test_prefix_cache_hits_give_the_same_tokens(prefix_cached_run):
-    # round 2 reads the shared prefix from cached pages; round 1 computed most of it itself
+    # round 2 reads every prompt's full pages from the prefix cache; round 1 computed most of them itself
+    hits1, hits2 = prefix_cached_run["hit_tokens"]
+    print(f"\nprefix-cache hit tokens: round 1 {hits1:.0f}, round 2 {hits2:.0f}")
+    assert hits2 >= 6 * 256, "round 2 should hit at least 4 pages of 64 tokens per prompt"
     assert prefix_cached_run["round1"] == prefix_cached_run["round2"]
 
 
@@ -185,8 +199,24 @@ def test_preemption_and_recompute_give_the_same_tokens(model_path, prefix_cached
     llm = make_llm(model_path, **KIVI2_SMALL_PAGES, enable_prefix_caching=False, num_gpu_blocks_override=11,
                    max_model_len=512, disable_log_stats=False)
     ids = [x[:32] for x in generate_ids(llm, SHARED_PROMPTS, n=96)]
-    preemptions = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+    preemptions = counter(llm, "vllm:num_preemptions")
     close_llm(llm)
     print(f"\npreemptions: {preemptions}")
     assert preemptions > 0
     assert ids == prefix_cached_run["round1"]
+
+
+def test_prefill_exact_mode_prefix_hits_match_block_aligned_chunks(model_path):
+    """prefill="exact" (the KIVI paper's exact prefill chunk): a prefix-cache hit reads the same pages as an uncached
+    run whose chunks end where the pages do; one request at a time, 64-token chunks on 64-token pages."""
+    kw = dict(kivi={"bits": 2, "prefill": "exact"}, block_size=64, max_num_batched_tokens=64, max_num_seqs=1,
+              max_model_len=512)
+    llm = make_llm(model_path, **kw, enable_prefix_caching=True, disable_log_stats=False)
+    cached = generate_ids(llm, SHARED_PROMPTS[:3])
+    hits = counter(llm, "vllm:prefix_cache_hits")
+    close_llm(llm)
+    llm = make_llm(model_path, **kw, enable_prefix_caching=False)
+    uncached = generate_ids(llm, SHARED_PROMPTS[:3])
+    close_llm(llm)
+    assert hits >= 2 * 256
+    assert cached == uncached

@@ -51,6 +51,11 @@ def test_worked_examples_in_design_doc():
     assert PageLayout(512, 128, 2, 2, 32, "k", torch.bfloat16).page_bytes == 16 * 3072 + 8192
 
 
+def test_value_groups_divide_the_head_size():
+    assert PageLayout(512, 128).v_group_size == 32 and PageLayout(512, 80).v_group_size == 16
+    assert PageLayout(512, 64, group_size=128).v_group_size == 64
+
+
 @pytest.mark.parametrize("res", ["kv", "k"])
 def test_regions_tile_the_page(res):
     """Write a distinct byte into every region through the typed views; the bytes land where documented."""

@@ -31,8 +31,8 @@ class KiviAttentionBackend(AttentionBackend):
 
     #: Marks the backend for :mod:`kivi_vllm.patches` (KV-cache spec and CPU platform selection).
     IS_KIVI: ClassVar[bool] = True
-    #: The store runs inside ``forward``, after attention: the step's own tokens are attended exactly and the
-    #: cache is read as it was before the step (see :mod:`kivi_vllm.reference`).
+    #: The store runs inside ``forward``: the open group's staged tokens must be read before the store quantizes a
+    #: completed group over them (see :func:`kivi_vllm.reference.forward`), which a separate update op cannot do.
     forward_includes_kv_cache_update: bool = True
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
     #: KIVI *is* the cache format: combining it with fp8 or another quantized cache dtype is refused.
@@ -73,6 +73,10 @@ class KiviAttentionBackend(AttentionBackend):
         except KiviConfigError:
             return False
         return True
+
+    @classmethod
+    def supports_kv_connector(cls) -> bool:
+        return False  # KV transfer / offload connectors assume vLLM's own page formats
 
     @classmethod
     def supports_attn_type(cls, attn_type: str) -> bool:

@@ -1,7 +1,7 @@
 """``KiviAttentionImpl.forward``: store this step's tokens into the KIVI pages, then attention over them.
 
-No math here: it calls :mod:`kivi_vllm.reference` (the PyTorch path used on CPU; the GPU kernels of
-``kivi_vllm/kernels`` plug in at the same two calls).
+No math here: it calls :func:`kivi_vllm.reference.forward` (the PyTorch path, used on CPU and, until the Triton
+kernels of ``kivi_vllm/kernels`` land, on GPU too).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ class KiviAttentionImpl(AttentionImpl):
 
     Raises (at model construction, before weights load):
         NotImplementedError: ALiBi, sliding window, logits soft-cap, attention sinks, non-decoder attention,
-            or fused output quantization, none of which the KIVI path implements.
+            layers that share another layer's KV cache, speculative decoding, decode context parallelism or hybrid
+            (attention + Mamba) models, none of which the KIVI path implements.
         KiviConfigError: invalid KIVI settings in ``additional_config``.
     """
 
@@ -28,23 +29,32 @@ class KiviAttentionImpl(AttentionImpl):
                  alibi_slopes=None, sliding_window: int | None = None, kv_cache_dtype: str = "auto",
                  logits_soft_cap: float | None = None, attn_type: str = AttentionType.DECODER,
                  kv_sharing_target_layer_name: str | None = None, **extra) -> None:
+        vllm_config = get_current_vllm_config()
+        model_config = vllm_config.model_config
         unsupported = {
             "ALiBi": alibi_slopes is not None,
             "sliding-window attention": sliding_window is not None,
             "logits soft-cap": bool(logits_soft_cap),
             "attention sinks": extra.get("sinks") is not None,
             f"attention type {attn_type}": attn_type != AttentionType.DECODER,
+            # the sharing layer would read a stage its target layer already overwrote this step
+            "layers sharing another layer's KV cache": kv_sharing_target_layer_name is not None,
+            # a rejected draft could roll back across a group that was already quantized
+            "speculative decoding": vllm_config.speculative_config is not None,
+            "decode context parallelism": vllm_config.parallel_config.decode_context_parallel_size > 1,
+            "hybrid attention/Mamba layers": bool(model_config is not None and model_config.is_hybrid),
         }
         bad = [name for name, present in unsupported.items() if present]
         if bad:
-            raise NotImplementedError(f"KIVI: this model uses {', '.join(bad)}, which the KIVI cache does not support")
+            raise NotImplementedError(f"KIVI: this configuration uses {', '.join(bad)}, which the KIVI cache does "
+                                      "not support")
         self.num_heads = num_heads
         self.head_size = head_size
         self.scale = float(scale)
         self.num_kv_heads = num_kv_heads or num_heads
         self.kv_cache_dtype = kv_cache_dtype
-        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
-        self.config = KiviConfig.from_vllm_config(get_current_vllm_config())
+        self.kv_sharing_target_layer_name = None
+        self.config = KiviConfig.from_vllm_config(vllm_config)
         KiviConfig.check_head_size(head_size)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -66,7 +76,6 @@ class KiviAttentionImpl(AttentionImpl):
         n = m.num_actual_tokens
         reference.forward(
             query[:n], key[:n], value[:n], kv_cache, m.block_table, m.query_start_loc_host, m.seq_lens_host,
-            m.slot_mapping[:n], m.layout, self.scale, out=output[:n],
-            store_kv=self.kv_sharing_target_layer_name is None, streaming=self.config.prefill == "streaming",
+            m.slot_mapping[:n], m.layout, self.scale, out=output[:n], streaming=self.config.prefill == "streaming",
         )
         return output

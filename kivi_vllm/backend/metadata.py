@@ -26,7 +26,7 @@ def capacity_summary(spec: KiviAttentionSpec, num_blocks: int) -> dict:
         at 2 * head_size * itemsize bytes per token per KV head, before vLLM's block rounding) and ``ratio``.
     """
     layout = spec.layout
-    itemsize = torch.empty((), dtype=spec.residual_dtype).element_size()
+    itemsize = spec.residual_dtype.itemsize
     bytes_per_layer = num_blocks * spec.page_size_bytes
     dense_tokens = bytes_per_layer // (spec.num_kv_heads * 2 * spec.head_size * itemsize)
     tokens = num_blocks * spec.block_size
@@ -41,20 +41,14 @@ class KiviMetadata:
 
     Attributes:
         num_actual_tokens: tokens in this step (rows of query/key/value to use).
-        query_start_loc: [num_reqs + 1] int32, request r owns rows [qsl[r], qsl[r+1]).
-        seq_lens: [num_reqs] int32, context length after this step.
         block_table: [num_reqs, max_blocks] int32 physical block ids.
         slot_mapping: [num_tokens] int64 cache slot of each new token, -1 for padding.
-        query_start_loc_host, seq_lens_host: host copies of the two above, for the PyTorch path's loop.
+        query_start_loc_host: num_reqs + 1 ints, request r owns rows [qsl[r], qsl[r+1]).
+        seq_lens_host: num_reqs ints, context length after this step.
         layout: the page layout of this group's layers.
     """
 
     num_actual_tokens: int
-    num_reqs: int
-    max_query_len: int
-    max_seq_len: int
-    query_start_loc: torch.Tensor
-    seq_lens: torch.Tensor
     block_table: torch.Tensor
     slot_mapping: torch.Tensor
     query_start_loc_host: list[int]
@@ -94,11 +88,6 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
         n = cm.num_reqs
         return KiviMetadata(
             num_actual_tokens=cm.num_actual_tokens,
-            num_reqs=n,
-            max_query_len=cm.max_query_len,
-            max_seq_len=cm.max_seq_len,
-            query_start_loc=cm.query_start_loc,
-            seq_lens=cm.seq_lens,
             block_table=cm.block_table_tensor,
             slot_mapping=cm.slot_mapping,
             query_start_loc_host=cm.query_start_loc_cpu[: n + 1].tolist(),

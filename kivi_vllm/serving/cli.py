@@ -29,18 +29,20 @@ _KIVI_DESTS = ("kivi_bits", "kivi_k_bits", "kivi_v_bits", "kivi_group_size", "ki
 
 
 def add_kivi_args(parser: argparse.ArgumentParser) -> None:
-    """Add the KIVI flags to an argparse parser (they default to None = "not given")."""
-    g = parser.add_argument_group("KIVI", "KIVI 2/4-bit KV cache (defaults: 2 bits, group size 32, residual kv)")
-    g.add_argument("--kivi-bits", type=int, choices=ALLOWED_BITS, help="bits of key and value codes")
-    g.add_argument("--kivi-k-bits", type=int, choices=ALLOWED_BITS, help="bits of key codes (overrides --kivi-bits)")
-    g.add_argument("--kivi-v-bits", type=int, choices=ALLOWED_BITS, help="bits of value codes (overrides --kivi-bits)")
-    g.add_argument("--kivi-group-size", type=int, choices=ALLOWED_GROUP_SIZES,
-                   help="tokens per key group (per channel) and channels per value group (per token)")
-    g.add_argument("--kivi-residual", choices=ALLOWED_RESIDUALS,
-                   help="kv: keys and values of the open group stay exact; k: only keys (smaller pages)")
-    g.add_argument("--kivi-prefill", choices=ALLOWED_PREFILL,
-                   help="streaming: prefill sees what decode would (output independent of chunking and prefix "
-                        "caching); exact: a chunk attends exactly to itself (KIVI paper)")
+    """Add the KIVI flags to an argparse parser (absent from the namespace unless given)."""
+    d = KiviConfig()
+    g = parser.add_argument_group("KIVI", "KIVI 2/4-bit KV cache (kivi-serve --help=KIVI)")
+    add = lambda *a, **k: g.add_argument(*a, default=argparse.SUPPRESS, **k)  # noqa: E731  (absent unless given)
+    add("--kivi-bits", type=int, choices=ALLOWED_BITS, help=f"bits of key and value codes; default {d.k_bits}")
+    add("--kivi-k-bits", type=int, choices=ALLOWED_BITS, help="bits of key codes (overrides --kivi-bits)")
+    add("--kivi-v-bits", type=int, choices=ALLOWED_BITS, help="bits of value codes (overrides --kivi-bits)")
+    add("--kivi-group-size", type=int, choices=ALLOWED_GROUP_SIZES,
+        help=f"tokens per key group (per channel) and channels per value group (per token); default {d.group_size}")
+    add("--kivi-residual", choices=ALLOWED_RESIDUALS,
+        help=f"kv: keys and values of the open group stay exact; k: only keys (smaller pages); default {d.residual}")
+    add("--kivi-prefill", choices=ALLOWED_PREFILL,
+        help="streaming: prefill sees what decode would (output independent of chunking and prefix caching); "
+             f"exact: a chunk attends exactly to itself (KIVI paper); default {d.prefill}")
 
 
 def kivi_config_from_args(args: argparse.Namespace) -> KiviConfig:
@@ -51,12 +53,12 @@ def kivi_config_from_args(args: argparse.Namespace) -> KiviConfig:
     """
     additional = args.additional_config or {}
     raw = dict(additional.get(ADDITIONAL_CONFIG_KEY) or {})
-    if args.kivi_bits is not None:
+    if hasattr(args, "kivi_bits"):
         raw["k_bits"] = raw["v_bits"] = args.kivi_bits
         raw.pop("bits", None)
     for flag, key in (("kivi_k_bits", "k_bits"), ("kivi_v_bits", "v_bits"), ("kivi_group_size", "group_size"),
                       ("kivi_residual", "residual"), ("kivi_prefill", "prefill")):
-        if getattr(args, flag) is not None:
+        if hasattr(args, flag):
             raw[key] = getattr(args, flag)
     return KiviConfig.from_dict(raw)
 
@@ -66,7 +68,7 @@ def check_engine_args(args: argparse.Namespace, cfg: KiviConfig) -> None:
 
     Raises:
         KiviConfigError: ``--kv-cache-dtype`` other than auto/bfloat16/float16, ``--block-size`` not a multiple of
-            the group size, or ``--attention-backend`` other than CUSTOM.
+            the group size, ``--speculative-config``, or ``--attention-backend`` other than CUSTOM.
     """
     if args.kv_cache_dtype not in ("auto", "bfloat16", "float16"):
         raise KiviConfigError(
@@ -75,6 +77,9 @@ def check_engine_args(args: argparse.Namespace, cfg: KiviConfig) -> None:
         )
     if args.block_size is not None:
         cfg.check_block_size(args.block_size)
+    if getattr(args, "speculative_config", None):
+        raise KiviConfigError("KIVI: speculative decoding is not supported with the KIVI cache; drop "
+                              "--speculative-config")
     backend = getattr(args, "attention_backend", None)
     if backend is not None and str(backend).upper() not in ("CUSTOM", "ATTENTIONBACKENDENUM.CUSTOM"):
         raise KiviConfigError(f"KIVI: --attention-backend {backend} would not use the KIVI cache; omit the flag")
@@ -110,7 +115,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         sys.exit(2)
     for dest in _KIVI_DESTS:
-        delattr(args, dest)
+        if hasattr(args, dest):
+            delattr(args, dest)
     args.additional_config = {**(args.additional_config or {}), ADDITIONAL_CONFIG_KEY: cfg.to_dict()}
     args.attention_backend = "CUSTOM"
 
