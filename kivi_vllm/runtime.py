@@ -19,7 +19,7 @@ def apply_env_defaults(environ: dict | None = None) -> dict[str, str]:
     """Set, where unset, the variables vLLM's CPU backend needs on a small machine.
 
     * ``VLLM_CPU_KVCACHE_SPACE=1`` (GiB of KV cache): vLLM's default sizes the cache from node RAM and fails on
-      machines whose free memory is below 92% of it (``../shared/docs/cpu-environment.md`` §3).
+      machines whose free memory is below 92% of it (``platforms/cpu.py`` in vLLM 0.26.0).
     * ``VLLM_CPU_NUM_OF_RESERVED_CPU=0`` on machines with 2 cores or fewer: give both cores to the worker
       (+45% batch throughput measured there; vLLM's default reserves one for the front end).
 

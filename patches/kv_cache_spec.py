@@ -1,6 +1,6 @@
 """Patch ``Attention.get_kv_cache_spec`` (``vllm/model_executor/layers/attention/attention.py``) so that layers
 using the KIVI backend report a :class:`~kivi_vllm.spec.KiviAttentionSpec`: the page size vLLM allocates, counts
-and admits requests by is then the KIVI page (integration notes §3.6, "smallest robust path").
+and admits requests by is then the KIVI page (``v1/core/kv_cache_utils.py`` sizes blocks from the spec alone).
 """
 
 from __future__ import annotations

