@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     serve = ServeSubcommand()
     serve_parser = serve.subparser_init(subparsers)
     serve_parser.usage = f"{PROG} [model_tag] [options]"
+    serve_parser.prog = PROG  # errors read "kivi-serve: error: ...", not "kivi-serve serve: ..."
     add_kivi_args(serve_parser)
     args = parser.parse_args(["serve", *argv])
 
