@@ -220,9 +220,9 @@ def forward(
         total = n + qe - qs
         base = start * B
         k_new, v_new = key[qs:qe].double(), value[qs:qe].double()
-        k_st, v_st = (x.double() if x is not None else x for x in staged.get(r, (k_new[:0], k_new[:0])))
-        k_exact = torch.cat([k_st, k_new])  # positions [n // G * G, total)
-        v_exact = torch.cat([v_st, v_new]) if layout.residual == "kv" else v_new  # from n // G * G, or n
+        k_st, v_st = staged.get(r, (None, None))  # the open group's earlier tokens, if any
+        k_exact = k_new if k_st is None else torch.cat([k_st.double(), k_new])  # positions [n // G * G, total)
+        v_exact = v_new if v_st is None else torch.cat([v_st.double(), v_new])  # same, or [n, total) for "k"
         nq_end = total // G * G  # keys of positions below this exist quantized
         v_q_end = nq_end if layout.residual == "kv" else total
         k_q, v_q = all_k[base : base + nq_end], all_v[base : base + v_q_end]

@@ -39,6 +39,13 @@ def test_changed_source_is_refused():
 def test_register_is_idempotent_and_registers_custom():
     from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
+    from vllm.model_executor.layers.attention.attention import Attention
+    from vllm.platforms.cpu import CpuPlatform
+
     kivi_vllm.register()
     kivi_vllm.register()
     assert AttentionBackendEnum.CUSTOM.get_path() == kivi_vllm.BACKEND_PATH
+    # one wrapper each, around vLLM's own function: a second register() must not wrap the wrapper
+    for fn in (Attention.get_kv_cache_spec, CpuPlatform.get_attn_backend_cls.__func__,
+               CpuPlatform.update_block_size_for_backend.__func__):
+        assert getattr(fn, "_kivi_patched", False) and not getattr(fn.__wrapped__, "_kivi_patched", False)
