@@ -228,23 +228,3 @@ class PageLayout:
         off = self.stage_offset + self._sizes["k_stage"]
         n = self._sizes["v_stage"]
         return pages[..., off : off + n].view(self.residual_dtype).unflatten(-1, (self.group_size, self.head_size))
-
-    def describe(self) -> str:
-        """Multi-line, term-by-term account of one page for one head (used by docs and the capacity benchmark)."""
-        s = self.region_sizes()
-        lines = [
-            f"page of B={self.block_size} tokens, head size D={self.head_size}, G={self.group_size}, "
-            f"k{self.k_bits}/v{self.v_bits}, residual={self.residual} ({self.residual_dtype}):",
-            f"  {self.num_groups} group records x {self.record_bytes} B = {self.num_groups * self.record_bytes} B",
-        ]
-        for name in ("k_codes", "k_scale", "k_min", "v_codes", "v_scale", "v_min"):
-            lines.append(f"    {name:8s} {s[name]:6d} B")
-        lines.append(
-            f"  stage {self.stage_bytes} B at offset {self.stage_offset} "
-            f"(overlaps the last record: {self.residual == 'kv'})"
-        )
-        lines.append(
-            f"  page = {self.page_bytes} B per head = {self.bytes_per_token:.2f} B/token "
-            f"(bf16: {4 * self.head_size} B/token) -> {self.ratio_vs(2):.3f}x"
-        )
-        return "\n".join(lines)

@@ -47,11 +47,8 @@ def gguf_path() -> Path:
     return path
 
 
-def default_model_path(convert: bool = True) -> Path:
+def default_model_path() -> Path:
     """Hugging Face folder of SmolLM2-135M-Instruct, converting the GGUF file on first use (about 30 s, 2 GB RAM).
-
-    Args:
-        convert: when False, only return where the folder is (or would be).
 
     Returns:
         Path to a folder loadable by vLLM and transformers.
@@ -61,7 +58,7 @@ def default_model_path(convert: bool = True) -> Path:
         ImportError: transformers, gguf or accelerate are missing.
     """
     out = cache_dir() / "smollm2-135m-instruct"
-    if not convert or (out / "config.json").is_file():
+    if (out / "config.json").is_file():
         return out
     convert_gguf(gguf_path(), out)
     return out

@@ -55,17 +55,17 @@ def store(
 
     if done_gid.numel():
         d_blk, d_grp = done_gid // m, done_gid % m
-        pages = kv_cache[d_blk]  # a copy: the stage is read in full before any record is written
         j = torch.searchsorted(done_gid, gid[in_done])
         p = pos[in_done]
-        k_tile = layout.k_stage(pages).clone()  # [n, H, G, D]: earlier tokens of each group
+        # gathers copy: the stage is read in full before any record (the last one shares its bytes) is written
+        k_tile = layout.k_stage(kv_cache)[d_blk]  # [n, H, G, D]: earlier tokens of each group
         k_tile[j, :, p] = key[in_done].to(k_tile.dtype)
         kq, ks, km = quantize_keys(k_tile, layout.k_bits)
         layout.k_codes(kv_cache)[d_blk, :, d_grp] = kq
         layout.k_scale(kv_cache)[d_blk, :, d_grp] = ks
         layout.k_min(kv_cache)[d_blk, :, d_grp] = km
         if stage_vals:
-            v_tile = layout.v_stage(pages).clone()
+            v_tile = layout.v_stage(kv_cache)[d_blk]
             v_tile[j, :, p] = value[in_done].to(v_tile.dtype)
             vq, vs, vm = quantize_values(v_tile, layout.v_bits, layout.v_group_size)
             layout.v_codes(kv_cache)[d_blk, :, d_grp] = vq
@@ -201,10 +201,9 @@ def forward(
     staged = {}
     rows = [(r, n) for r, _, _, n in reqs if n % G]
     if rows:
-        blocks = block_table[[r for r, _ in rows], [(n // G * G) // B for _, n in rows]].long()
-        snap = kv_cache[blocks]
-        for i, (r, n) in enumerate(rows):
-            staged[r] = staged_tokens(snap[i], n % G, layout)
+        blocks = block_table[[r for r, _ in rows], [(n // G * G) // B for _, n in rows]].tolist()
+        for b, (r, n) in zip(blocks, rows):  # copies of just the staged tokens
+            staged[r] = tuple(x.clone() if x is not None else None for x in staged_tokens(kv_cache[b], n % G, layout))
     # 2. Store: quantize every group completed in this step, stage the rest.
     store(kv_cache, key, value, slot_mapping, layout)
     # 3. Dequantize every page the batch reads, in one call.
