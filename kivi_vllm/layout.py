@@ -177,6 +177,17 @@ class PageLayout:
             off += s[name]
         return out
 
+    @property
+    def kernel_offsets(self) -> dict[str, int]:
+        """Byte offsets the Triton kernels address: each record region relative to its record start
+        (``k_codes`` ... ``v_min``), ``record_bytes``, and the stage relative to the page start (``k_stage``,
+        ``v_stage``; ``v_stage`` is -1 with residual="k")."""
+        out = dict(self._record_offsets)
+        out["record_bytes"] = self.record_bytes
+        out["k_stage"] = self.stage_offset
+        out["v_stage"] = self.stage_offset + self._sizes["k_stage"] if self.residual == "kv" else -1
+        return out
+
     # ------------------------------------------------------------------ typed views of pages
     # ``pages`` is any uint8 tensor whose last dimension is one page of one head (page_bytes), e.g. the vLLM cache
     # [num_blocks, num_kv_heads, page_bytes] or a gathered subset of it. Views share storage with ``pages``, so

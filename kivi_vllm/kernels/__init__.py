@@ -1,6 +1,86 @@
-"""Triton kernels for the KIVI pages (store, decode, prefill), one launcher per file: the GPU milestone.
+"""Triton kernels for the KIVI pages, one launcher per file, and :func:`forward`, the order they run in.
 
-They must read and write exactly the bytes of :class:`kivi_vllm.layout.PageLayout` and reproduce
-:func:`kivi_vllm.reference.forward`, which the tests use as their oracle. Empty until then; the backend uses the
-PyTorch path on every device.
+* :mod:`.store` - quantize-on-write of one step's tokens (bit-exact with :func:`kivi_vllm.reference.store`).
+* :mod:`.decode` - split-KV decode attention over packed pages + the exact open group, then a reduction.
+* :mod:`.prefill` - prefill / continuation-chunk attention with the streaming visibility rule.
+
+They read and write exactly the bytes of :class:`kivi_vllm.layout.PageLayout` and reproduce
+:func:`kivi_vllm.reference.forward` (the tests' oracle). On a machine without a GPU they run under
+``TRITON_INTERPRET=1`` (the tests do that on small shapes).
 """
+
+from __future__ import annotations
+
+import torch
+
+from ..layout import PageLayout
+from .decode import decode
+from .prefill import prefill
+from .store import store
+
+__all__ = ["decode", "forward", "prefill", "store"]
+
+
+def forward(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    layout: PageLayout,
+    scale: float,
+    out: torch.Tensor,
+    tiles: tuple[torch.Tensor, torch.Tensor] | None,
+    num_reqs: int | None = None,
+    streaming: bool = True,
+    block_q: int | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """One layer step on the GPU: the same result as :func:`kivi_vllm.reference.forward` (store, then attention
+    with the streaming visibility rule), as a fixed sequence of launches::
+
+        decode(one-token requests)      reads the stage and this step's token      (before any store)
+        prefill(phase 0 rows)           rows in each request's first group          (residual "kv": before the store)
+        store(phase 0)                  tokens of each request's first group       (the only reader of the stage)
+        prefill(phase 0 rows)           (residual "k": after it, the rows need this step's quantized values)
+        store(phase 1)                  every later group of multi-token requests
+        prefill(phase 1 rows)           rows after the first group (read the groups this step completed)
+
+    A pure-decode step (``tiles`` None) is two launches of decode plus one of store: the shape captured in CUDA
+    graphs.
+
+    Args:
+        query: [T, num_heads, head_size]; key, value: [T, num_kv_heads, head_size] (T may include padding rows).
+        kv_cache: [num_blocks, num_kv_heads, page_bytes] uint8, modified in place.
+        block_table: [num_reqs, max_blocks] int32; query_start_loc: [num_reqs + 1] int32; seq_lens: [num_reqs]
+            int32 (context after this step); slot_mapping: [T] int64, -1 for padding. All on the device.
+        layout, scale: page layout and softmax scale.
+        out: [T, num_heads, head_size], written for the rows of real requests.
+        tiles: (tile_req, tile_start) int32 device tensors from :func:`.prefill.prefill_tiles` for the
+            multi-token requests, or None when every request has one query token.
+        streaming: False selects prefill="exact" (every prefill row before the store).
+        block_q: the ``block_q`` the tiles were made with; num_splits: decode splits (default by batch shape).
+
+    Returns:
+        ``out``.
+    """
+    n = len(seq_lens) if num_reqs is None else num_reqs
+    args = (query, key, value, kv_cache, block_table, query_start_loc, seq_lens)
+    decode(*args, layout, scale, out, num_reqs=n, num_splits=num_splits)
+    if tiles is None:
+        store(kv_cache, key, value, slot_mapping, query_start_loc, seq_lens, layout, 0, num_reqs=n)
+        return out
+    tile_req, tile_start = tiles
+    pre = dict(block_q=block_q, exact=not streaming)
+    if layout.residual == "kv":
+        prefill(*args, tile_req, tile_start, layout, scale, out, 0, **pre)
+        store(kv_cache, key, value, slot_mapping, query_start_loc, seq_lens, layout, 0, num_reqs=n)
+    else:
+        store(kv_cache, key, value, slot_mapping, query_start_loc, seq_lens, layout, 0, num_reqs=n)
+        prefill(*args, tile_req, tile_start, layout, scale, out, 0, **pre)
+    store(kv_cache, key, value, slot_mapping, query_start_loc, seq_lens, layout, 1, num_reqs=n)
+    prefill(*args, tile_req, tile_start, layout, scale, out, 1, **pre)
+    return out

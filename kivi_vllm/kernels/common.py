@@ -1,0 +1,107 @@
+"""Pieces shared by the KIVI Triton kernels: page addressing, unpacking, quantizing, the request of a token.
+
+Every byte offset comes from :class:`kivi_vllm.layout.PageLayout` (``layout_args``); the kernels never hard-code one.
+Bit order (``PageLayout`` docstring): element c of a packed row sits in byte ``c // (8 / bits)`` at bit offset
+``(c % (8 / bits)) * bits``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..layout import PageLayout
+
+#: float32 -> fp16 saturation used by the reference quantizer (``kivi_vllm.quant._round_fp16``).
+FP16_MAX = 65504.0
+LOG2E = 1.4426950408889634
+
+
+def layout_args(layout: PageLayout) -> dict:
+    """The constexpr arguments every KIVI kernel takes, from the page layout (bytes, tokens, channels)."""
+    off = layout.kernel_offsets
+    return dict(
+        BLOCK_SIZE=layout.block_size, GROUP_SIZE=layout.group_size, HEAD_SIZE=layout.head_size,
+        HEAD_PAD=triton.next_power_of_2(layout.head_size), K_BITS=layout.k_bits, V_BITS=layout.v_bits,
+        V_GROUP=layout.v_group_size, RECORD_BYTES=off["record_bytes"], OFF_KC=off["k_codes"],
+        OFF_KS=off["k_scale"], OFF_KM=off["k_min"], OFF_VC=off["v_codes"], OFF_VS=off["v_scale"],
+        OFF_VM=off["v_min"], OFF_KSTAGE=off["k_stage"], OFF_VSTAGE=off["v_stage"],
+        RESIDUAL_KV=layout.residual == "kv",
+    )
+
+
+def check_cache(kv_cache: torch.Tensor, layout: PageLayout) -> None:
+    """Raise ValueError unless ``kv_cache`` is a contiguous-per-page uint8 [num_blocks, num_kv_heads, page_bytes]."""
+    if kv_cache.dtype != torch.uint8 or kv_cache.dim() != 3 or kv_cache.shape[2] != layout.page_bytes:
+        raise ValueError(f"KIVI kernels: expected uint8 kv_cache [num_blocks, num_kv_heads, {layout.page_bytes}], "
+                         f"got {kv_cache.dtype} {tuple(kv_cache.shape)}")
+    if kv_cache.stride(2) != 1:
+        raise ValueError("KIVI kernels: the page bytes of kv_cache must be contiguous")
+
+
+def stage_dtype(layout: PageLayout):
+    """Triton dtype of the stage (the model dtype)."""
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[layout.residual_dtype]
+
+
+@triton.jit
+def find_request(query_start_loc_ptr, num_reqs, t):
+    """Index r of the request owning batch row t: the largest r < num_reqs with query_start_loc[r] <= t
+    (binary search; empty padding requests before a real one are skipped because the largest r wins)."""
+    lo = 0
+    hi = num_reqs - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if tl.load(query_start_loc_ptr + mid) <= t:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+@triton.jit
+def unpack_rows(ptr, rows, row_mask, ROW_BYTES: tl.constexpr, BITS: tl.constexpr, ROWS: tl.constexpr,
+                HEAD_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr):
+    """Codes of ``ROWS`` packed rows (row i at ``ptr + rows[i] * ROW_BYTES``) as float32 [ROWS, HEAD_PAD].
+
+    One byte load serves 8 / BITS channels: bytes [ROWS, HEAD_PAD * BITS / 8] -> shifted [.., .., 8 / BITS] ->
+    channels in order (c = byte * (8 / BITS) + k). Channels >= HEAD_SIZE and masked rows read 0.
+    """
+    PER: tl.constexpr = 8 // BITS
+    nb = tl.arange(0, HEAD_PAD // PER)
+    mask = row_mask[:, None] & (nb[None, :] < HEAD_SIZE // PER)
+    b = tl.load(ptr + rows[:, None] * ROW_BYTES + nb[None, :], mask=mask, other=0).to(tl.int32)
+    shifts = tl.arange(0, PER) * BITS
+    codes = (b[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
+    return tl.reshape(codes, (ROWS, HEAD_PAD)).to(tl.float32)
+
+
+@triton.jit
+def pack_rows(codes, ROWS: tl.constexpr, HEAD_PAD: tl.constexpr, BITS: tl.constexpr):
+    """int32 codes [ROWS, HEAD_PAD] -> uint8 bytes [ROWS, HEAD_PAD * BITS / 8] (inverse of :func:`unpack_rows`)."""
+    PER: tl.constexpr = 8 // BITS
+    c = tl.reshape(codes, (ROWS, HEAD_PAD // PER, PER))
+    shifts = tl.arange(0, PER) * BITS
+    return tl.sum(c << shifts[None, None, :], axis=2).to(tl.uint8)
+
+
+@triton.jit
+def quantize(x, AXIS: tl.constexpr, BITS: tl.constexpr):
+    """KIVI asymmetric min/max quantization of float32 ``x`` along ``AXIS`` (bit-exact with
+    :func:`kivi_vllm.quant.quantize`: fp32 min/max, fp16 min and scale, codes from the stored fp16 numbers with
+    IEEE division and round-half-to-even, a constant group gets scale 0 and codes 0).
+
+    Returns (codes int32 like x, scale fp16 and min fp16 with AXIS kept as size 1).
+    """
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    mn32 = tl.min(x, axis=AXIS, keep_dims=True)
+    mx32 = tl.max(x, axis=AXIS, keep_dims=True)
+    mn = tl.clamp(mn32, -65504.0, 65504.0).to(tl.float16)
+    scale = tl.clamp(tl.math.div_rn(mx32 - mn32, QMAX * 1.0), -65504.0, 65504.0).to(tl.float16)
+    s32 = scale.to(tl.float32)
+    safe = tl.where(s32 > 0, s32, 1.0)
+    q = tl.clamp(tl.math.div_rn(x - mn.to(tl.float32), safe), 0.0, QMAX * 1.0)
+    q = (q + 8388608.0) - 8388608.0  # round half to even (exact for 0 <= q < 2^22), as torch.round
+    q = tl.where(s32 > 0, q, 0.0)
+    return q.to(tl.int32), scale, mn

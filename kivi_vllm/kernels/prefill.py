@@ -1,0 +1,221 @@
+"""Prefill / continuation-chunk attention over KIVI pages with KIVI's streaming visibility rule (Triton).
+
+Rule (docs/design.md §4-5, :func:`kivi_vllm.reference.forward`): a query at position p sees key j <= p
+dequantized when j's group was complete before p (``j // G < p // G``) and exactly otherwise; with
+prefill="exact" only the groups complete before the chunk (``j // G < ctx // G``) are dequantized. Values follow
+keys (residual="kv"), or are dequantized for every j < p (j < ctx with prefill="exact") with residual="k".
+
+Where the bytes come from: dequantized groups from their records; exact keys/values of this step from
+``key``/``value``; exact keys/values of the group that was open before the step from the page's stage. A query
+in a later group than the request's first group (``ctx // G``) sees that first group, and every group the chunk
+completes before it, dequantized, so it must run *after* this step's store; a query in the first group reads the
+stage, so it must run *before* the store phase that may overwrite the stage (``kivi_vllm.kernels.store``). Hence
+``phase``: 0 = rows in each request's first group (before the store), 1 = the other rows (after it).
+
+One program per (query tile, KV head): ``BLOCK_Q`` query tokens x all query heads of the KV head (GQA) form the
+rows of one tile; the loop walks the context one group (``G`` keys) at a time. Groups wholly below every row's
+limit are only dequantized; the few groups around the rows' own groups compute both versions and pick per element.
+No scratch memory: everything stays in registers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from ..layout import PageLayout
+from .common import LOG2E, check_cache, layout_args, stage_dtype, unpack_rows
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, key_ptr, value_ptr, out_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr, tile_req_ptr,
+    tile_start_ptr, sm_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    stride_cache_block, stride_cache_head, stride_bt,
+    QPK: tl.constexpr, QPK_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, PHASE: tl.constexpr, EXACT: tl.constexpr,
+    STAGE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr, RECORD_BYTES: tl.constexpr,
+    OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KM: tl.constexpr, OFF_VC: tl.constexpr,
+    OFF_VS: tl.constexpr, OFF_VM: tl.constexpr, OFF_KSTAGE: tl.constexpr, OFF_VSTAGE: tl.constexpr,
+    RESIDUAL_KV: tl.constexpr,
+):
+    G: tl.constexpr = GROUP_SIZE
+    M: tl.constexpr = BLOCK_Q * QPK_PAD
+    NVC: tl.constexpr = HEAD_SIZE // V_GROUP
+    GROUPS_PER_PAGE: tl.constexpr = BLOCK_SIZE // GROUP_SIZE
+    tile = tl.program_id(0)
+    h = tl.program_id(1)
+    r = tl.load(tile_req_ptr + tile)
+    a = tl.load(tile_start_ptr + tile)  # first query of the tile, relative to the request's chunk
+    q_start = tl.load(qsl_ptr + r)
+    q_len = tl.load(qsl_ptr + r + 1) - q_start
+    ctx = tl.load(seq_lens_ptr + r) - q_len  # tokens cached before this step
+    g0 = ctx // G  # the request's first group in this step
+
+    row = tl.arange(0, M)
+    tok = a + row // QPK_PAD  # query token within the chunk
+    head = h * QPK + row % QPK_PAD
+    pos = ctx + tok  # absolute positions of the rows
+    if EXACT:
+        rvalid = (tok < q_len) & (row % QPK_PAD < QPK)
+        k_lim = tl.zeros((M,), tl.int32) + g0  # groups below this are read dequantized
+        v_lim = tl.zeros((M,), tl.int32) + ctx  # residual="k": values below this position dequantized
+    else:
+        rvalid = (tok < q_len) & (row % QPK_PAD < QPK) & (((pos // G) == g0) == (PHASE == 0))
+        k_lim = pos // G
+        v_lim = pos
+    if RESIDUAL_KV:
+        v_lim = k_lim * G  # values follow keys
+    any_row = tl.max(rvalid.to(tl.int32), axis=0) > 0
+    if any_row:
+        d = tl.arange(0, HEAD_PAD)
+        dmask = d < HEAD_SIZE
+        i = tl.arange(0, G)
+        q = tl.load(q_ptr + (q_start + tok[:, None]) * stride_qt + head[:, None] * stride_qh + d[None, :],
+                    mask=rvalid[:, None] & dmask[None, :], other=0.0).to(tl.float32) * (sm_scale * LOG2E)
+        big = 1 << 30
+        p_max = tl.max(tl.where(rvalid, pos, -1), axis=0)
+        k_lim_min = tl.min(tl.where(rvalid, k_lim, big), axis=0)
+        k_lim_max = tl.max(tl.where(rvalid, k_lim, -1), axis=0)
+        v_lim_max = tl.max(tl.where(rvalid, v_lim, -1), axis=0)
+        m_i = tl.full((M,), float("-inf"), tl.float32)
+        l_i = tl.zeros((M,), tl.float32)
+        acc = tl.zeros((M, HEAD_PAD), tl.float32)
+        bt_row = block_table_ptr + r * stride_bt
+        m2 = dmask[None, :]
+        vsc = i[:, None] * NVC + d[None, :] // V_GROUP
+        for g in range(0, p_max // G + 1):
+            blk = tl.load(bt_row + g // GROUPS_PER_PAGE).to(tl.int64)
+            page = kv_ptr + blk * stride_cache_block + h * stride_cache_head
+            rec = page + (g % GROUPS_PER_PAGE) * RECORD_BYTES
+            j = g * G + i  # key positions
+            # dequantized version, where some row reads it
+            s_q = tl.zeros((M, G), tl.float32)
+            if g < k_lim_max:
+                k_codes = unpack_rows(rec + OFF_KC, i, i < G, HEAD_SIZE * K_BITS // 8, K_BITS, G, HEAD_PAD, HEAD_SIZE)
+                k_scale = tl.load((rec + OFF_KS).to(tl.pointer_type(tl.float16)) + d, mask=dmask, other=0.0)
+                k_min = tl.load((rec + OFF_KM).to(tl.pointer_type(tl.float16)) + d, mask=dmask, other=0.0)
+                k_deq = k_codes * k_scale.to(tl.float32)[None, :] + k_min.to(tl.float32)[None, :]
+                s_q = tl.dot(q, tl.trans(k_deq), input_precision=DOT_PRECISION)
+            # exact version, for rows whose own group this is: earlier steps' tokens from the stage
+            s_e = tl.zeros((M, G), tl.float32)
+            from_step = j >= ctx
+            if g >= k_lim_min:
+                ex = (j <= p_max)[:, None] & m2
+                k_new = tl.load(key_ptr + (q_start + j - ctx)[:, None] * stride_kt + h * stride_kh + d[None, :],
+                                mask=ex & from_step[:, None], other=0.0).to(STAGE_DTYPE).to(tl.float32)
+                k_old = tl.load((page + OFF_KSTAGE).to(tl.pointer_type(STAGE_DTYPE)) + (j % G)[:, None] * HEAD_SIZE
+                                + d[None, :], mask=ex & (~from_step[:, None]), other=0.0).to(tl.float32)
+                s_e = tl.dot(q, tl.trans(tl.where(from_step[:, None], k_new, k_old)), input_precision=DOT_PRECISION)
+            k_quant = g < k_lim[:, None]
+            causal = j[None, :] <= pos[:, None]
+            s = tl.where(k_quant, s_q, tl.where(causal, s_e, float("-inf")))
+            s = tl.where(rvalid[:, None], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_new = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+            alpha = tl.exp2(m_i - m_new)
+            prob = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(prob, axis=1)
+            acc = acc * alpha[:, None]
+            v_quant = j[None, :] < v_lim[:, None]
+            if g * G < v_lim_max:
+                v_codes = unpack_rows(rec + OFF_VC, i, j < v_lim_max, HEAD_SIZE * V_BITS // 8, V_BITS, G, HEAD_PAD,
+                                      HEAD_SIZE)
+                vm2 = (j < v_lim_max)[:, None] & m2
+                v_scale = tl.load((rec + OFF_VS).to(tl.pointer_type(tl.float16)) + vsc, mask=vm2, other=0.0)
+                v_min = tl.load((rec + OFF_VM).to(tl.pointer_type(tl.float16)) + vsc, mask=vm2, other=0.0)
+                v_deq = v_codes * v_scale.to(tl.float32) + v_min.to(tl.float32)
+                acc += tl.dot(tl.where(v_quant, prob, 0.0), v_deq, input_precision=DOT_PRECISION)
+            if g * G + G > tl.min(tl.where(rvalid, v_lim, big), axis=0):
+                ex = (j <= p_max)[:, None] & m2
+                v_new = tl.load(value_ptr + (q_start + j - ctx)[:, None] * stride_vt + h * stride_vh + d[None, :],
+                                mask=ex & from_step[:, None], other=0.0).to(STAGE_DTYPE).to(tl.float32)
+                if RESIDUAL_KV:
+                    v_old = tl.load((page + OFF_VSTAGE).to(tl.pointer_type(STAGE_DTYPE)) + (j % G)[:, None]
+                                    * HEAD_SIZE + d[None, :], mask=ex & (~from_step[:, None]), other=0.0)
+                    v_new = tl.where(from_step[:, None], v_new, v_old.to(tl.float32))
+                acc += tl.dot(tl.where(v_quant, 0.0, prob), v_new, input_precision=DOT_PRECISION)
+            m_i = m_new
+        o = acc / l_i[:, None]
+        tl.store(out_ptr + (q_start + tok[:, None]) * stride_ot + head[:, None] * stride_oh + d[None, :],
+                 o.to(out_ptr.dtype.element_ty), mask=rvalid[:, None] & dmask[None, :])
+
+
+def block_q_for(num_heads: int, num_kv_heads: int, rows: int = 64) -> int:
+    """Query tokens per tile: ``rows`` tile rows shared by the query heads of one KV head (at least 1)."""
+    return max(1, rows // triton.next_power_of_2(num_heads // num_kv_heads))
+
+
+def prefill_tiles(query_start_loc_host: np.ndarray, block_q: int) -> tuple[np.ndarray, np.ndarray]:
+    """Tiles of the requests with more than one query token: (request index, first query of the tile relative to
+    the request), int32 arrays. One-token requests are left to :func:`kivi_vllm.kernels.decode.decode`."""
+    qsl = np.asarray(query_start_loc_host, dtype=np.int64)
+    lens = np.diff(qsl)
+    reqs = np.nonzero(lens > 1)[0]
+    counts = -(-lens[reqs] // block_q)
+    tile_req = np.repeat(reqs, counts)
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    tile_start = (np.arange(len(tile_req)) - first) * block_q
+    return tile_req.astype(np.int32), tile_start.astype(np.int32)
+
+
+def prefill(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    tile_req: torch.Tensor,
+    tile_start: torch.Tensor,
+    layout: PageLayout,
+    scale: float,
+    out: torch.Tensor,
+    phase: int,
+    exact: bool = False,
+    block_q: int | None = None,
+) -> torch.Tensor:
+    """Attention of the multi-token requests' query rows of one phase (module docstring) over their KIVI pages.
+
+    Args:
+        query: [T, num_heads, head_size]; key, value: [T, num_kv_heads, head_size] (model dtype).
+        kv_cache: [num_blocks, num_kv_heads, layout.page_bytes] uint8 (read only).
+        block_table: [num_reqs, max_blocks] int32; query_start_loc [num_reqs + 1], seq_lens [num_reqs] int32.
+        tile_req, tile_start: int32 [num_tiles] on the device, from :func:`prefill_tiles` with the same ``block_q``.
+        layout, scale: page layout and softmax scale.
+        out: [T, num_heads, head_size], rows of this phase written.
+        phase: 0 = rows in each request's first group (run before the store), 1 = the rest (after it).
+            With ``exact`` (prefill="exact") every row is phase 0.
+        block_q: query tokens per tile (default :func:`block_q_for`).
+
+    Returns:
+        ``out``.
+
+    Raises:
+        ValueError: shapes that do not match the layout.
+    """
+    check_cache(kv_cache, layout)
+    T, HQ, D = query.shape
+    H = kv_cache.shape[1]
+    if D != layout.head_size or key.shape[1:] != (H, D) or HQ % H:
+        raise ValueError(f"KIVI prefill: query {tuple(query.shape)} / key {tuple(key.shape)} do not match {H} KV "
+                         f"heads of size {layout.head_size}")
+    n = tile_req.numel()
+    if n == 0 or (exact and phase == 1):
+        return out
+    qpk = HQ // H
+    bq = block_q or block_q_for(HQ, H)
+    _prefill_kernel[(n, H)](
+        query, key, value, out, kv_cache, block_table, seq_lens, query_start_loc, tile_req, tile_start, scale,
+        query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        out.stride(0), out.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
+        QPK=qpk, QPK_PAD=triton.next_power_of_2(qpk), BLOCK_Q=bq, PHASE=phase, EXACT=exact,
+        STAGE_DTYPE=stage_dtype(layout), DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        num_warps=4, **layout_args(layout),
+    )
+    return out
