@@ -106,19 +106,20 @@ class Batch:
         B = self.layout.block_size
         return self.block_table[r, pos // B].long() * B + pos % B
 
-    def reference(self, streaming=True):
-        cache = self.cache.clone()
-        out = torch.zeros_like(self.q)
+    def reference(self, streaming=True, device="cpu"):
+        d = lambda x: x.to(device)  # noqa: E731
+        cache = d(self.cache.clone())
+        out = torch.zeros_like(d(self.q))
         n = self.qsl_host[-1]
-        reference.forward(self.q[:n], self.k[:n], self.v[:n], cache, self.block_table, self.qsl_host,
-                          self.seq_lens.tolist(), self.slot_mapping[:n], self.layout, self.layout.head_size ** -0.5,
-                          out=out[:n], streaming=streaming)
-        return out, cache
+        reference.forward(d(self.q[:n]), d(self.k[:n]), d(self.v[:n]), cache, d(self.block_table), self.qsl_host,
+                          self.seq_lens.tolist(), d(self.slot_mapping[:n]), self.layout,
+                          self.layout.head_size ** -0.5, out=out[:n], streaming=streaming)
+        return out.cpu(), cache.cpu()
 
     def kernels(self, streaming=True, block_q=None, num_splits=None):
         d = lambda x: x.to(DEV)  # noqa: E731
         cache = d(self.cache.clone())
-        out = torch.zeros_like(d(self.q))
+        out = torch.full_like(d(self.q), float("nan"))  # poisoned: every real row must be written
         hq, hkv = self.q.shape[1], self.k.shape[1]
         bq = block_q or PREFILL.block_q_for(hq, hkv)
         tr, ts = PREFILL.prefill_tiles(np.array(self.qsl_host), bq)
@@ -153,7 +154,8 @@ def test_store_bit_exact(mix, residual, bits):
     lay = PageLayout(64, 64, bits[0], bits[1], 32, residual, torch.bfloat16)
     b = Batch(lay, MIXES[mix], 4, 2, torch.bfloat16, seed_of(mix, residual, bits), pad_tokens=3)
     _, cache_ref = b.reference()
-    _, cache_ker = b.kernels()
+    out, cache_ker = b.kernels()
+    assert not out[: b.qsl_host[-1]].isnan().any()
     diff = (cache_ref != cache_ker).nonzero()
     assert diff.numel() == 0, f"{len(diff)} bytes differ, first at (block, head, byte) {diff[:4].tolist()}"
 

@@ -1,7 +1,7 @@
 """``KiviAttentionImpl.forward``: store this step's tokens into the KIVI pages, then attention over them.
 
-No math here: it calls :func:`kivi_vllm.reference.forward` (the PyTorch path, used on CPU and, until the Triton
-kernels of ``kivi_vllm/kernels`` land, on GPU too).
+No math here: on CUDA it calls :func:`kivi_vllm.kernels.forward` (Triton), elsewhere
+:func:`kivi_vllm.reference.forward` (the PyTorch path); both write and read the same page bytes.
 """
 
 from __future__ import annotations
@@ -74,6 +74,15 @@ class KiviAttentionImpl(AttentionImpl):
             return output
         m = attn_metadata
         n = m.num_actual_tokens
+        if m.triton:
+            from .. import kernels
+
+            kernels.forward(
+                query[:n], key[:n], value[:n], kv_cache, m.block_table, m.query_start_loc, m.seq_lens,
+                m.slot_mapping[:n], m.layout, self.scale, output[:n], m.tiles, num_reqs=m.num_reqs,
+                streaming=self.config.prefill == "streaming", block_q=m.block_q,
+            )
+            return output
         reference.forward(
             query[:n], key[:n], value[:n], kv_cache, m.block_table, m.query_start_loc_host, m.seq_lens_host,
             m.slot_mapping[:n], m.layout, self.scale, out=output[:n], streaming=self.config.prefill == "streaming",

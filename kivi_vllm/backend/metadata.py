@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from vllm.logger import init_logger
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionMetadataBuilder, CommonAttentionMetadata
@@ -35,31 +37,72 @@ def capacity_summary(spec: KiviAttentionSpec, num_blocks: int) -> dict:
                 bytes_per_token_head=layout.bytes_per_token)
 
 
+def use_triton(device: torch.device | str) -> bool:
+    """Whether the KIVI layers run the Triton kernels (``kivi_vllm.kernels``) or the PyTorch path
+    (``kivi_vllm.reference``): Triton on CUDA devices unless ``KIVI_ATTENTION_PATH=torch`` (a debugging and
+    comparison switch); PyTorch on every other device.
+
+    Raises:
+        ValueError: ``KIVI_ATTENTION_PATH`` set to something other than ``auto``, ``triton`` or ``torch``, or
+            ``triton`` on a device that is not CUDA.
+    """
+    choice = os.environ.get("KIVI_ATTENTION_PATH", "auto")
+    if choice not in ("auto", "triton", "torch"):
+        raise ValueError(f"KIVI_ATTENTION_PATH must be auto, triton or torch, got {choice!r}")
+    cuda = torch.device(device).type == "cuda"
+    if choice == "triton" and not cuda:
+        raise ValueError("KIVI_ATTENTION_PATH=triton needs a CUDA device; the PyTorch path runs everywhere else")
+    return cuda and choice != "torch"
+
+
 @dataclass
 class KiviMetadata:
     """One step of the batch, shared by all KIVI layers of a KV-cache group.
 
     Attributes:
-        num_actual_tokens: tokens in this step (rows of query/key/value to use).
+        num_actual_tokens: tokens in this step (rows of query/key/value to use; includes CUDA-graph padding).
+        num_reqs: requests in this step (CUDA-graph padding included: such requests have query length 0).
         block_table: [num_reqs, max_blocks] int32 physical block ids.
         slot_mapping: [num_tokens] int64 cache slot of each new token, -1 for padding.
-        query_start_loc_host: num_reqs + 1 ints, request r owns rows [qsl[r], qsl[r+1]).
-        seq_lens_host: num_reqs ints, context length after this step.
+        query_start_loc: [num_reqs + 1] int32 on the device, request r owns rows [qsl[r], qsl[r+1]).
+        seq_lens: [num_reqs] int32 on the device, context length after this step.
         layout: the page layout of this group's layers.
+        triton: run the Triton kernels (else the PyTorch path with the host lists below).
+        tiles: (tile_req, tile_start) int32 device tensors of the multi-token requests (Triton path), None when
+            every request has one query token (the CUDA-graph case).
+        block_q: query tokens per prefill tile (the tiles were made with it).
+        query_start_loc_host, seq_lens_host: host copies for the PyTorch path (None on the Triton path, which
+            never synchronizes with the device).
     """
 
     num_actual_tokens: int
+    num_reqs: int
     block_table: torch.Tensor
     slot_mapping: torch.Tensor
-    query_start_loc_host: list[int]
-    seq_lens_host: list[int]
+    query_start_loc: torch.Tensor
+    seq_lens: torch.Tensor
     layout: PageLayout
+    triton: bool
+    tiles: tuple[torch.Tensor, torch.Tensor] | None = None
+    block_q: int = 16
+    query_start_loc_host: list[int] | None = None
+    seq_lens_host: list[int] | None = None
 
 
 class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
-    """Builds :class:`KiviMetadata`. The PyTorch path cannot be captured in CUDA graphs (host loop)."""
+    """Builds :class:`KiviMetadata`.
 
-    _cudagraph_support = AttentionCGSupport.NEVER
+    CUDA graphs: on the Triton path a step whose requests all have one query token is a fixed sequence of launches
+    whose grids depend only on the (padded) batch size and whose arguments are vLLM's persistent buffers
+    (``query_start_loc``, ``seq_lens``, ``block_table``, ``slot_mapping``), so such steps are captured as full
+    graphs (``UNIFORM_BATCH``; uniform batches of more than one token only arise with speculative decoding, which
+    KIVI refuses). Mixed and prefill steps run between piecewise graphs. The PyTorch path (host loop) supports none.
+    """
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config, kv_cache_spec) -> AttentionCGSupport:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        return AttentionCGSupport.UNIFORM_BATCH if use_triton(device) else AttentionCGSupport.NEVER
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -69,6 +112,13 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
                 "the KV-cache spec patch (kivi_vllm.patches.kv_cache_spec) did not run in this process"
             )
         self.layout = kv_cache_spec.layout
+        self.triton = use_triton(device)
+        if self.triton:
+            from ..kernels.prefill import block_q_for
+
+            mc = vllm_config.model_config
+            self.block_q = block_q_for(mc.get_num_attention_heads(vllm_config.parallel_config),
+                                       mc.get_num_kv_heads(vllm_config.parallel_config))
         global _capacity_logged
         num_blocks = vllm_config.cache_config.num_gpu_blocks
         if num_blocks and not _capacity_logged:
@@ -86,11 +136,20 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
               fast_build: bool = False) -> KiviMetadata:
         cm = common_attn_metadata
         n = cm.num_reqs
-        return KiviMetadata(
-            num_actual_tokens=cm.num_actual_tokens,
-            block_table=cm.block_table_tensor,
-            slot_mapping=cm.slot_mapping,
-            query_start_loc_host=cm.query_start_loc_cpu[: n + 1].tolist(),
-            seq_lens_host=cm.seq_lens[:n].tolist(),
-            layout=self.layout,
+        meta = KiviMetadata(
+            num_actual_tokens=cm.num_actual_tokens, num_reqs=n, block_table=cm.block_table_tensor,
+            slot_mapping=cm.slot_mapping, query_start_loc=cm.query_start_loc, seq_lens=cm.seq_lens,
+            layout=self.layout, triton=self.triton,
         )
+        if not self.triton:
+            meta.query_start_loc_host = cm.query_start_loc_cpu[: n + 1].tolist()
+            meta.seq_lens_host = cm.seq_lens[:n].tolist()
+        elif cm.max_query_len > 1:
+            from ..kernels.prefill import prefill_tiles
+
+            tile_req, tile_start = prefill_tiles(np.asarray(cm.query_start_loc_cpu[: n + 1]), self.block_q)
+            if len(tile_req):
+                meta.block_q = self.block_q
+                meta.tiles = (torch.from_numpy(tile_req).to(self.device, non_blocking=True),
+                              torch.from_numpy(tile_start).to(self.device, non_blocking=True))
+        return meta
