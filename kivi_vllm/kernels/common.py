@@ -13,9 +13,8 @@ import triton.language as tl
 
 from ..layout import PageLayout
 
-#: float32 -> fp16 saturation used by the reference quantizer (``kivi_vllm.quant._round_fp16``).
-FP16_MAX = 65504.0
-LOG2E = 1.4426950408889634
+#: log2(e): the kernels' softmax runs in base 2 (a global must be a ``tl.constexpr`` to be read inside a kernel).
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 def layout_args(layout: PageLayout) -> dict:
@@ -38,6 +37,13 @@ def check_cache(kv_cache: torch.Tensor, layout: PageLayout) -> None:
                          f"got {kv_cache.dtype} {tuple(kv_cache.shape)}")
     if kv_cache.stride(2) != 1:
         raise ValueError("KIVI kernels: the page bytes of kv_cache must be contiguous")
+
+
+def dot_dtype(query: torch.Tensor):
+    """Operand dtype of the kernels' tl.dot: bfloat16 on the GPU for 16-bit models (codes are exact in it; the
+    query, scales and probabilities round to 8 bits of mantissa, as in FlashAttention's P.V), float32 ("ieee") for
+    float32 models and under the Triton interpreter on CPU, whose bf16 dot is not numeric (numpy has no bf16)."""
+    return tl.float32 if query.dtype == torch.float32 or query.device.type != "cuda" else tl.bfloat16
 
 
 def stage_dtype(layout: PageLayout):
@@ -75,6 +81,30 @@ def unpack_rows(ptr, rows, row_mask, ROW_BYTES: tl.constexpr, BITS: tl.constexpr
     shifts = tl.arange(0, PER) * BITS
     codes = (b[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
     return tl.reshape(codes, (ROWS, HEAD_PAD)).to(tl.float32)
+
+
+@triton.jit
+def gather_codes(ptr, rows, row_mask, chans, ROW_BYTES: tl.constexpr, BITS: tl.constexpr,
+                 HEAD_SIZE: tl.constexpr):
+    """Codes of packed rows as int32, one element per (row, channel) of the broadcast of ``rows`` and ``chans``
+    (e.g. rows [G, 1] x chans [1, D] -> [G, D], or rows [1, G] x chans [D, 1] -> [D, G], already transposed).
+    Each element loads the byte holding its channel (``8 / BITS`` neighbours share one byte, so a warp's loads
+    coalesce) and shifts it: no reshape, hence no register shuffle between layouts."""
+    PER: tl.constexpr = 8 // BITS
+    b = tl.load(ptr + rows * ROW_BYTES + chans // PER, mask=row_mask & (chans < HEAD_SIZE), other=0)
+    return (b.to(tl.int32) >> ((chans % PER) * BITS)) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def load_value_scales(ptr, rows, row_mask, G: tl.constexpr, HEAD_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr,
+                      V_GROUP: tl.constexpr):
+    """Per-token fp16 value scales (or minima) at ``ptr`` ([G, HEAD_SIZE / V_GROUP] in the record), expanded to one
+    float32 per channel [G, HEAD_PAD]: one load per token and channel group, broadcast in registers."""
+    NVG: tl.constexpr = HEAD_PAD // V_GROUP
+    ci = tl.arange(0, NVG)
+    x = tl.load(ptr.to(tl.pointer_type(tl.float16)) + rows[:, None] * (HEAD_SIZE // V_GROUP) + ci[None, :],
+                mask=row_mask[:, None] & (ci[None, :] < HEAD_SIZE // V_GROUP), other=0.0).to(tl.float32)
+    return tl.reshape(tl.broadcast_to(x[:, :, None], (G, NVG, V_GROUP)), (G, HEAD_PAD))
 
 
 @triton.jit

@@ -31,7 +31,17 @@ import triton
 import triton.language as tl
 
 from ..layout import PageLayout
-from .common import LOG2E, check_cache, layout_args, stage_dtype, unpack_rows
+from .common import LOG2E, check_cache, dot_dtype, gather_codes, layout_args, load_value_scales, stage_dtype
+
+
+@triton.jit
+def _pv(prob, v, USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """prob [M, G] @ v [G, D] -> float32 [M, D]: an MMA, or multiply-adds when M is 1-2 rows."""
+    if USE_DOT:
+        out = tl.dot(prob.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+    else:
+        out = tl.sum(prob[:, :, None] * v[None, :, :], axis=1)
+    return out
 
 
 @triton.jit
@@ -41,7 +51,7 @@ def _decode_split_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cache_block, stride_cache_head, stride_bt,
     QPK: tl.constexpr, QPK_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, STAGE_DTYPE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr, RECORD_BYTES: tl.constexpr,
     OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KM: tl.constexpr, OFF_VC: tl.constexpr,
@@ -49,8 +59,9 @@ def _decode_split_kernel(
     RESIDUAL_KV: tl.constexpr,
 ):
     G: tl.constexpr = GROUP_SIZE
-    NVC: tl.constexpr = HEAD_SIZE // V_GROUP  # value scales per token
     GROUPS_PER_PAGE: tl.constexpr = BLOCK_SIZE // GROUP_SIZE
+    K_ROW: tl.constexpr = HEAD_SIZE * K_BITS // 8
+    V_ROW: tl.constexpr = HEAD_SIZE * V_BITS // 8
     r = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
@@ -83,22 +94,28 @@ def _decode_split_kernel(
             # keys: s_ij = (q_i * scale) . code_j + q_i . min     (per-channel scale/min of this group)
             k_scale = tl.load((rec + OFF_KS).to(tl.pointer_type(tl.float16)) + d, mask=dmask, other=0.0)
             k_min = tl.load((rec + OFF_KM).to(tl.pointer_type(tl.float16)) + d, mask=dmask, other=0.0)
-            k_codes = unpack_rows(rec + OFF_KC, i, i < G, HEAD_SIZE * K_BITS // 8, K_BITS, G, HEAD_PAD, HEAD_SIZE)
             q_scaled = q * k_scale.to(tl.float32)[None, :]
             q_dot_min = tl.sum(q * k_min.to(tl.float32)[None, :], axis=1)
-            s = tl.dot(q_scaled, tl.trans(k_codes), input_precision=DOT_PRECISION) + q_dot_min[:, None]
+            if USE_DOT:  # codes gathered already transposed, [D, G], straight into the MMA
+                k_codes_t = gather_codes(rec + OFF_KC, i[None, :], (i < G)[None, :], d[:, None], K_ROW, K_BITS,
+                                         HEAD_SIZE)
+                s = tl.dot(q_scaled.to(DOT_DTYPE), k_codes_t.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+            else:  # few query heads per KV head: multiply-add on CUDA cores, no MMA padding
+                k_codes = gather_codes(rec + OFF_KC, i[:, None], (i < G)[:, None], d[None, :], K_ROW, K_BITS,
+                                       HEAD_SIZE).to(tl.float32)
+                s = tl.sum(q_scaled[:, None, :] * k_codes[None, :, :], axis=2)
+            s = s + q_dot_min[:, None]
             # online softmax
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
             prob = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(prob, axis=1)
             # values: v_jc = code_jc * scale_j[c // Gv] + min_j[c // Gv]   (per token and channel group)
-            v_codes = unpack_rows(rec + OFF_VC, i, i < G, HEAD_SIZE * V_BITS // 8, V_BITS, G, HEAD_PAD, HEAD_SIZE)
-            vsc = i[:, None] * NVC + d[None, :] // V_GROUP
-            v_scale = tl.load((rec + OFF_VS).to(tl.pointer_type(tl.float16)) + vsc, mask=dmask[None, :], other=0.0)
-            v_min = tl.load((rec + OFF_VM).to(tl.pointer_type(tl.float16)) + vsc, mask=dmask[None, :], other=0.0)
-            v = v_codes * v_scale.to(tl.float32) + v_min.to(tl.float32)
-            acc = acc * alpha[:, None] + tl.dot(prob, v, input_precision=DOT_PRECISION)
+            v_codes = gather_codes(rec + OFF_VC, i[:, None], (i < G)[:, None], d[None, :], V_ROW, V_BITS, HEAD_SIZE)
+            v_scale = load_value_scales(rec + OFF_VS, i, i < G, G, HEAD_PAD, HEAD_SIZE, V_GROUP)
+            v_min = load_value_scales(rec + OFF_VM, i, i < G, G, HEAD_PAD, HEAD_SIZE, V_GROUP)
+            v = v_codes.to(tl.float32) * v_scale + v_min
+            acc = acc * alpha[:, None] + _pv(prob, v, USE_DOT, DOT_DTYPE, DOT_PRECISION)
             m_i = m_new
         if split == NUM_SPLITS - 1:
             # the open group, exact: positions n_full*G .. p; earlier ones staged, p itself is this step's token
@@ -113,7 +130,10 @@ def _decode_split_kernel(
             k_new = tl.load(key_ptr + q_start * stride_kt + h * stride_kh + d, mask=dmask, other=0.0)
             k_new = k_new.to(STAGE_DTYPE).to(tl.float32)
             k_ex = tl.where(new[:, None], k_new[None, :], k_st)
-            s = tl.dot(q, tl.trans(k_ex), input_precision=DOT_PRECISION)
+            if USE_DOT:
+                s = tl.dot(q.to(DOT_DTYPE), tl.trans(k_ex.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
+            else:
+                s = tl.sum(q[:, None, :] * k_ex[None, :, :], axis=2)
             s = tl.where((i <= n_staged)[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
@@ -127,14 +147,13 @@ def _decode_split_kernel(
             else:
                 # residual="k": earlier values of the open group were quantized per token on arrival
                 rec = page + (n_full % GROUPS_PER_PAGE) * RECORD_BYTES
-                vc = unpack_rows(rec + OFF_VC, i, staged, HEAD_SIZE * V_BITS // 8, V_BITS, G, HEAD_PAD, HEAD_SIZE)
-                vsc = i[:, None] * NVC + d[None, :] // V_GROUP
-                vm2 = staged[:, None] & m2
-                v_scale = tl.load((rec + OFF_VS).to(tl.pointer_type(tl.float16)) + vsc, mask=vm2, other=0.0)
-                v_min = tl.load((rec + OFF_VM).to(tl.pointer_type(tl.float16)) + vsc, mask=vm2, other=0.0)
-                v_old = vc * v_scale.to(tl.float32) + v_min.to(tl.float32)
+                vc = gather_codes(rec + OFF_VC, i[:, None], staged[:, None], d[None, :], V_ROW, V_BITS,
+                                  HEAD_SIZE).to(tl.float32)
+                v_scale = load_value_scales(rec + OFF_VS, i, staged, G, HEAD_PAD, HEAD_SIZE, V_GROUP)
+                v_min = load_value_scales(rec + OFF_VM, i, staged, G, HEAD_PAD, HEAD_SIZE, V_GROUP)
+                v_old = vc * v_scale + v_min
             v_ex = tl.where(new[:, None], v_new[None, :], v_old)
-            acc = acc * alpha[:, None] + tl.dot(prob, v_ex, input_precision=DOT_PRECISION)
+            acc = acc * alpha[:, None] + _pv(prob, v_ex, USE_DOT, DOT_DTYPE, DOT_PRECISION)
             m_i = m_new
 
     base = (r * (QPK * tl.num_programs(1)) + h * QPK + rows) * NUM_SPLITS + split
@@ -187,6 +206,7 @@ def decode(
     out: torch.Tensor,
     num_reqs: int | None = None,
     num_splits: int | None = None,
+    use_dot: bool | None = None,
 ) -> torch.Tensor:
     """Attention of every one-token request of the batch over its KIVI pages (before this step's store).
 
@@ -200,6 +220,8 @@ def decode(
         layout: page layout. scale: softmax scale (e.g. head_size ** -0.5).
         out: [T, num_heads, head_size]; rows of one-token requests are written.
         num_reqs: requests of the batch (default ``len(seq_lens)``); num_splits: default :func:`num_splits_for`.
+        use_dot: tensor-core MMAs for q.k and p.v (rows padded to 16 query heads) or CUDA-core multiply-adds;
+            default: MMAs when a KV head serves more than 2 query heads.
 
     Returns:
         ``out``.
@@ -218,6 +240,7 @@ def decode(
         return out
     S = num_splits or num_splits_for(R, H)
     qpk = HQ // H
+    dot = qpk > 2 if use_dot is None else use_dot
     pad = triton.next_power_of_2(layout.head_size)
     part_m = torch.empty(R * HQ * S, dtype=torch.float32, device=query.device)
     part_l = torch.empty_like(part_m)
@@ -226,8 +249,10 @@ def decode(
         query, key, value, kv_cache, block_table, seq_lens, query_start_loc, part_m, part_l, part_acc, scale,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
-        QPK=qpk, QPK_PAD=max(16, triton.next_power_of_2(qpk)), NUM_SPLITS=S, STAGE_DTYPE=stage_dtype(layout),
-        DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=4, **layout_args(layout),
+        QPK=qpk, QPK_PAD=max(16 if dot else 1, triton.next_power_of_2(qpk)), NUM_SPLITS=S,
+        STAGE_DTYPE=stage_dtype(layout), USE_DOT=dot,
+        DOT_DTYPE=dot_dtype(query), DOT_PRECISION="ieee",
+        num_warps=4, **layout_args(layout),
     )
     _reduce_kernel[(R, HQ)](out, part_m, part_l, part_acc, seq_lens, query_start_loc, out.stride(0), out.stride(1),
                             NUM_SPLITS=S, HEAD_SIZE=layout.head_size, HEAD_PAD=pad, num_warps=4)

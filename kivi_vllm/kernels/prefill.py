@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ..layout import PageLayout
-from .common import LOG2E, check_cache, layout_args, stage_dtype, unpack_rows
+from .common import LOG2E, check_cache, dot_dtype, gather_codes, layout_args, load_value_scales, stage_dtype
 
 
 @triton.jit
@@ -36,7 +36,7 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     stride_cache_block, stride_cache_head, stride_bt,
     QPK: tl.constexpr, QPK_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, PHASE: tl.constexpr, EXACT: tl.constexpr,
-    STAGE_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    STAGE_DTYPE: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr, RECORD_BYTES: tl.constexpr,
     OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KM: tl.constexpr, OFF_VC: tl.constexpr,
@@ -45,7 +45,6 @@ def _prefill_kernel(
 ):
     G: tl.constexpr = GROUP_SIZE
     M: tl.constexpr = BLOCK_Q * QPK_PAD
-    NVC: tl.constexpr = HEAD_SIZE // V_GROUP
     GROUPS_PER_PAGE: tl.constexpr = BLOCK_SIZE // GROUP_SIZE
     tile = tl.program_id(0)
     h = tl.program_id(1)
@@ -87,7 +86,6 @@ def _prefill_kernel(
         acc = tl.zeros((M, HEAD_PAD), tl.float32)
         bt_row = block_table_ptr + r * stride_bt
         m2 = dmask[None, :]
-        vsc = i[:, None] * NVC + d[None, :] // V_GROUP
         for g in range(0, p_max // G + 1):
             blk = tl.load(bt_row + g // GROUPS_PER_PAGE).to(tl.int64)
             page = kv_ptr + blk * stride_cache_block + h * stride_cache_head
@@ -96,11 +94,12 @@ def _prefill_kernel(
             # dequantized version, where some row reads it
             s_q = tl.zeros((M, G), tl.float32)
             if g < k_lim_max:
-                k_codes = unpack_rows(rec + OFF_KC, i, i < G, HEAD_SIZE * K_BITS // 8, K_BITS, G, HEAD_PAD, HEAD_SIZE)
+                k_codes = gather_codes(rec + OFF_KC, i[:, None], (i < G)[:, None], d[None, :], HEAD_SIZE * K_BITS // 8,
+                                       K_BITS, HEAD_SIZE).to(tl.float32)
                 k_scale = tl.load((rec + OFF_KS).to(tl.pointer_type(tl.float16)) + d, mask=dmask, other=0.0)
                 k_min = tl.load((rec + OFF_KM).to(tl.pointer_type(tl.float16)) + d, mask=dmask, other=0.0)
                 k_deq = k_codes * k_scale.to(tl.float32)[None, :] + k_min.to(tl.float32)[None, :]
-                s_q = tl.dot(q, tl.trans(k_deq), input_precision=DOT_PRECISION)
+                s_q = tl.dot(q.to(DOT_DTYPE), tl.trans(k_deq.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
             # exact version, for rows whose own group this is: earlier steps' tokens from the stage
             s_e = tl.zeros((M, G), tl.float32)
             from_step = j >= ctx
@@ -110,7 +109,8 @@ def _prefill_kernel(
                                 mask=ex & from_step[:, None], other=0.0).to(STAGE_DTYPE).to(tl.float32)
                 k_old = tl.load((page + OFF_KSTAGE).to(tl.pointer_type(STAGE_DTYPE)) + (j % G)[:, None] * HEAD_SIZE
                                 + d[None, :], mask=ex & (~from_step[:, None]), other=0.0).to(tl.float32)
-                s_e = tl.dot(q, tl.trans(tl.where(from_step[:, None], k_new, k_old)), input_precision=DOT_PRECISION)
+                s_e = tl.dot(q.to(DOT_DTYPE), tl.trans(tl.where(from_step[:, None], k_new, k_old).to(DOT_DTYPE)),
+                             input_precision=DOT_PRECISION)
             k_quant = g < k_lim[:, None]
             causal = j[None, :] <= pos[:, None]
             s = tl.where(k_quant, s_q, tl.where(causal, s_e, float("-inf")))
@@ -123,13 +123,12 @@ def _prefill_kernel(
             acc = acc * alpha[:, None]
             v_quant = j[None, :] < v_lim[:, None]
             if g * G < v_lim_max:
-                v_codes = unpack_rows(rec + OFF_VC, i, j < v_lim_max, HEAD_SIZE * V_BITS // 8, V_BITS, G, HEAD_PAD,
-                                      HEAD_SIZE)
-                vm2 = (j < v_lim_max)[:, None] & m2
-                v_scale = tl.load((rec + OFF_VS).to(tl.pointer_type(tl.float16)) + vsc, mask=vm2, other=0.0)
-                v_min = tl.load((rec + OFF_VM).to(tl.pointer_type(tl.float16)) + vsc, mask=vm2, other=0.0)
-                v_deq = v_codes * v_scale.to(tl.float32) + v_min.to(tl.float32)
-                acc += tl.dot(tl.where(v_quant, prob, 0.0), v_deq, input_precision=DOT_PRECISION)
+                v_codes = gather_codes(rec + OFF_VC, i[:, None], (j < v_lim_max)[:, None], d[None, :],
+                                       HEAD_SIZE * V_BITS // 8, V_BITS, HEAD_SIZE).to(tl.float32)
+                v_scale = load_value_scales(rec + OFF_VS, i, j < v_lim_max, G, HEAD_PAD, HEAD_SIZE, V_GROUP)
+                v_min = load_value_scales(rec + OFF_VM, i, j < v_lim_max, G, HEAD_PAD, HEAD_SIZE, V_GROUP)
+                v_deq = v_codes * v_scale + v_min
+                acc += tl.dot(tl.where(v_quant, prob, 0.0).to(DOT_DTYPE), v_deq.to(DOT_DTYPE), input_precision=DOT_PRECISION)
             if g * G + G > tl.min(tl.where(rvalid, v_lim, big), axis=0):
                 ex = (j <= p_max)[:, None] & m2
                 v_new = tl.load(value_ptr + (q_start + j - ctx)[:, None] * stride_vt + h * stride_vh + d[None, :],
@@ -138,7 +137,7 @@ def _prefill_kernel(
                     v_old = tl.load((page + OFF_VSTAGE).to(tl.pointer_type(STAGE_DTYPE)) + (j % G)[:, None]
                                     * HEAD_SIZE + d[None, :], mask=ex & (~from_step[:, None]), other=0.0)
                     v_new = tl.where(from_step[:, None], v_new, v_old.to(tl.float32))
-                acc += tl.dot(tl.where(v_quant, 0.0, prob), v_new, input_precision=DOT_PRECISION)
+                acc += tl.dot(tl.where(v_quant, 0.0, prob).to(DOT_DTYPE), v_new.to(DOT_DTYPE), input_precision=DOT_PRECISION)
             m_i = m_new
         o = acc / l_i[:, None]
         tl.store(out_ptr + (q_start + tok[:, None]) * stride_ot + head[:, None] * stride_oh + d[None, :],
@@ -215,7 +214,8 @@ def prefill(
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         out.stride(0), out.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
         QPK=qpk, QPK_PAD=triton.next_power_of_2(qpk), BLOCK_Q=bq, PHASE=phase, EXACT=exact,
-        STAGE_DTYPE=stage_dtype(layout), DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+        STAGE_DTYPE=stage_dtype(layout), DOT_PRECISION="ieee",
+        DOT_DTYPE=dot_dtype(query),
         num_warps=4, **layout_args(layout),
     )
     return out
