@@ -39,11 +39,13 @@ def check_cache(kv_cache: torch.Tensor, layout: PageLayout) -> None:
         raise ValueError("KIVI kernels: the page bytes of kv_cache must be contiguous")
 
 
-def dot_dtype(query: torch.Tensor):
-    """Operand dtype of the kernels' tl.dot: bfloat16 on the GPU for 16-bit models (codes are exact in it; the
-    query, scales and probabilities round to 8 bits of mantissa, as in FlashAttention's P.V), float32 ("ieee") for
-    float32 models and under the Triton interpreter on CPU, whose bf16 dot is not numeric (numpy has no bf16)."""
-    return tl.float32 if query.dtype == torch.float32 or query.device.type != "cuda" else tl.bfloat16
+def dot_args(query: torch.Tensor) -> dict:
+    """Operands of the kernels' tl.dot: float32, as TF32 MMAs on the GPU for 16-bit models ("ieee" for float32
+    models and under the Triton interpreter). bf16 operands were measured on the H200 (2026-11-30,
+    scripts/kernel_sweep.py): the folded query ``q * scale`` loses too much in 8 mantissa bits (relative error up to
+    1.6e-2 against the float64 reference), with no speed gain."""
+    tf32 = query.dtype != torch.float32 and query.device.type == "cuda"
+    return dict(DOT_DTYPE=tl.float32, DOT_PRECISION="tf32" if tf32 else "ieee")
 
 
 def stage_dtype(layout: PageLayout):

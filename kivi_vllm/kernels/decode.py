@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ..layout import PageLayout
-from .common import LOG2E, check_cache, dot_dtype, gather_codes, layout_args, load_value_scales, stage_dtype
+from .common import LOG2E, check_cache, dot_args, gather_codes, layout_args, load_value_scales, stage_dtype
 
 
 @triton.jit
@@ -251,7 +251,7 @@ def decode(
         kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
         QPK=qpk, QPK_PAD=max(16 if dot else 1, triton.next_power_of_2(qpk)), NUM_SPLITS=S,
         STAGE_DTYPE=stage_dtype(layout), USE_DOT=dot,
-        DOT_DTYPE=dot_dtype(query), DOT_PRECISION="ieee",
+        **dot_args(query),
         num_warps=4, **layout_args(layout),
     )
     _reduce_kernel[(R, HQ)](out, part_m, part_l, part_acc, seq_lens, query_start_loc, out.stride(0), out.stride(1),

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ..layout import PageLayout
-from .common import LOG2E, check_cache, dot_dtype, gather_codes, layout_args, load_value_scales, stage_dtype
+from .common import LOG2E, check_cache, dot_args, gather_codes, layout_args, load_value_scales, stage_dtype
 
 
 @triton.jit
@@ -214,8 +214,7 @@ def prefill(
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         out.stride(0), out.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
         QPK=qpk, QPK_PAD=triton.next_power_of_2(qpk), BLOCK_Q=bq, PHASE=phase, EXACT=exact,
-        STAGE_DTYPE=stage_dtype(layout), DOT_PRECISION="ieee",
-        DOT_DTYPE=dot_dtype(query),
+        STAGE_DTYPE=stage_dtype(layout), **dot_args(query),
         num_warps=4, **layout_args(layout),
     )
     return out
