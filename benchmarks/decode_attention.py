@@ -74,6 +74,7 @@ def parse_args():
     p.add_argument("--fa-num-splits", type=int, default=32, help="FA3 num_splits (vLLM full-CUDA-graph default)")
     p.add_argument("--decode-dot", choices=["auto", "on", "off"], default="auto",
                    help="KIVI decode: tensor-core MMAs (on), CUDA-core multiply-adds (off), or the launcher's choice")
+    p.add_argument("--groups-per-iter", type=int, default=1, help="KIVI decode: groups read per loop iteration")
     p.add_argument("--eager", action="store_true", help="time the Python call, not a CUDA-graph replay")
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # "cpu": Triton-interpreter smoke run
     a = p.parse_args()
@@ -157,7 +158,8 @@ def kivi_cell(bits, B, L, hq, h, d, io, device, args, kern):
     slot = (block_table[:, p // KIVI_BLOCK].to(torch.int64) * KIVI_BLOCK + p % KIVI_BLOCK).contiguous()
     scale = d**-0.5
     ms, mode = bench(lambda: decode(q, key, value, kv_cache, block_table, qsl, seq_lens, lay, scale, out,
-                                    use_dot={"auto": None, "on": True, "off": False}[args.decode_dot]),
+                                    use_dot={"auto": None, "on": True, "off": False}[args.decode_dot],
+                                    groups_per_iter=args.groups_per_iter),
                      device, args.eager)
     sms, _ = bench(lambda: store(kv_cache, key, value, slot, qsl, seq_lens, lay, 0), device, args.eager)
     return dict(row, status="ok", time_us=ms * 1e3, store_us=sms * 1e3, timing=mode)

@@ -116,7 +116,7 @@ class Batch:
                           self.layout.head_size ** -0.5, out=out[:n], streaming=streaming)
         return out.cpu(), cache.cpu()
 
-    def kernels(self, streaming=True, block_q=None, num_splits=None, use_dot=None):
+    def kernels(self, streaming=True, block_q=None, num_splits=None, use_dot=None, groups_per_iter=1):
         d = lambda x: x.to(DEV)  # noqa: E731
         cache = d(self.cache.clone())
         out = torch.full_like(d(self.q), float("nan"))  # poisoned: every real row must be written
@@ -126,7 +126,8 @@ class Batch:
         tiles = (d(torch.from_numpy(tr)), d(torch.from_numpy(ts))) if len(tr) else None
         K.forward(d(self.q), d(self.k), d(self.v), cache, d(self.block_table), d(self.qsl), d(self.seq_lens),
                   d(self.slot_mapping), self.layout, self.layout.head_size ** -0.5, out, tiles,
-                  streaming=streaming, block_q=bq, num_splits=num_splits, use_dot=use_dot)
+                  streaming=streaming, block_q=bq, num_splits=num_splits, use_dot=use_dot,
+                  groups_per_iter=groups_per_iter)
         return out.cpu(), cache.cpu()
 
 
@@ -202,12 +203,14 @@ def test_exact_prefill_mode():
 @pytest.mark.parametrize("num_splits", [1, 2, 8])
 @pytest.mark.parametrize("use_dot", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_variants_agree(num_splits, use_dot, dtype):
-    """Split count and MMA vs multiply-add change only the summation order: all give the reference's answer."""
+@pytest.mark.parametrize("groups_per_iter", [1, 4])
+def test_decode_variants_agree(num_splits, use_dot, dtype, groups_per_iter):
+    """Split count, MMA vs multiply-add and groups per iteration change only the summation order: all give the
+    reference's answer."""
     lay = PageLayout(64, 64, 2, 2, 16, "kv", dtype)
     b = Batch(lay, [(200, 1), (17, 1), (0, 1), (129, 1)], 4, 2, dtype, seed_of("splits", dtype))
     out_ref, _ = b.reference()
-    out, _ = b.kernels(num_splits=num_splits, use_dot=use_dot)
+    out, _ = b.kernels(num_splits=num_splits, use_dot=use_dot, groups_per_iter=groups_per_iter)
     assert rel_err(out, out_ref) < (2e-3 if dtype == torch.float32 else 1e-2)
 
 

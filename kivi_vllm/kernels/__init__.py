@@ -39,6 +39,7 @@ def forward(
     block_q: int | None = None,
     num_splits: int | None = None,
     use_dot: bool | None = None,
+    groups_per_iter: int = 1,
 ) -> torch.Tensor:
     """One layer step on the GPU: the same result as :func:`kivi_vllm.reference.forward` (store, then attention
     with the streaming visibility rule), as a fixed sequence of launches::
@@ -63,14 +64,15 @@ def forward(
         tiles: (tile_req, tile_start) int32 device tensors from :func:`.prefill.prefill_tiles` for the
             multi-token requests, or None when every request has one query token.
         streaming: False selects prefill="exact" (every prefill row before the store).
-        block_q: the ``block_q`` the tiles were made with; num_splits, use_dot: see :func:`.decode.decode`.
+        block_q: the ``block_q`` the tiles were made with; num_splits, use_dot, groups_per_iter: see :func:`.decode.decode`.
 
     Returns:
         ``out``.
     """
     n = len(seq_lens) if num_reqs is None else num_reqs
     args = (query, key, value, kv_cache, block_table, query_start_loc, seq_lens)
-    decode(*args, layout, scale, out, num_reqs=n, num_splits=num_splits, use_dot=use_dot)
+    decode(*args, layout, scale, out, num_reqs=n, num_splits=num_splits, use_dot=use_dot,
+           groups_per_iter=groups_per_iter)
     if tiles is None:
         store(kv_cache, key, value, slot_mapping, query_start_loc, seq_lens, layout, 0, num_reqs=n)
         return out

@@ -51,7 +51,7 @@ def _decode_split_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cache_block, stride_cache_head, stride_bt,
     QPK: tl.constexpr, QPK_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, STAGE_DTYPE: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, GROUPS_PER_ITER: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr, RECORD_BYTES: tl.constexpr,
     OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KM: tl.constexpr, OFF_VC: tl.constexpr,
@@ -88,35 +88,67 @@ def _decode_split_kernel(
         q = tl.load(q_ptr + q_start * stride_qt + (h * QPK + rows[:, None]) * stride_qh + d[None, :],
                     mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32) * (sm_scale * LOG2E)
         bt_row = block_table_ptr + r * stride_bt
-        for g in range(g_lo, g_hi):
-            blk = tl.load(bt_row + g // GROUPS_PER_PAGE).to(tl.int64)
-            rec = kv_ptr + blk * stride_cache_block + h * stride_cache_head + (g % GROUPS_PER_PAGE) * RECORD_BYTES
-            # keys: s_ij = (q_i * scale) . code_j + q_i . min     (per-channel scale/min of this group)
-            k_scale = tl.load((rec + OFF_KS).to(tl.pointer_type(tl.float16)) + d, mask=dmask, other=0.0)
-            k_min = tl.load((rec + OFF_KM).to(tl.pointer_type(tl.float16)) + d, mask=dmask, other=0.0)
-            q_scaled = q * k_scale.to(tl.float32)[None, :]
-            q_dot_min = tl.sum(q * k_min.to(tl.float32)[None, :], axis=1)
-            if USE_DOT:  # codes gathered already transposed, [D, G], straight into the MMA
-                k_codes_t = gather_codes(rec + OFF_KC, i[None, :], (i < G)[None, :], d[:, None], K_ROW, K_BITS,
-                                         HEAD_SIZE)
-                s = tl.dot(q_scaled.to(DOT_DTYPE), k_codes_t.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-            else:  # few query heads per KV head: multiply-add on CUDA cores, no MMA padding
-                k_codes = gather_codes(rec + OFF_KC, i[:, None], (i < G)[:, None], d[None, :], K_ROW, K_BITS,
-                                       HEAD_SIZE).to(tl.float32)
-                s = tl.sum(q_scaled[:, None, :] * k_codes[None, :, :], axis=2)
-            s = s + q_dot_min[:, None]
-            # online softmax
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            prob = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(prob, axis=1)
-            # values: v_jc = code_jc * scale_j[c // Gv] + min_j[c // Gv]   (per token and channel group)
-            v_codes = gather_codes(rec + OFF_VC, i[:, None], (i < G)[:, None], d[None, :], V_ROW, V_BITS, HEAD_SIZE)
-            v_scale = load_value_scales(rec + OFF_VS, i, i < G, G, HEAD_PAD, HEAD_SIZE, V_GROUP)
-            v_min = load_value_scales(rec + OFF_VM, i, i < G, G, HEAD_PAD, HEAD_SIZE, V_GROUP)
-            v = v_codes.to(tl.float32) * v_scale + v_min
-            acc = acc * alpha[:, None] + _pv(prob, v, USE_DOT, DOT_DTYPE, DOT_PRECISION)
-            m_i = m_new
+        if GROUPS_PER_ITER > 1:
+            n = tl.arange(0, GROUPS_PER_ITER * G)  # key rows of one iteration
+            for g0 in range(g_lo, g_hi, GROUPS_PER_ITER):
+                # several groups per iteration, so that more record loads are in flight per round trip; the key
+                # scale differs per group, so keys are dequantized (code * scale + min) instead of folded into q
+                gg = g0 + n // G  # group of each key row
+                valid = gg < g_hi
+                blk_n = tl.load(bt_row + gg // GROUPS_PER_PAGE, mask=valid, other=0).to(tl.int64)
+                rec_n = (kv_ptr + blk_n * stride_cache_block + h * stride_cache_head
+                         + (gg % GROUPS_PER_PAGE) * RECORD_BYTES)[:, None]
+                m2 = valid[:, None] & dmask[None, :]
+                k = gather_codes(rec_n + OFF_KC, (n % G)[:, None], valid[:, None], d[None, :], K_ROW, K_BITS,
+                                 HEAD_SIZE).to(tl.float32)
+                k = k * tl.load((rec_n + OFF_KS).to(tl.pointer_type(tl.float16)) + d[None, :], mask=m2, other=0.0)
+                k = k + tl.load((rec_n + OFF_KM).to(tl.pointer_type(tl.float16)) + d[None, :], mask=m2, other=0.0)
+                if USE_DOT:
+                    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+                else:
+                    s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)
+                s = tl.where(valid[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                alpha = tl.exp2(m_i - m_new)
+                prob = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(prob, axis=1)
+                vsc = (n % G)[:, None] * (HEAD_SIZE // V_GROUP) + (d // V_GROUP)[None, :]
+                v = gather_codes(rec_n + OFF_VC, (n % G)[:, None], valid[:, None], d[None, :], V_ROW, V_BITS,
+                                 HEAD_SIZE).to(tl.float32)
+                v = v * tl.load((rec_n + OFF_VS).to(tl.pointer_type(tl.float16)) + vsc, mask=m2, other=0.0)
+                v = v + tl.load((rec_n + OFF_VM).to(tl.pointer_type(tl.float16)) + vsc, mask=m2, other=0.0)
+                acc = acc * alpha[:, None] + _pv(prob, v, USE_DOT, DOT_DTYPE, DOT_PRECISION)
+                m_i = m_new
+        else:  # one group per iteration: KIVI's folded key scale
+            for g in range(g_lo, g_hi):
+                blk = tl.load(bt_row + g // GROUPS_PER_PAGE).to(tl.int64)
+                rec = kv_ptr + blk * stride_cache_block + h * stride_cache_head + (g % GROUPS_PER_PAGE) * RECORD_BYTES
+                # keys: s_ij = (q_i * scale) . code_j + q_i . min     (per-channel scale/min of this group)
+                k_scale = tl.load((rec + OFF_KS).to(tl.pointer_type(tl.float16)) + d, mask=dmask, other=0.0)
+                k_min = tl.load((rec + OFF_KM).to(tl.pointer_type(tl.float16)) + d, mask=dmask, other=0.0)
+                q_scaled = q * k_scale.to(tl.float32)[None, :]
+                q_dot_min = tl.sum(q * k_min.to(tl.float32)[None, :], axis=1)
+                if USE_DOT:  # codes gathered already transposed, [D, G], straight into the MMA
+                    k_codes_t = gather_codes(rec + OFF_KC, i[None, :], (i < G)[None, :], d[:, None], K_ROW, K_BITS,
+                                             HEAD_SIZE)
+                    s = tl.dot(q_scaled.to(DOT_DTYPE), k_codes_t.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+                else:  # few query heads per KV head: multiply-add on CUDA cores, no MMA padding
+                    k_codes = gather_codes(rec + OFF_KC, i[:, None], (i < G)[:, None], d[None, :], K_ROW, K_BITS,
+                                           HEAD_SIZE).to(tl.float32)
+                    s = tl.sum(q_scaled[:, None, :] * k_codes[None, :, :], axis=2)
+                s = s + q_dot_min[:, None]
+                # online softmax
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                alpha = tl.exp2(m_i - m_new)
+                prob = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(prob, axis=1)
+                # values: v_jc = code_jc * scale_j[c // Gv] + min_j[c // Gv]   (per token and channel group)
+                v_codes = gather_codes(rec + OFF_VC, i[:, None], (i < G)[:, None], d[None, :], V_ROW, V_BITS, HEAD_SIZE)
+                v_scale = load_value_scales(rec + OFF_VS, i, i < G, G, HEAD_PAD, HEAD_SIZE, V_GROUP)
+                v_min = load_value_scales(rec + OFF_VM, i, i < G, G, HEAD_PAD, HEAD_SIZE, V_GROUP)
+                v = v_codes.to(tl.float32) * v_scale + v_min
+                acc = acc * alpha[:, None] + _pv(prob, v, USE_DOT, DOT_DTYPE, DOT_PRECISION)
+                m_i = m_new
         if split == NUM_SPLITS - 1:
             # the open group, exact: positions n_full*G .. p; earlier ones staged, p itself is this step's token
             n_staged = p - n_full * G
@@ -207,6 +239,7 @@ def decode(
     num_reqs: int | None = None,
     num_splits: int | None = None,
     use_dot: bool | None = None,
+    groups_per_iter: int = 1,
 ) -> torch.Tensor:
     """Attention of every one-token request of the batch over its KIVI pages (before this step's store).
 
@@ -222,6 +255,9 @@ def decode(
         num_reqs: requests of the batch (default ``len(seq_lens)``); num_splits: default :func:`num_splits_for`.
         use_dot: tensor-core MMAs for q.k and p.v (rows padded to 16 query heads) or CUDA-core multiply-adds;
             default: MMAs when a KV head serves more than 2 query heads.
+        groups_per_iter: groups (records) read per loop iteration, a power of two. 1 (default, the kernel measured
+            on the H200) folds each group's key scale into the query; more dequantizes the keys instead and keeps
+            more loads in flight per iteration (not yet timed, see docs/benchmarks.md).
 
     Returns:
         ``out``.
@@ -239,6 +275,8 @@ def decode(
     if R == 0:
         return out
     S = num_splits or num_splits_for(R, H)
+    if S & (S - 1) or groups_per_iter < 1 or groups_per_iter & (groups_per_iter - 1):
+        raise ValueError(f"KIVI decode: num_splits ({S}) and groups_per_iter ({groups_per_iter}) must be powers of 2")
     qpk = HQ // H
     dot = qpk > 2 if use_dot is None else use_dot
     pad = triton.next_power_of_2(layout.head_size)
@@ -250,7 +288,7 @@ def decode(
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
         QPK=qpk, QPK_PAD=max(16 if dot else 1, triton.next_power_of_2(qpk)), NUM_SPLITS=S,
-        STAGE_DTYPE=stage_dtype(layout), USE_DOT=dot,
+        STAGE_DTYPE=stage_dtype(layout), USE_DOT=dot, GROUPS_PER_ITER=groups_per_iter,
         **dot_args(query),
         num_warps=4, **layout_args(layout),
     )
