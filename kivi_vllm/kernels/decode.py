@@ -253,8 +253,8 @@ def decode(
         layout: page layout. scale: softmax scale (e.g. head_size ** -0.5).
         out: [T, num_heads, head_size]; rows of one-token requests are written.
         num_reqs: requests of the batch (default ``len(seq_lens)``); num_splits: default :func:`num_splits_for`.
-        use_dot: tensor-core MMAs for q.k and p.v (rows padded to 16 query heads) or CUDA-core multiply-adds;
-            default: MMAs when a KV head serves more than 2 query heads.
+        use_dot: tensor-core MMAs for q.k and p.v (rows padded to 16 query heads, the default) or CUDA-core
+            multiply-adds (measured slower on the H200 even with one query head per KV head, docs/benchmarks.md).
         groups_per_iter: groups (records) read per loop iteration, a power of two. 1 (default, the kernel measured
             on the H200) folds each group's key scale into the query; more dequantizes the keys instead and keeps
             more loads in flight per iteration (not yet timed, see docs/benchmarks.md).
@@ -278,7 +278,7 @@ def decode(
     if S & (S - 1) or groups_per_iter < 1 or groups_per_iter & (groups_per_iter - 1):
         raise ValueError(f"KIVI decode: num_splits ({S}) and groups_per_iter ({groups_per_iter}) must be powers of 2")
     qpk = HQ // H
-    dot = qpk > 2 if use_dot is None else use_dot
+    dot = True if use_dot is None else use_dot
     pad = triton.next_power_of_2(layout.head_size)
     part_m = torch.empty(R * HQ * S, dtype=torch.float32, device=query.device)
     part_l = torch.empty_like(part_m)
