@@ -5,10 +5,11 @@ On a machine without a GPU the kernels run under ``TRITON_INTERPRET=1`` (set her
 over realistic shapes runs on the H200 (``scripts/kernel_sweep.py``).
 
 Tolerances: the store must be bit-exact (codes, fp16 scale/min, stage rows: every byte of the cache equals the
-reference's). Attention is compared with the reference's float64 attention over the same dequantized cache: the
-kernels dequantize exactly (codes * fp16 scale + fp16 min in float32) and accumulate in float32, so the relative
-error is bounded by the output rounding (bf16: 2^-8 = 3.9e-3, below the 1e-2 bound) and float32 accumulation
-(below the 2e-3 bound for fp32 models).
+reference's). Attention is compared with the reference's float64 attention over the same dequantized cache, with
+float32 outputs on both sides so that no output rounding hides an error: the kernels dequantize exactly (codes *
+fp16 scale + fp16 min in float32) and accumulate in float32, so under the interpreter (float32 dots) the relative
+error is ~1e-6 and the bound is 1e-4. On a GPU the dots are TF32 (10-bit mantissa) and the bound is the issue's
+1e-2 (measured <= 6.1e-3 with bf16 outputs). One test keeps bf16 outputs to cover the output cast.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ class Batch:
     """One engine step over several requests: context already in the cache (written by the reference store),
     this step's chunk per request, random garbage in every unwritten byte."""
 
-    def __init__(self, layout, reqs, hq, hkv, dtype, seed, num_blocks=None, pad_tokens=0):
+    def __init__(self, layout, reqs, hq, hkv, dtype, seed, num_blocks=None, pad_tokens=0, pad_reqs=0,
+                 out_dtype=None):
         g = torch.Generator().manual_seed(seed)
         B, D = layout.block_size, layout.head_size
         self.layout, self.reqs = layout, reqs
@@ -98,8 +100,12 @@ class Batch:
         if pad_tokens:  # CUDA-graph style padding rows: slot -1, garbage values
             self.q, self.k, self.v = (torch.cat([x, rnd(pad_tokens, x.shape[1])]) for x in (self.q, self.k, self.v))
             self.slot_mapping = torch.cat([self.slot_mapping, torch.full((pad_tokens,), -1, dtype=torch.int64)])
-        self.seq_lens = torch.tensor([c + n for c, n in reqs], dtype=torch.int32)
-        self.qsl = torch.tensor(qsl, dtype=torch.int32)
+        self.out_dtype = out_dtype or dtype
+        # CUDA-graph style padding requests: query length 0, seq_len 0 (as vLLM pads)
+        self.seq_lens = torch.tensor([c + n for c, n in reqs] + [0] * pad_reqs, dtype=torch.int32)
+        self.qsl = torch.tensor(qsl + [qsl[-1]] * pad_reqs, dtype=torch.int32)
+        self.block_table = torch.cat([self.block_table, torch.zeros(pad_reqs, self.block_table.shape[1],
+                                                                     dtype=torch.int32)])
 
     def slots(self, r, a, b):
         pos = torch.arange(a, b)
@@ -109,17 +115,18 @@ class Batch:
     def reference(self, streaming=True, device="cpu"):
         d = lambda x: x.to(device)  # noqa: E731
         cache = d(self.cache.clone())
-        out = torch.zeros_like(d(self.q))
+        out = torch.zeros_like(d(self.q), dtype=self.out_dtype)
         n = self.qsl_host[-1]
-        reference.forward(d(self.q[:n]), d(self.k[:n]), d(self.v[:n]), cache, d(self.block_table), self.qsl_host,
-                          self.seq_lens.tolist(), d(self.slot_mapping[:n]), self.layout,
+        R = len(self.reqs)
+        reference.forward(d(self.q[:n]), d(self.k[:n]), d(self.v[:n]), cache, d(self.block_table[:R]), self.qsl_host,
+                          self.seq_lens[:R].tolist(), d(self.slot_mapping[:n]), self.layout,
                           self.layout.head_size ** -0.5, out=out[:n], streaming=streaming)
         return out.cpu(), cache.cpu()
 
     def kernels(self, streaming=True, block_q=None, num_splits=None, use_dot=None, groups_per_iter=1):
         d = lambda x: x.to(DEV)  # noqa: E731
         cache = d(self.cache.clone())
-        out = torch.full_like(d(self.q), float("nan"))  # poisoned: every real row must be written
+        out = torch.full_like(d(self.q), float("nan"), dtype=self.out_dtype)  # poisoned: real rows must be written
         hq, hkv = self.q.shape[1], self.k.shape[1]
         bq = block_q or PREFILL.block_q_for(hq, hkv)
         tr, ts = PREFILL.prefill_tiles(np.array(self.qsl_host), bq)
@@ -129,6 +136,9 @@ class Batch:
                   streaming=streaming, block_q=bq, num_splits=num_splits, use_dot=use_dot,
                   groups_per_iter=groups_per_iter)
         return out.cpu(), cache.cpu()
+
+
+TOL = 1e-4 if DEV == "cpu" else 1e-2  # float32 outputs; see the module docstring
 
 
 def rel_err(a, b):
@@ -165,13 +175,24 @@ def test_store_bit_exact(mix, residual, bits):
 @pytest.mark.parametrize("residual", ["kv", "k"])
 @pytest.mark.parametrize("gqa", [1, 3])
 def test_attention_matches_reference_bf16(mix, residual, gqa):
+    """bf16 model, float32 outputs; two padding requests (query length 0, seq_len 0) as in a CUDA-graph batch."""
     lay = PageLayout(64, 64, 2, 2, 32, residual, torch.bfloat16)
-    b = Batch(lay, MIXES[mix], 2 * gqa, 2, torch.bfloat16, seed_of(mix, residual, gqa))
+    b = Batch(lay, MIXES[mix], 2 * gqa, 2, torch.bfloat16, seed_of(mix, residual, gqa), pad_tokens=2, pad_reqs=2,
+              out_dtype=torch.float32)
     out_ref, cache_ref = b.reference()
     out, cache = b.kernels()
+    n = b.qsl_host[-1]
     assert torch.equal(cache, cache_ref)
-    assert not out.isnan().any()
-    assert rel_err(out, out_ref) < 1e-2
+    assert not out[:n].isnan().any()
+    assert rel_err(out[:n], out_ref[:n]) < TOL
+
+
+def test_bf16_output_cast():
+    lay = PageLayout(64, 64, 4, 2, 32, "kv", torch.bfloat16)
+    b = Batch(lay, MIXES["mixed"], 4, 2, torch.bfloat16, seed_of("cast"))
+    out_ref, _ = b.reference()
+    out, _ = b.kernels()
+    assert out.dtype == torch.bfloat16 and rel_err(out, out_ref) < 1e-2  # one bf16 ulp of two roundings
 
 
 @pytest.mark.parametrize("case", [
@@ -186,16 +207,18 @@ def test_attention_fp32_shapes(case):
     out_ref, cache_ref = b.reference()
     out, cache = b.kernels()
     assert torch.equal(cache, cache_ref)
-    assert rel_err(out, out_ref) < 2e-3
+    assert rel_err(out, out_ref) < TOL
 
 
-def test_exact_prefill_mode():
-    lay = PageLayout(64, 64, 2, 2, 32, "kv", torch.bfloat16)
-    b = Batch(lay, MIXES["continuations"], 4, 2, torch.bfloat16, seed_of("exact"))
+@pytest.mark.parametrize("residual", ["kv", "k"])
+def test_exact_prefill_mode(residual):
+    lay = PageLayout(64, 64, 2, 2, 32, residual, torch.bfloat16)
+    b = Batch(lay, MIXES["continuations"] + [(20, 1)], 4, 2, torch.bfloat16, seed_of("exact", residual),
+              out_dtype=torch.float32)
     out_ref, cache_ref = b.reference(streaming=False)
     out, cache = b.kernels(streaming=False)
     assert torch.equal(cache, cache_ref)
-    assert rel_err(out, out_ref) < 1e-2
+    assert rel_err(out, out_ref) < TOL
     # and it really is a different rule from streaming on these continuations
     assert rel_err(b.reference(streaming=True)[0], out_ref) > 1e-2
 
@@ -208,10 +231,11 @@ def test_decode_variants_agree(num_splits, use_dot, dtype, groups_per_iter):
     """Split count, MMA vs multiply-add and groups per iteration change only the summation order: all give the
     reference's answer."""
     lay = PageLayout(64, 64, 2, 2, 16, "kv", dtype)
-    b = Batch(lay, [(200, 1), (17, 1), (0, 1), (129, 1)], 4, 2, dtype, seed_of("splits", dtype))
+    b = Batch(lay, [(200, 1), (17, 1), (0, 1), (129, 1)], 4, 2, dtype, seed_of("splits", dtype),
+              out_dtype=torch.float32, pad_reqs=1)
     out_ref, _ = b.reference()
     out, _ = b.kernels(num_splits=num_splits, use_dot=use_dot, groups_per_iter=groups_per_iter)
-    assert rel_err(out, out_ref) < (2e-3 if dtype == torch.float32 else 1e-2)
+    assert rel_err(out[:4], out_ref[:4]) < TOL
 
 
 def test_kernels_read_codes():

@@ -60,7 +60,8 @@ class KiviMetadata:
     """One step of the batch, shared by all KIVI layers of a KV-cache group.
 
     Attributes:
-        num_actual_tokens: tokens in this step (rows of query/key/value to use; includes CUDA-graph padding).
+        num_actual_tokens: tokens in this step (rows of query/key/value to use; under a full CUDA graph, the padded
+            count).
         num_reqs: requests in this step (CUDA-graph padding included: such requests have query length 0).
         block_table: [num_reqs, max_blocks] int32 physical block ids.
         slot_mapping: [num_tokens] int64 cache slot of each new token, -1 for padding.
@@ -70,7 +71,7 @@ class KiviMetadata:
         triton: run the Triton kernels (else the PyTorch path with the host lists below).
         tiles: (tile_req, tile_start) int32 device tensors of the multi-token requests (Triton path), None when
             every request has one query token (the CUDA-graph case).
-        block_q: query tokens per prefill tile (the tiles were made with it).
+        block_q: query tokens per prefill tile (the tiles were made with it; set whenever ``tiles`` is).
         query_start_loc_host, seq_lens_host: host copies for the PyTorch path (None on the Triton path, which
             never synchronizes with the device).
     """
@@ -84,7 +85,7 @@ class KiviMetadata:
     layout: PageLayout
     triton: bool
     tiles: tuple[torch.Tensor, torch.Tensor] | None = None
-    block_q: int = 16
+    block_q: int = 0
     query_start_loc_host: list[int] | None = None
     seq_lens_host: list[int] | None = None
 

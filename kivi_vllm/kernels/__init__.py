@@ -63,7 +63,9 @@ def forward(
         out: [T, num_heads, head_size], written for the rows of real requests.
         tiles: (tile_req, tile_start) int32 device tensors from :func:`.prefill.prefill_tiles` for the
             multi-token requests, or None when every request has one query token.
-        streaming: False selects prefill="exact" (every prefill row before the store).
+        num_reqs: requests of the batch, CUDA-graph padding requests included (default ``len(seq_lens)``).
+        streaming: False selects prefill="exact" (every prefill row in phase 0: before the store with residual
+            "kv", after store phase 0 with "k", before store phase 1 either way).
         block_q: the ``block_q`` the tiles were made with; num_splits, use_dot, groups_per_iter: see :func:`.decode.decode`.
 
     Returns:

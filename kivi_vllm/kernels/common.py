@@ -1,4 +1,5 @@
-"""Pieces shared by the KIVI Triton kernels: page addressing, unpacking, quantizing, the request of a token.
+"""Pieces shared by the KIVI Triton kernels: page addressing, code gathering and packing, quantizing, the request of
+a token.
 
 Every byte offset comes from :class:`kivi_vllm.layout.PageLayout` (``layout_args``); the kernels never hard-code one.
 Bit order (``PageLayout`` docstring): element c of a packed row sits in byte ``c // (8 / bits)`` at bit offset
@@ -28,6 +29,15 @@ def layout_args(layout: PageLayout) -> dict:
         OFF_VM=off["v_min"], OFF_KSTAGE=off["k_stage"], OFF_VSTAGE=off["v_stage"],
         RESIDUAL_KV=layout.residual == "kv",
     )
+
+
+def check_rows(*tensors: torch.Tensor) -> None:
+    """Raise ValueError unless every [T, heads, head_size] tensor is contiguous in its last dimension (vLLM's q/k/v
+    views of the fused QKV output are; the kernels address rows and heads by stride)."""
+    for x in tensors:
+        if x.dim() != 3 or x.stride(2) != 1:
+            raise ValueError(f"KIVI kernels: expected [tokens, heads, head_size] contiguous in head_size, got shape "
+                             f"{tuple(x.shape)} strides {x.stride()}")
 
 
 def check_cache(kv_cache: torch.Tensor, layout: PageLayout) -> None:
@@ -69,23 +79,6 @@ def find_request(query_start_loc_ptr, num_reqs, t):
 
 
 @triton.jit
-def unpack_rows(ptr, rows, row_mask, ROW_BYTES: tl.constexpr, BITS: tl.constexpr, ROWS: tl.constexpr,
-                HEAD_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr):
-    """Codes of ``ROWS`` packed rows (row i at ``ptr + rows[i] * ROW_BYTES``) as float32 [ROWS, HEAD_PAD].
-
-    One byte load serves 8 / BITS channels: bytes [ROWS, HEAD_PAD * BITS / 8] -> shifted [.., .., 8 / BITS] ->
-    channels in order (c = byte * (8 / BITS) + k). Channels >= HEAD_SIZE and masked rows read 0.
-    """
-    PER: tl.constexpr = 8 // BITS
-    nb = tl.arange(0, HEAD_PAD // PER)
-    mask = row_mask[:, None] & (nb[None, :] < HEAD_SIZE // PER)
-    b = tl.load(ptr + rows[:, None] * ROW_BYTES + nb[None, :], mask=mask, other=0).to(tl.int32)
-    shifts = tl.arange(0, PER) * BITS
-    codes = (b[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
-    return tl.reshape(codes, (ROWS, HEAD_PAD)).to(tl.float32)
-
-
-@triton.jit
 def gather_codes(ptr, rows, row_mask, chans, ROW_BYTES: tl.constexpr, BITS: tl.constexpr,
                  HEAD_SIZE: tl.constexpr):
     """Codes of packed rows as int32, one element per (row, channel) of the broadcast of ``rows`` and ``chans``
@@ -111,7 +104,7 @@ def load_value_scales(ptr, rows, row_mask, G: tl.constexpr, HEAD_PAD: tl.constex
 
 @triton.jit
 def pack_rows(codes, ROWS: tl.constexpr, HEAD_PAD: tl.constexpr, BITS: tl.constexpr):
-    """int32 codes [ROWS, HEAD_PAD] -> uint8 bytes [ROWS, HEAD_PAD * BITS / 8] (inverse of :func:`unpack_rows`)."""
+    """int32 codes [ROWS, HEAD_PAD] -> uint8 bytes [ROWS, HEAD_PAD * BITS / 8] (inverse of :func:`gather_codes`)."""
     PER: tl.constexpr = 8 // BITS
     c = tl.reshape(codes, (ROWS, HEAD_PAD // PER, PER))
     shifts = tl.arange(0, PER) * BITS

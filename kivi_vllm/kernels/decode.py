@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ..layout import PageLayout
-from .common import LOG2E, check_cache, dot_args, gather_codes, layout_args, load_value_scales, stage_dtype
+from .common import LOG2E, check_cache, check_rows, dot_args, gather_codes, layout_args, load_value_scales, stage_dtype
 
 
 @triton.jit
@@ -65,7 +65,7 @@ def _decode_split_kernel(
     r = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
-    q_start = tl.load(qsl_ptr + r)
+    q_start = tl.load(qsl_ptr + r).to(tl.int64)
     q_len = tl.load(qsl_ptr + r + 1) - q_start
     seq_len = tl.load(seq_lens_ptr + r)
 
@@ -89,17 +89,17 @@ def _decode_split_kernel(
                     mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32) * (sm_scale * LOG2E)
         bt_row = block_table_ptr + r * stride_bt
         if GROUPS_PER_ITER > 1:
-            n = tl.arange(0, GROUPS_PER_ITER * G)  # key rows of one iteration
-            for g0 in range(g_lo, g_hi, GROUPS_PER_ITER):
+            kr = tl.arange(0, GROUPS_PER_ITER * G)  # key rows of one iteration
+            for g_it in range(g_lo, g_hi, GROUPS_PER_ITER):
                 # several groups per iteration, so that more record loads are in flight per round trip; the key
                 # scale differs per group, so keys are dequantized (code * scale + min) instead of folded into q
-                gg = g0 + n // G  # group of each key row
+                gg = g_it + kr // G  # group of each key row
                 valid = gg < g_hi
                 blk_n = tl.load(bt_row + gg // GROUPS_PER_PAGE, mask=valid, other=0).to(tl.int64)
                 rec_n = (kv_ptr + blk_n * stride_cache_block + h * stride_cache_head
                          + (gg % GROUPS_PER_PAGE) * RECORD_BYTES)[:, None]
                 m2 = valid[:, None] & dmask[None, :]
-                k = gather_codes(rec_n + OFF_KC, (n % G)[:, None], valid[:, None], d[None, :], K_ROW, K_BITS,
+                k = gather_codes(rec_n + OFF_KC, (kr % G)[:, None], valid[:, None], d[None, :], K_ROW, K_BITS,
                                  HEAD_SIZE).to(tl.float32)
                 k = k * tl.load((rec_n + OFF_KS).to(tl.pointer_type(tl.float16)) + d[None, :], mask=m2, other=0.0)
                 k = k + tl.load((rec_n + OFF_KM).to(tl.pointer_type(tl.float16)) + d[None, :], mask=m2, other=0.0)
@@ -112,8 +112,8 @@ def _decode_split_kernel(
                 alpha = tl.exp2(m_i - m_new)
                 prob = tl.exp2(s - m_new[:, None])
                 l_i = l_i * alpha + tl.sum(prob, axis=1)
-                vsc = (n % G)[:, None] * (HEAD_SIZE // V_GROUP) + (d // V_GROUP)[None, :]
-                v = gather_codes(rec_n + OFF_VC, (n % G)[:, None], valid[:, None], d[None, :], V_ROW, V_BITS,
+                vsc = (kr % G)[:, None] * (HEAD_SIZE // V_GROUP) + (d // V_GROUP)[None, :]
+                v = gather_codes(rec_n + OFF_VC, (kr % G)[:, None], valid[:, None], d[None, :], V_ROW, V_BITS,
                                  HEAD_SIZE).to(tl.float32)
                 v = v * tl.load((rec_n + OFF_VS).to(tl.pointer_type(tl.float16)) + vsc, mask=m2, other=0.0)
                 v = v + tl.load((rec_n + OFF_VM).to(tl.pointer_type(tl.float16)) + vsc, mask=m2, other=0.0)
@@ -201,7 +201,7 @@ def _reduce_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, seq_lens_ptr, 
     m_s = -inf and weigh 0)."""
     r = tl.program_id(0)
     hq = tl.program_id(1)
-    q_start = tl.load(qsl_ptr + r)
+    q_start = tl.load(qsl_ptr + r).to(tl.int64)
     q_len = tl.load(qsl_ptr + r + 1) - q_start
     if (q_len == 1) & (tl.load(seq_lens_ptr + r) > 0):
         s = tl.arange(0, NUM_SPLITS)
@@ -263,10 +263,12 @@ def decode(
         ``out``.
 
     Raises:
-        ValueError: shapes that do not match the layout, or num_heads not a multiple of num_kv_heads.
+        ValueError: shapes that do not match the layout, num_heads not a multiple of num_kv_heads, tensors not
+            contiguous in head_size, or num_splits / groups_per_iter not powers of 2.
     """
     check_cache(kv_cache, layout)
-    T, HQ, D = query.shape
+    check_rows(query, key, value, out)
+    _, HQ, D = query.shape
     H = kv_cache.shape[1]
     if D != layout.head_size or key.shape[1:] != (H, D) or HQ % H:
         raise ValueError(f"KIVI decode: query {tuple(query.shape)} / key {tuple(key.shape)} do not match {H} KV "

@@ -9,8 +9,9 @@ Where the bytes come from: dequantized groups from their records; exact keys/val
 ``key``/``value``; exact keys/values of the group that was open before the step from the page's stage. A query
 in a later group than the request's first group (``ctx // G``) sees that first group, and every group the chunk
 completes before it, dequantized, so it must run *after* this step's store; a query in the first group reads the
-stage, so it must run *before* the store phase that may overwrite the stage (``kivi_vllm.kernels.store``). Hence
-``phase``: 0 = rows in each request's first group (before the store), 1 = the other rows (after it).
+stage, so it must run before store phase 1 and, with residual="kv" (whose last record shares bytes with the
+stage), before store phase 0 too (``kivi_vllm.kernels.store``; the order is in :func:`kivi_vllm.kernels.forward`).
+Hence ``phase``: 0 = rows in each request's first group, 1 = the other rows (after both store phases).
 
 One program per (query tile, KV head): ``BLOCK_Q`` query tokens x all query heads of the KV head (GQA) form the
 rows of one tile; the loop walks the context one group (``G`` keys) at a time. Groups wholly below every row's
@@ -26,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ..layout import PageLayout
-from .common import LOG2E, check_cache, dot_args, gather_codes, layout_args, load_value_scales, stage_dtype
+from .common import LOG2E, check_cache, check_rows, dot_args, gather_codes, layout_args, load_value_scales, stage_dtype
 
 
 @triton.jit
@@ -50,8 +51,8 @@ def _prefill_kernel(
     h = tl.program_id(1)
     r = tl.load(tile_req_ptr + tile)
     a = tl.load(tile_start_ptr + tile)  # first query of the tile, relative to the request's chunk
-    q_start = tl.load(qsl_ptr + r)
-    q_len = tl.load(qsl_ptr + r + 1) - q_start
+    q_start = tl.load(qsl_ptr + r).to(tl.int64)
+    q_len = (tl.load(qsl_ptr + r + 1) - q_start).to(tl.int32)
     ctx = tl.load(seq_lens_ptr + r) - q_len  # tokens cached before this step
     g0 = ctx // G  # the request's first group in this step
 
@@ -188,7 +189,7 @@ def prefill(
         tile_req, tile_start: int32 [num_tiles] on the device, from :func:`prefill_tiles` with the same ``block_q``.
         layout, scale: page layout and softmax scale.
         out: [T, num_heads, head_size], rows of this phase written.
-        phase: 0 = rows in each request's first group (run before the store), 1 = the rest (after it).
+        phase: 0 = rows in each request's first group, 1 = the rest (order: :func:`kivi_vllm.kernels.forward`).
             With ``exact`` (prefill="exact") every row is phase 0.
         block_q: query tokens per tile (default :func:`block_q_for`).
 
@@ -196,10 +197,11 @@ def prefill(
         ``out``.
 
     Raises:
-        ValueError: shapes that do not match the layout.
+        ValueError: shapes that do not match the layout, or tensors not contiguous in head_size.
     """
     check_cache(kv_cache, layout)
-    T, HQ, D = query.shape
+    check_rows(query, key, value, out)
+    _, HQ, D = query.shape
     H = kv_cache.shape[1]
     if D != layout.head_size or key.shape[1:] != (H, D) or HQ % H:
         raise ValueError(f"KIVI prefill: query {tuple(query.shape)} / key {tuple(key.shape)} do not match {H} KV "

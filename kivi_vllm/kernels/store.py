@@ -10,7 +10,7 @@ Phases (why two launches at most). Only the group that is open when a request's 
 ``g0 = context_len // G``) reads the stage; a later group of the same step may write that page's stage (the next
 open group) or the page's last record, which shares bytes with the stage (residual="kv"). Phase 0 handles tokens
 of first groups, phase 1 every other token, and phase 1 is launched after phase 0 (and after the attention that
-reads the stage, see ``kivi_vllm.backend.impl``). A decode token is always in its first group, so a pure-decode
+reads the stage; the order is in :func:`kivi_vllm.kernels.forward`). A decode token is always in its first group, so a pure-decode
 step is phase 0 only: one launch per layer.
 """
 
@@ -43,6 +43,7 @@ def _store_kernel(
     r = find_request(qsl_ptr, num_reqs, t)
     q_start = tl.load(qsl_ptr + r)
     q_end = tl.load(qsl_ptr + r + 1)
+    t = t.to(tl.int64)  # row offsets: T x row stride may pass 2^31
     seq_len = tl.load(seq_lens_ptr + r)
     ctx = seq_len - (q_end - q_start)  # tokens cached before this step
     pos = ctx + (t - q_start)  # this token's position in its sequence
@@ -149,7 +150,8 @@ def store(
         num_reqs: requests to consider (default ``len(seq_lens)``).
 
     Raises:
-        ValueError: wrong cache shape/dtype, or key/value shapes that do not match the layout.
+        ValueError: wrong cache shape/dtype, key/value shapes that do not match the layout, or key/value not
+            contiguous in head_size.
     """
     check_cache(kv_cache, layout)
     T, H, D = key.shape
