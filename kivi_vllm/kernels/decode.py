@@ -52,6 +52,7 @@ def _decode_split_kernel(
     stride_cache_block, stride_cache_head, stride_bt,
     QPK: tl.constexpr, QPK_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, STAGE_DTYPE: tl.constexpr,
     USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, GROUPS_PER_ITER: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr, RECORD_BYTES: tl.constexpr,
     OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KM: tl.constexpr, OFF_VC: tl.constexpr,
@@ -120,22 +121,28 @@ def _decode_split_kernel(
                 acc = acc * alpha[:, None] + _pv(prob, v, USE_DOT, DOT_DTYPE, DOT_PRECISION)
                 m_i = m_new
         else:  # one group per iteration: KIVI's folded key scale
-            for g in range(g_lo, g_hi):
+            for g in tl.range(g_lo, g_hi, num_stages=NUM_STAGES):
                 blk = tl.load(bt_row + g // GROUPS_PER_PAGE).to(tl.int64)
                 rec = kv_ptr + blk * stride_cache_block + h * stride_cache_head + (g % GROUPS_PER_PAGE) * RECORD_BYTES
-                # keys: s_ij = (q_i * scale) . code_j + q_i . min     (per-channel scale/min of this group)
+                # every load of the record first, keys and values together: one memory round trip per group
                 k_scale = tl.load((rec + OFF_KS).to(tl.pointer_type(tl.float16)) + d, mask=dmask, other=0.0)
                 k_min = tl.load((rec + OFF_KM).to(tl.pointer_type(tl.float16)) + d, mask=dmask, other=0.0)
+                if USE_DOT:  # codes gathered already transposed, [D, G], straight into the MMA
+                    k_codes = gather_codes(rec + OFF_KC, i[None, :], (i < G)[None, :], d[:, None], K_ROW, K_BITS,
+                                           HEAD_SIZE)
+                else:
+                    k_codes = gather_codes(rec + OFF_KC, i[:, None], (i < G)[:, None], d[None, :], K_ROW, K_BITS,
+                                           HEAD_SIZE)
+                v_codes = gather_codes(rec + OFF_VC, i[:, None], (i < G)[:, None], d[None, :], V_ROW, V_BITS, HEAD_SIZE)
+                v_scale = load_value_scales(rec + OFF_VS, i, i < G, G, HEAD_PAD, HEAD_SIZE, V_GROUP)
+                v_min = load_value_scales(rec + OFF_VM, i, i < G, G, HEAD_PAD, HEAD_SIZE, V_GROUP)
+                # keys: s_ij = (q_i * scale) . code_j + q_i . min     (per-channel scale/min of this group)
                 q_scaled = q * k_scale.to(tl.float32)[None, :]
                 q_dot_min = tl.sum(q * k_min.to(tl.float32)[None, :], axis=1)
-                if USE_DOT:  # codes gathered already transposed, [D, G], straight into the MMA
-                    k_codes_t = gather_codes(rec + OFF_KC, i[None, :], (i < G)[None, :], d[:, None], K_ROW, K_BITS,
-                                             HEAD_SIZE)
-                    s = tl.dot(q_scaled.to(DOT_DTYPE), k_codes_t.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+                if USE_DOT:
+                    s = tl.dot(q_scaled.to(DOT_DTYPE), k_codes.to(DOT_DTYPE), input_precision=DOT_PRECISION)
                 else:  # few query heads per KV head: multiply-add on CUDA cores, no MMA padding
-                    k_codes = gather_codes(rec + OFF_KC, i[:, None], (i < G)[:, None], d[None, :], K_ROW, K_BITS,
-                                           HEAD_SIZE).to(tl.float32)
-                    s = tl.sum(q_scaled[:, None, :] * k_codes[None, :, :], axis=2)
+                    s = tl.sum(q_scaled[:, None, :] * k_codes.to(tl.float32)[None, :, :], axis=2)
                 s = s + q_dot_min[:, None]
                 # online softmax
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -143,9 +150,6 @@ def _decode_split_kernel(
                 prob = tl.exp2(s - m_new[:, None])
                 l_i = l_i * alpha + tl.sum(prob, axis=1)
                 # values: v_jc = code_jc * scale_j[c // Gv] + min_j[c // Gv]   (per token and channel group)
-                v_codes = gather_codes(rec + OFF_VC, i[:, None], (i < G)[:, None], d[None, :], V_ROW, V_BITS, HEAD_SIZE)
-                v_scale = load_value_scales(rec + OFF_VS, i, i < G, G, HEAD_PAD, HEAD_SIZE, V_GROUP)
-                v_min = load_value_scales(rec + OFF_VM, i, i < G, G, HEAD_PAD, HEAD_SIZE, V_GROUP)
                 v = v_codes.to(tl.float32) * v_scale + v_min
                 acc = acc * alpha[:, None] + _pv(prob, v, USE_DOT, DOT_DTYPE, DOT_PRECISION)
                 m_i = m_new
@@ -240,6 +244,7 @@ def decode(
     num_splits: int | None = None,
     use_dot: bool | None = None,
     groups_per_iter: int = 1,
+    num_stages: int = 1,
 ) -> torch.Tensor:
     """Attention of every one-token request of the batch over its KIVI pages (before this step's store).
 
@@ -258,6 +263,7 @@ def decode(
         groups_per_iter: groups (records) read per loop iteration, a power of two. 1 (default, the kernel measured
             on the H200) folds each group's key scale into the query; more dequantizes the keys instead and keeps
             more loads in flight per iteration (not yet timed, see docs/benchmarks.md).
+        num_stages: Triton software-pipelining depth of the one-group loop (1 = none, the timed kernel).
 
     Returns:
         ``out``.
@@ -290,7 +296,7 @@ def decode(
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
         QPK=qpk, QPK_PAD=max(16 if dot else 1, triton.next_power_of_2(qpk)), NUM_SPLITS=S,
-        STAGE_DTYPE=stage_dtype(layout), USE_DOT=dot, GROUPS_PER_ITER=groups_per_iter,
+        STAGE_DTYPE=stage_dtype(layout), USE_DOT=dot, GROUPS_PER_ITER=groups_per_iter, NUM_STAGES=num_stages,
         **dot_args(query),
         num_warps=4, **layout_args(layout),
     )

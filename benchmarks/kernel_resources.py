@@ -1,0 +1,83 @@
+"""Compile the KIVI decode kernel for Hopper (sm_90) without a GPU and report its resources: registers per thread,
+spills, shared memory, programs per SM, and the memory/barrier/MMA instructions of the PTX. The first thing to read
+when the decode kernel is slower than its bytes (docs/benchmarks.md): occupancy and the number of barriers per loop
+iteration decide how many record loads are in flight.
+
+    python benchmarks/kernel_resources.py                      # default variants, bf16 model, head size 128
+    python benchmarks/kernel_resources.py --bits 4 --qpk 4
+
+Uses triton's bundled ptxas (``ptxas -v``); no CUDA device is needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib
+import os
+import re
+import subprocess
+import tempfile
+
+import torch
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+
+from kivi_vllm.kernels.common import layout_args
+from kivi_vllm.layout import PageLayout
+
+POINTERS = {"q_ptr": "*bf16", "key_ptr": "*bf16", "value_ptr": "*bf16", "kv_ptr": "*u8", "block_table_ptr": "*i32",
+            "seq_lens_ptr": "*i32", "qsl_ptr": "*i32", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32",
+            "part_acc_ptr": "*fp32", "sm_scale": "fp32"}
+REGS_PER_SM, SMEM_PER_SM, MAX_WARPS = 65536, 228 * 1024, 64  # H100/H200 (sm_90)
+
+
+def resources(bits: int, qpk: int, use_dot: bool, groups_per_iter: int, num_stages: int, num_warps: int) -> dict:
+    """Compile ``_decode_split_kernel`` for sm_90 with these constexprs; return ptxas' figures and PTX counts."""
+    fn = importlib.import_module("kivi_vllm.kernels.decode")._decode_split_kernel
+    lay = PageLayout(512, 128, bits, bits, 32, "kv", torch.bfloat16)
+    consts = dict(QPK=qpk, QPK_PAD=max(16 if use_dot else 1, triton.next_power_of_2(qpk)), NUM_SPLITS=8,
+                  STAGE_DTYPE=tl.bfloat16, USE_DOT=use_dot, DOT_DTYPE=tl.float32, DOT_PRECISION="tf32",
+                  GROUPS_PER_ITER=groups_per_iter, NUM_STAGES=num_stages, **layout_args(lay))
+    names = fn.arg_names
+    sig = {n: "constexpr" if n in consts else POINTERS.get(n, "i32") for n in names}
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+    ptx = k.asm["ptx"]
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.ptx")
+        with open(path, "w") as f:
+            f.write(ptx)
+        log = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a", path, "-o", path + ".cubin"], capture_output=True,
+                             text=True, check=True).stderr
+    regs = int(re.search(r"Used (\d+) registers", log).group(1))
+    spill = int(re.search(r"(\d+) bytes spill stores", log).group(1))
+    shared = k.metadata.shared
+    per_sm = min(REGS_PER_SM // (((regs + 7) // 8 * 8) * 32 * num_warps), SMEM_PER_SM // max(shared, 1),
+                 MAX_WARPS // num_warps)
+    ops = collections.Counter(m.split(".")[0] + "." + m.split(".")[1] for m in
+                              re.findall(r"\b(?:ld\.global|cp\.async|bar\.sync|mma\.sync)[\w.]*", ptx))
+    return dict(registers=regs, spill_bytes=spill, shared_bytes=shared, programs_per_sm=per_sm, ptx_ops=dict(ops))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--bits", type=int, default=2)
+    ap.add_argument("--qpk", type=int, default=1, help="query heads per KV head")
+    a = ap.parse_args()
+    variants = [dict(use_dot=True, groups_per_iter=1, num_stages=1, num_warps=4),
+                dict(use_dot=True, groups_per_iter=1, num_stages=2, num_warps=4),
+                dict(use_dot=True, groups_per_iter=1, num_stages=1, num_warps=8),
+                dict(use_dot=False, groups_per_iter=1, num_stages=1, num_warps=4),
+                dict(use_dot=True, groups_per_iter=4, num_stages=1, num_warps=4)]
+    print(f"decode split kernel, KIVI-{a.bits}, head size 128, {a.qpk} query head(s) per KV head, sm_90")
+    for v in variants:
+        r = resources(a.bits, a.qpk, **v)
+        print(f"{v}: {r['registers']} registers, {r['spill_bytes']} B spilled, {r['shared_bytes']} B shared, "
+              f"{r['programs_per_sm']} programs/SM; PTX {r['ptx_ops']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
