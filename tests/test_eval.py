@@ -47,3 +47,19 @@ def test_cache_read_perplexity_guard(model_path):
     assert 5 < ppl["bf16"] < 30  # the model reads the manual sensibly
     assert ppl["kivi4"] <= ppl["bf16"] * 1.015
     assert ppl["bf16"] * 1.05 < ppl["kivi2"] <= ppl["bf16"] * 1.45
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_passkey_prompt(model_path, depth):
+    """The needle sits at the requested depth of the filler, once, and the prompt ends with the question."""
+    from transformers import AutoTokenizer
+
+    from kivi_vllm.eval.passkey import QUESTION, make_prompt
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    ids, n = make_prompt(tok, 54321, depth, 1024)
+    text = tok.decode(ids)
+    assert n == len(ids) and 900 <= n <= 1024
+    assert text.count("54321") == 2 and text.endswith(QUESTION)
+    where = text.index("The pass key is 54321") / len(text)
+    assert abs(where - depth) < 0.08

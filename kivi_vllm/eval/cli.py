@@ -47,6 +47,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--chunk", type=int, default=64,
                     help="prefill chunk (max_num_batched_tokens): everything before the chunk is read from the cache")
     ap.add_argument("--text", nargs="*", help="text files to use instead of the Python reference manual")
+    ap.add_argument("--tasks", nargs="+", default=["perplexity"], choices=["perplexity", "passkey"],
+                    help="perplexity (cache-read, chunked prefill) and/or passkey retrieval")
+    ap.add_argument("--passkey-lengths", type=int, nargs="+", default=[1024, 2048, 4096])
+    ap.add_argument("--passkey-trials", type=int, default=2, help="keys per (length, depth)")
     ap.add_argument("--out", help="write JSON results here")
     a = ap.parse_args(argv)
     if a.chunk < 1 or a.window_tokens < 2 or a.windows < 1:
@@ -64,16 +68,65 @@ def main(argv: list[str] | None = None) -> None:
         text = "\n\n".join(open(p, encoding="utf-8").read() for p in a.text)
     else:
         text = reference_text()
-    ids = AutoTokenizer.from_pretrained(model)(text, add_special_tokens=False)["input_ids"]
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     try:
         token_windows = windows(ids, a.windows, a.window_tokens)
     except ValueError as e:
         ap.error(str(e))
     hf = AutoConfig.from_pretrained(model)
     head_size = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    out = dict(meta=dict(date=datetime.datetime.now().isoformat(timespec="seconds"), model=model, windows=a.windows,
+                         window_tokens=a.window_tokens, chunk=a.chunk, text=a.text or "pydoc_data.topics",
+                         python=sys.version.split()[0], machine=platform.machine()))
+    if "passkey" in a.tasks:
+        out["passkey"] = passkey_table(model, a.configs, tokenizer, a.passkey_lengths, a.passkey_trials, a.chunk)
+    if "perplexity" in a.tasks:
+        out["results"] = perplexity_table(model, a.configs, token_windows, a.chunk, head_size)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+def passkey_table(model: str, configs: list[str], tokenizer, lengths: list[int], trials: int, chunk: int) -> list:
+    """Passkey accuracy per configuration, length and depth; prints a table."""
+    import gc
+
+    from vllm import LLM
+
+    from . import passkey
+    from .perplexity import engine_args
+
+    rows = []
+    for name in configs:
+        llm = LLM(**engine_args(model, CONFIGS[name], max(chunk, 512), max(lengths) + 64))
+        try:
+            r = passkey.run(llm, tokenizer, name, lengths=lengths, trials=trials)
+        finally:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()
+        for (length, depth), acc in sorted(r.accuracy.items()):
+            rows.append(dict(config=name, target_tokens=length, tokens=r.lengths[length], depth=depth, accuracy=acc))
+        per_length = {n: [acc for (L, _), acc in r.accuracy.items() if L == n] for n in lengths}
+        summary = ", ".join(f"{n} tokens {sum(v) / len(v):.0%}" for n, v in per_length.items())
+        failed = f"; first failures {r.failures[:2]}" if r.failures else ""
+        print(f"{name}: passkey {summary}{failed}", flush=True)
+    print("\n| config | " + " | ".join(f"{n} tokens" for n in lengths) + " |\n|---|" + "---:|" * len(lengths))
+    for name in configs:
+        cells = []
+        for n in lengths:
+            accs = [x["accuracy"] for x in rows if x["config"] == name and x["target_tokens"] == n]
+            cells.append(f"{sum(accs) / len(accs):.0%}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def perplexity_table(model: str, configs: list[str], token_windows, chunk: int, head_size: int) -> list:
+    """Cache-read perplexity per configuration; prints a table with deltas against the first."""
     results = []
-    for name in a.configs:
-        r = evaluate(model, name, CONFIGS[name], token_windows, a.chunk)
+    for name in configs:
+        r = evaluate(model, name, CONFIGS[name], token_windows, chunk)
         results.append(r)
         broken = f", {r.nonfinite} log-probabilities NaN/-inf" if r.nonfinite else ""
         print(f"{name}: perplexity {r.perplexity:.4f} over {r.tokens} tokens ({r.seconds:.1f} s){broken}", flush=True)
@@ -87,12 +140,7 @@ def main(argv: list[str] | None = None) -> None:
                          tokens=r.tokens, seconds=r.seconds, delta_pct=delta, bits_per_value=bits,
                          nonfinite_logprobs=r.nonfinite))
         print(f"| {r.config} | {r.perplexity:.4f} | {delta:+.2f}% | {bits:.2f} | {bits / 16:.3f} |")
-    if a.out:
-        meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), model=model, windows=a.windows,
-                    window_tokens=a.window_tokens, chunk=a.chunk, text=a.text or "pydoc_data.topics",
-                    python=sys.version.split()[0], machine=platform.machine())
-        with open(a.out, "w") as f:
-            json.dump(dict(meta=meta, results=rows), f, indent=1)
+    return rows
 
 
 if __name__ == "__main__":
