@@ -24,7 +24,7 @@ def main():
     ap.add_argument("--prompts", type=int, default=8)
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from kivi_vllm.runtime import apply_env_defaults
+    from kivi_vllm.runtime import apply_env_defaults, shutdown_engine
 
     apply_env_defaults()
     from vllm import LLM, SamplingParams
@@ -49,8 +49,7 @@ def main():
         print(f"{name}: {time.time() - t0:.1f} s for {len(prompts)} x {a.tokens} tokens "
               f"(prompts {min(len(o.prompt_token_ids) for o in outs)}-{max(len(o.prompt_token_ids) for o in outs)} "
               f"tokens)", flush=True)
-        llm.llm_engine.engine_core.shutdown()
-        del llm
+        shutdown_engine(llm)
     print("\n| config | matching prefix per prompt | mean | position-wise |\n|---|---|---|---|")
     for name in configs:
         pref = [matching_prefix(x, y) for x, y in zip(ids["bf16"], ids[name])]

@@ -150,7 +150,9 @@ def kivi_cell(bits, B, L, hq, h, d, io, device, args, kern):
     if cache_bytes > args.max_cache_gib * GIB:
         return dict(row, status=f"skipped (cache {cache_bytes / GIB:.2f} GiB > {args.max_cache_gib} GiB)")
     splits = num_splits_for(B, h)  # what decode() picks by default
-    pad = 1 << (d - 1).bit_length()  # partials: m, l and a [HEAD_PAD] accumulator per (request, head, split), fp32
+    import triton  # imported by main() already, after the interpreter switch
+
+    pad = triton.next_power_of_2(d)  # partials: m, l and a [HEAD_PAD] accumulator per (request, head, split), fp32
     row.update(num_splits=splits, aux_bytes=2 * B * hq * splits * (2 + pad) * 4)
     kv_cache = random_bytes(cache_bytes, device).view(B * nblk, h, lay.page_bytes)
     block_table = torch.randperm(B * nblk, device=device).to(torch.int32).view(B, nblk)

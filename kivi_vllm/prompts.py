@@ -25,6 +25,13 @@ def manual_text(topic: str) -> str:
     return topics[topic]
 
 
+def reference_text() -> str:
+    """The whole Python reference manual, topics in sorted order (the perplexity text of ``kivi-eval``)."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(manual_text(k) for k in sorted(topics))
+
+
 def long_prompts(n: int = 8, chars: int = 1600) -> list[str]:
     """``n`` prompts of about ``chars`` characters of manual text (about 350-450 SmolLM2 tokens) plus a question.
 

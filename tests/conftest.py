@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 
 import pytest
@@ -44,12 +43,9 @@ def make_llm(model_path: str, kivi: dict | None, **kw):
 
 def close_llm(llm) -> None:
     """Shut the engine's processes down before the next test starts another."""
-    try:
-        llm.llm_engine.engine_core.shutdown()
-    except Exception:
-        pass
-    del llm
-    gc.collect()
+    from kivi_vllm.runtime import shutdown_engine
+
+    shutdown_engine(llm)
 
 
 def greedy(n_tokens: int, **kw):

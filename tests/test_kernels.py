@@ -14,6 +14,7 @@ error is ~1e-6 and the bound is 1e-4. On a GPU the dots are TF32 (10-bit mantiss
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import zlib
@@ -28,21 +29,31 @@ from kivi_vllm.layout import PageLayout
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _load_kernels():
+@contextlib.contextmanager
+def _interpreter_env():
+    """TRITON_INTERPRET=1 inside the block (CPU only), the previous value restored after it."""
     if DEV == "cuda":
-        return importlib.import_module("kivi_vllm.kernels"), importlib.import_module("kivi_vllm.kernels.prefill")
+        yield
+        return
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        mods = [importlib.import_module(f"kivi_vllm.kernels.{m}") for m in ("common", "store", "decode", "prefill")]
-        for m in mods:  # triton.jit reads TRITON_INTERPRET when it decorates
-            importlib.reload(m)
-        return importlib.reload(importlib.import_module("kivi_vllm.kernels")), mods[3]
+        yield
     finally:
         if old is None:
             os.environ.pop("TRITON_INTERPRET")
         else:
             os.environ["TRITON_INTERPRET"] = old
+
+
+def _load_kernels():
+    if DEV == "cuda":
+        return importlib.import_module("kivi_vllm.kernels"), importlib.import_module("kivi_vllm.kernels.prefill")
+    with _interpreter_env():
+        mods = [importlib.import_module(f"kivi_vllm.kernels.{m}") for m in ("common", "store", "decode", "prefill")]
+        for m in mods:  # triton.jit reads TRITON_INTERPRET when it decorates
+            importlib.reload(m)
+        return importlib.reload(importlib.import_module("kivi_vllm.kernels")), mods[3]
 
 
 K, PREFILL = _load_kernels()
@@ -51,16 +62,8 @@ K, PREFILL = _load_kernels()
 @pytest.fixture(autouse=True, scope="module")
 def _interpret():
     """The interpreter also reads TRITON_INTERPRET while it runs a kernel: set it for this module's tests only."""
-    if DEV == "cuda":
+    with _interpreter_env():
         yield
-        return
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if old is None:
-        os.environ.pop("TRITON_INTERPRET")
-    else:
-        os.environ["TRITON_INTERPRET"] = old
 
 
 class Batch:

@@ -10,7 +10,7 @@ import torch
 from vllm.config import get_current_vllm_config
 from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
-from .. import reference
+from .. import kernels, reference
 from ..config import KiviConfig
 from .metadata import KiviMetadata
 
@@ -75,8 +75,6 @@ class KiviAttentionImpl(AttentionImpl):
         m = attn_metadata
         n = m.num_actual_tokens
         if m.triton:
-            from .. import kernels
-
             kernels.forward(
                 query[:n], key[:n], value[:n], kv_cache, m.block_table, m.query_start_loc, m.seq_lens,
                 m.slot_mapping[:n], m.layout, self.scale, output[:n], m.tiles, num_reqs=m.num_reqs,

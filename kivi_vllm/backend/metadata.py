@@ -12,6 +12,7 @@ from vllm.logger import init_logger
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionMetadataBuilder, CommonAttentionMetadata
 
 from ..config import KiviConfig
+from ..kernels.prefill import block_q_for, prefill_tiles
 from ..layout import PageLayout
 from ..spec import KiviAttentionSpec
 
@@ -115,8 +116,6 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
         self.layout = kv_cache_spec.layout
         self.triton = use_triton(device)
         if self.triton:
-            from ..kernels.prefill import block_q_for
-
             mc = vllm_config.model_config
             self.block_q = block_q_for(mc.get_num_attention_heads(vllm_config.parallel_config),
                                        mc.get_num_kv_heads(vllm_config.parallel_config))
@@ -146,8 +145,6 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
             meta.query_start_loc_host = cm.query_start_loc_cpu[: n + 1].tolist()
             meta.seq_lens_host = cm.seq_lens[:n].tolist()
         elif cm.max_query_len > 1:
-            from ..kernels.prefill import prefill_tiles
-
             tile_req, tile_start = prefill_tiles(np.asarray(cm.query_start_loc_cpu[: n + 1]), self.block_q)
             if len(tile_req):
                 meta.block_q = self.block_q

@@ -90,10 +90,9 @@ def main(argv: list[str] | None = None) -> None:
 
 def passkey_table(model: str, configs: list[str], tokenizer, lengths: list[int], trials: int, chunk: int) -> list:
     """Passkey accuracy per configuration, length and depth; prints a table."""
-    import gc
-
     from vllm import LLM
 
+    from ..runtime import shutdown_engine
     from . import passkey
     from .perplexity import engine_args
 
@@ -103,9 +102,7 @@ def passkey_table(model: str, configs: list[str], tokenizer, lengths: list[int],
         try:
             r = passkey.run(llm, tokenizer, name, lengths=lengths, trials=trials)
         finally:
-            llm.llm_engine.engine_core.shutdown()
-            del llm
-            gc.collect()
+            shutdown_engine(llm)
         for (length, depth), acc in sorted(r.accuracy.items()):
             rows.append(dict(config=name, target_tokens=length, tokens=r.lengths[length], depth=depth, accuracy=acc))
         per_length = {n: [acc for (L, _), acc in r.accuracy.items() if L == n] for n in lengths}

@@ -14,11 +14,13 @@ user's files; fixed, non-overlapping windows from the start of the token stream,
 
 from __future__ import annotations
 
-import gc
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from ..prompts import reference_text  # noqa: F401  (the default text; re-exported for kivi-eval and the tests)
+from ..runtime import shutdown_engine
 
 #: Configurations by name: None = the model dtype (bf16) cache; a str = vLLM's ``kv_cache_dtype``; a dict = KIVI
 #: settings (``additional_config["kivi"]``).
@@ -35,13 +37,6 @@ CONFIGS: dict[str, object] = {
     "kivi-k4v2": {"k_bits": 4, "v_bits": 2},
     "kivi-k2v4": {"k_bits": 2, "v_bits": 4},
 }
-
-
-def reference_text() -> str:
-    """The Python reference manual shipped with CPython (``pydoc_data.topics.topics``), topics in sorted order."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics))
 
 
 def windows(token_ids: Sequence[int], count: int, length: int) -> list[list[int]]:
@@ -113,9 +108,4 @@ def evaluate(model: str, name: str, config: object, token_windows: list[list[int
         nll, n, bad = score(llm, token_windows)
         return Result(name, nll, n, time.time() - t0, kv_tokens, bad)
     finally:
-        try:
-            llm.llm_engine.engine_core.shutdown()
-        except Exception:
-            pass
-        del llm
-        gc.collect()
+        shutdown_engine(llm)

@@ -11,6 +11,8 @@ They read and write exactly the bytes of :class:`kivi_vllm.layout.PageLayout` an
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from ..layout import PageLayout
@@ -75,17 +77,17 @@ def forward(
     args = (query, key, value, kv_cache, block_table, query_start_loc, seq_lens)
     decode(*args, layout, scale, out, num_reqs=n, num_splits=num_splits, use_dot=use_dot,
            groups_per_iter=groups_per_iter)
+    store_phase = partial(store, kv_cache, key, value, slot_mapping, query_start_loc, seq_lens, layout, num_reqs=n)
     if tiles is None:
-        store(kv_cache, key, value, slot_mapping, query_start_loc, seq_lens, layout, 0, num_reqs=n)
+        store_phase(0)
         return out
-    tile_req, tile_start = tiles
-    pre = dict(block_q=block_q, exact=not streaming)
+    prefill_phase = partial(prefill, *args, *tiles, layout, scale, out, block_q=block_q, exact=not streaming)
     if layout.residual == "kv":
-        prefill(*args, tile_req, tile_start, layout, scale, out, 0, **pre)
-        store(kv_cache, key, value, slot_mapping, query_start_loc, seq_lens, layout, 0, num_reqs=n)
+        prefill_phase(0)
+        store_phase(0)
     else:
-        store(kv_cache, key, value, slot_mapping, query_start_loc, seq_lens, layout, 0, num_reqs=n)
-        prefill(*args, tile_req, tile_start, layout, scale, out, 0, **pre)
-    store(kv_cache, key, value, slot_mapping, query_start_loc, seq_lens, layout, 1, num_reqs=n)
-    prefill(*args, tile_req, tile_start, layout, scale, out, 1, **pre)
+        store_phase(0)
+        prefill_phase(0)
+    store_phase(1)
+    prefill_phase(1)
     return out

@@ -40,6 +40,25 @@ def check_rows(*tensors: torch.Tensor) -> None:
                              f"{tuple(x.shape)} strides {x.stride()}")
 
 
+def check_attention(op: str, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor,
+                    kv_cache: torch.Tensor, layout: PageLayout) -> tuple[int, int]:
+    """Validate an attention launcher's tensors (:func:`check_cache`, :func:`check_rows`, head counts and size);
+    return (num_heads, num_kv_heads).
+
+    Raises:
+        ValueError: a wrong cache, rows not contiguous in head_size, a head size other than the layout's, or
+            num_heads not a multiple of num_kv_heads.
+    """
+    check_cache(kv_cache, layout)
+    check_rows(query, key, value, out)
+    _, hq, d = query.shape
+    h = kv_cache.shape[1]
+    if d != layout.head_size or key.shape[1:] != (h, d) or hq % h:
+        raise ValueError(f"KIVI {op}: query {tuple(query.shape)} / key {tuple(key.shape)} do not match {h} KV "
+                         f"heads of size {layout.head_size}")
+    return hq, h
+
+
 def check_cache(kv_cache: torch.Tensor, layout: PageLayout) -> None:
     """Raise ValueError unless ``kv_cache`` is a contiguous-per-page uint8 [num_blocks, num_kv_heads, page_bytes]."""
     if kv_cache.dtype != torch.uint8 or kv_cache.dim() != 3 or kv_cache.shape[2] != layout.page_bytes:

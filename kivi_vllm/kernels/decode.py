@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from ..layout import PageLayout
-from .common import LOG2E, check_cache, check_rows, dot_args, gather_codes, layout_args, load_value_scales, stage_dtype
+from .common import LOG2E, check_attention, dot_args, gather_codes, layout_args, load_value_scales, stage_dtype
 
 
 @triton.jit
@@ -113,11 +113,12 @@ def _decode_split_kernel(
                 alpha = tl.exp2(m_i - m_new)
                 prob = tl.exp2(s - m_new[:, None])
                 l_i = l_i * alpha + tl.sum(prob, axis=1)
-                vsc = (kr % G)[:, None] * (HEAD_SIZE // V_GROUP) + (d // V_GROUP)[None, :]
                 v = gather_codes(rec_n + OFF_VC, (kr % G)[:, None], valid[:, None], d[None, :], V_ROW, V_BITS,
                                  HEAD_SIZE).to(tl.float32)
-                v = v * tl.load((rec_n + OFF_VS).to(tl.pointer_type(tl.float16)) + vsc, mask=m2, other=0.0)
-                v = v + tl.load((rec_n + OFF_VM).to(tl.pointer_type(tl.float16)) + vsc, mask=m2, other=0.0)
+                v = v * load_value_scales(rec_n + OFF_VS, kr % G, valid, GROUPS_PER_ITER * G, HEAD_PAD, HEAD_SIZE,
+                                          V_GROUP)
+                v = v + load_value_scales(rec_n + OFF_VM, kr % G, valid, GROUPS_PER_ITER * G, HEAD_PAD, HEAD_SIZE,
+                                          V_GROUP)
                 acc = acc * alpha[:, None] + _pv(prob, v, USE_DOT, DOT_DTYPE, DOT_PRECISION)
                 m_i = m_new
         else:  # one group per iteration: KIVI's folded key scale
@@ -272,13 +273,7 @@ def decode(
         ValueError: shapes that do not match the layout, num_heads not a multiple of num_kv_heads, tensors not
             contiguous in head_size, or num_splits / groups_per_iter not powers of 2.
     """
-    check_cache(kv_cache, layout)
-    check_rows(query, key, value, out)
-    _, HQ, D = query.shape
-    H = kv_cache.shape[1]
-    if D != layout.head_size or key.shape[1:] != (H, D) or HQ % H:
-        raise ValueError(f"KIVI decode: query {tuple(query.shape)} / key {tuple(key.shape)} do not match {H} KV "
-                         f"heads of size {layout.head_size}")
+    HQ, H = check_attention("decode", query, key, value, out, kv_cache, layout)
     R = len(seq_lens) if num_reqs is None else num_reqs
     if R == 0:
         return out

@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from ..layout import PageLayout
-from .common import LOG2E, check_cache, check_rows, dot_args, gather_codes, layout_args, load_value_scales, stage_dtype
+from .common import LOG2E, check_attention, dot_args, gather_codes, layout_args, load_value_scales, stage_dtype
 
 
 @triton.jit
@@ -199,13 +199,7 @@ def prefill(
     Raises:
         ValueError: shapes that do not match the layout, or tensors not contiguous in head_size.
     """
-    check_cache(kv_cache, layout)
-    check_rows(query, key, value, out)
-    _, HQ, D = query.shape
-    H = kv_cache.shape[1]
-    if D != layout.head_size or key.shape[1:] != (H, D) or HQ % H:
-        raise ValueError(f"KIVI prefill: query {tuple(query.shape)} / key {tuple(key.shape)} do not match {H} KV "
-                         f"heads of size {layout.head_size}")
+    HQ, H = check_attention("prefill", query, key, value, out, kv_cache, layout)
     n = tile_req.numel()
     if n == 0 or (exact and phase == 1):
         return out

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..layout import PageLayout
-from .common import check_cache, find_request, layout_args, pack_rows, quantize, stage_dtype
+from .common import check_cache, check_rows, find_request, layout_args, pack_rows, quantize, stage_dtype
 
 
 @triton.jit
@@ -158,8 +158,7 @@ def store(
     if value.shape != key.shape or D != layout.head_size or H != kv_cache.shape[1]:
         raise ValueError(f"KIVI store: key {tuple(key.shape)} / value {tuple(value.shape)} do not match "
                          f"{kv_cache.shape[1]} KV heads of size {layout.head_size}")
-    if key.stride(2) != 1 or value.stride(2) != 1:
-        raise ValueError("KIVI store: key/value must be contiguous in the head dimension")
+    check_rows(key, value)
     n = len(seq_lens) if num_reqs is None else num_reqs
     if T == 0 or n == 0:
         return
