@@ -72,9 +72,9 @@ def parse_args():
     p.add_argument("--quick", action="store_true", help="smoke run: batches 16 64, contexts 1024 4096")
     p.add_argument("--max-cache-gib", type=float, default=80.0, help="skip cells whose cache is larger")
     p.add_argument("--fa-num-splits", type=int, default=32, help="FA3 num_splits (vLLM full-CUDA-graph default)")
-    p.add_argument("--decode-dot", choices=["auto", "on", "off"], default="auto",
-                   help="KIVI decode: tensor-core MMAs (on), CUDA-core multiply-adds (off), or the launcher's choice")
-    p.add_argument("--groups-per-iter", type=int, default=1, help="KIVI decode: groups read per loop iteration")
+    p.add_argument("--num-stages", type=int, default=1, help="KIVI decode: Triton pipelining depth of the group loop")
+    p.add_argument("--num-warps", type=int, default=4, help="KIVI decode: warps per program")
+    p.add_argument("--num-splits", type=int, default=None, help="KIVI decode: splits (default num_splits_for)")
     p.add_argument("--eager", action="store_true", help="time the Python call, not a CUDA-graph replay")
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # "cpu": Triton-interpreter smoke run
     a = p.parse_args()
@@ -149,7 +149,7 @@ def kivi_cell(bits, B, L, hq, h, d, io, device, args, kern):
                record_bytes=lay.record_bytes)
     if cache_bytes > args.max_cache_gib * GIB:
         return dict(row, status=f"skipped (cache {cache_bytes / GIB:.2f} GiB > {args.max_cache_gib} GiB)")
-    splits = num_splits_for(B, h)  # what decode() picks by default
+    splits = args.num_splits or num_splits_for(B, h)  # what decode() picks by default
     import triton  # imported by main() already, after the interpreter switch
 
     pad = triton.next_power_of_2(d)  # partials: m, l and a [HEAD_PAD] accumulator per (request, head, split), fp32
@@ -160,8 +160,8 @@ def kivi_cell(bits, B, L, hq, h, d, io, device, args, kern):
     slot = (block_table[:, p // KIVI_BLOCK].to(torch.int64) * KIVI_BLOCK + p % KIVI_BLOCK).contiguous()
     scale = d**-0.5
     ms, mode = bench(lambda: decode(q, key, value, kv_cache, block_table, qsl, seq_lens, lay, scale, out,
-                                    use_dot={"auto": None, "on": True, "off": False}[args.decode_dot],
-                                    groups_per_iter=args.groups_per_iter),
+                                    num_splits=args.num_splits, num_stages=args.num_stages,
+                                    num_warps=args.num_warps),
                      device, args.eager)
     sms, _ = bench(lambda: store(kv_cache, key, value, slot, qsl, seq_lens, lay, 0), device, args.eager)
     return dict(row, status="ok", time_us=ms * 1e3, store_us=sms * 1e3, timing=mode)

@@ -35,24 +35,13 @@ from .common import LOG2E, check_attention, dot_args, gather_codes, layout_args,
 
 
 @triton.jit
-def _pv(prob, v, USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """prob [M, G] @ v [G, D] -> float32 [M, D]: an MMA, or multiply-adds when M is 1-2 rows."""
-    if USE_DOT:
-        out = tl.dot(prob.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-    else:
-        out = tl.sum(prob[:, :, None] * v[None, :, :], axis=1)
-    return out
-
-
-@triton.jit
 def _decode_split_kernel(
     q_ptr, key_ptr, value_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr,
     part_m_ptr, part_l_ptr, part_acc_ptr, sm_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cache_block, stride_cache_head, stride_bt,
     QPK: tl.constexpr, QPK_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, STAGE_DTYPE: tl.constexpr,
-    USE_DOT: tl.constexpr, DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, GROUPS_PER_ITER: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr, RECORD_BYTES: tl.constexpr,
     OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KM: tl.constexpr, OFF_VC: tl.constexpr,
@@ -78,6 +67,19 @@ def _decode_split_kernel(
     m_i = tl.full((QPK_PAD,), float("-inf"), tl.float32)
     l_i = tl.zeros((QPK_PAD,), tl.float32)
     acc = tl.zeros((QPK_PAD, HEAD_PAD), tl.float32)
+    KPW: tl.constexpr = 32 // K_BITS  # codes per 32-bit word
+    VPW: tl.constexpr = 32 // V_BITS
+    KW_ROW: tl.constexpr = K_ROW // 4  # words per packed row
+    VW_ROW: tl.constexpr = V_ROW // 4
+    NVG: tl.constexpr = HEAD_SIZE // V_GROUP
+    NVG_PAD: tl.constexpr = HEAD_PAD // V_GROUP
+    K_MASK: tl.constexpr = (1 << K_BITS) - 1
+    V_MASK: tl.constexpr = (1 << V_BITS) - 1
+    kw = tl.arange(0, HEAD_PAD // KPW)
+    vw = tl.arange(0, HEAD_PAD // VPW)
+    vg = tl.arange(0, NVG_PAD)
+    k_shift = tl.arange(0, KPW) * K_BITS
+    v_shift = tl.arange(0, VPW) * V_BITS
 
     if (q_len == 1) & (seq_len > 0):
         p = seq_len - 1
@@ -89,71 +91,38 @@ def _decode_split_kernel(
         q = tl.load(q_ptr + q_start * stride_qt + (h * QPK + rows[:, None]) * stride_qh + d[None, :],
                     mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32) * (sm_scale * LOG2E)
         bt_row = block_table_ptr + r * stride_bt
-        if GROUPS_PER_ITER > 1:
-            kr = tl.arange(0, GROUPS_PER_ITER * G)  # key rows of one iteration
-            for g_it in range(g_lo, g_hi, GROUPS_PER_ITER):
-                # several groups per iteration, so that more record loads are in flight per round trip; the key
-                # scale differs per group, so keys are dequantized (code * scale + min) instead of folded into q
-                gg = g_it + kr // G  # group of each key row
-                valid = gg < g_hi
-                blk_n = tl.load(bt_row + gg // GROUPS_PER_PAGE, mask=valid, other=0).to(tl.int64)
-                rec_n = (kv_ptr + blk_n * stride_cache_block + h * stride_cache_head
-                         + (gg % GROUPS_PER_PAGE) * RECORD_BYTES)[:, None]
-                m2 = valid[:, None] & dmask[None, :]
-                k = gather_codes(rec_n + OFF_KC, (kr % G)[:, None], valid[:, None], d[None, :], K_ROW, K_BITS,
-                                 HEAD_SIZE).to(tl.float32)
-                k = k * tl.load((rec_n + OFF_KS).to(tl.pointer_type(tl.float16)) + d[None, :], mask=m2, other=0.0)
-                k = k + tl.load((rec_n + OFF_KM).to(tl.pointer_type(tl.float16)) + d[None, :], mask=m2, other=0.0)
-                if USE_DOT:
-                    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-                else:
-                    s = tl.sum(q[:, None, :] * k[None, :, :], axis=2)
-                s = tl.where(valid[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                alpha = tl.exp2(m_i - m_new)
-                prob = tl.exp2(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(prob, axis=1)
-                v = gather_codes(rec_n + OFF_VC, (kr % G)[:, None], valid[:, None], d[None, :], V_ROW, V_BITS,
-                                 HEAD_SIZE).to(tl.float32)
-                v = v * load_value_scales(rec_n + OFF_VS, kr % G, valid, GROUPS_PER_ITER * G, HEAD_PAD, HEAD_SIZE,
-                                          V_GROUP)
-                v = v + load_value_scales(rec_n + OFF_VM, kr % G, valid, GROUPS_PER_ITER * G, HEAD_PAD, HEAD_SIZE,
-                                          V_GROUP)
-                acc = acc * alpha[:, None] + _pv(prob, v, USE_DOT, DOT_DTYPE, DOT_PRECISION)
-                m_i = m_new
-        else:  # one group per iteration: KIVI's folded key scale
-            for g in tl.range(g_lo, g_hi, num_stages=NUM_STAGES):
-                blk = tl.load(bt_row + g // GROUPS_PER_PAGE).to(tl.int64)
-                rec = kv_ptr + blk * stride_cache_block + h * stride_cache_head + (g % GROUPS_PER_PAGE) * RECORD_BYTES
-                # every load of the record first, keys and values together: one memory round trip per group
-                k_scale = tl.load((rec + OFF_KS).to(tl.pointer_type(tl.float16)) + d, mask=dmask, other=0.0)
-                k_min = tl.load((rec + OFF_KM).to(tl.pointer_type(tl.float16)) + d, mask=dmask, other=0.0)
-                if USE_DOT:  # codes gathered already transposed, [D, G], straight into the MMA
-                    k_codes = gather_codes(rec + OFF_KC, i[None, :], (i < G)[None, :], d[:, None], K_ROW, K_BITS,
-                                           HEAD_SIZE)
-                else:
-                    k_codes = gather_codes(rec + OFF_KC, i[:, None], (i < G)[:, None], d[None, :], K_ROW, K_BITS,
-                                           HEAD_SIZE)
-                v_codes = gather_codes(rec + OFF_VC, i[:, None], (i < G)[:, None], d[None, :], V_ROW, V_BITS, HEAD_SIZE)
-                v_scale = load_value_scales(rec + OFF_VS, i, i < G, G, HEAD_PAD, HEAD_SIZE, V_GROUP)
-                v_min = load_value_scales(rec + OFF_VM, i, i < G, G, HEAD_PAD, HEAD_SIZE, V_GROUP)
-                # keys: s_ij = (q_i * scale) . code_j + q_i . min     (per-channel scale/min of this group)
-                q_scaled = q * k_scale.to(tl.float32)[None, :]
-                q_dot_min = tl.sum(q * k_min.to(tl.float32)[None, :], axis=1)
-                if USE_DOT:
-                    s = tl.dot(q_scaled.to(DOT_DTYPE), k_codes.to(DOT_DTYPE), input_precision=DOT_PRECISION)
-                else:  # few query heads per KV head: multiply-add on CUDA cores, no MMA padding
-                    s = tl.sum(q_scaled[:, None, :] * k_codes.to(tl.float32)[None, :, :], axis=2)
-                s = s + q_dot_min[:, None]
-                # online softmax
-                m_new = tl.maximum(m_i, tl.max(s, axis=1))
-                alpha = tl.exp2(m_i - m_new)
-                prob = tl.exp2(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(prob, axis=1)
-                # values: v_jc = code_jc * scale_j[c // Gv] + min_j[c // Gv]   (per token and channel group)
-                v = v_codes.to(tl.float32) * v_scale + v_min
-                acc = acc * alpha[:, None] + _pv(prob, v, USE_DOT, DOT_DTYPE, DOT_PRECISION)
-                m_i = m_new
+        for g in tl.range(g_lo, g_hi, num_stages=NUM_STAGES):
+            blk = tl.load(bt_row + g // GROUPS_PER_PAGE).to(tl.int64)
+            rec = kv_ptr + blk * stride_cache_block + h * stride_cache_head + (g % GROUPS_PER_PAGE) * RECORD_BYTES
+            # every load of the record first, as 32-bit words (so that Triton's pipeliner can stage them with
+            # cp.async for the next iterations while this one computes)
+            k_scale = tl.load((rec + OFF_KS).to(tl.pointer_type(tl.float16)) + d, mask=dmask, other=0.0)
+            k_min = tl.load((rec + OFF_KM).to(tl.pointer_type(tl.float16)) + d, mask=dmask, other=0.0)
+            k_words = tl.load((rec + OFF_KC).to(tl.pointer_type(tl.int32)) + kw[:, None] + i[None, :] * KW_ROW,
+                              mask=(kw < KW_ROW)[:, None], other=0)  # [KW, G], transposed for the MMA
+            v_words = tl.load((rec + OFF_VC).to(tl.pointer_type(tl.int32)) + i[:, None] * VW_ROW + vw[None, :],
+                              mask=(vw < VW_ROW)[None, :], other=0)  # [G, VW]
+            v_scale = tl.load((rec + OFF_VS).to(tl.pointer_type(tl.float16)) + i[:, None] * NVG + vg[None, :],
+                              mask=(vg < NVG)[None, :], other=0.0)  # [G, NVG_PAD]
+            v_min = tl.load((rec + OFF_VM).to(tl.pointer_type(tl.float16)) + i[:, None] * NVG + vg[None, :],
+                            mask=(vg < NVG)[None, :], other=0.0)
+            # keys: s_ij = (q_i * scale) . code_j + q_i . min     (per-channel scale/min of this group)
+            k_codes = tl.reshape((k_words[:, None, :] >> k_shift[None, :, None]) & K_MASK, (HEAD_PAD, G))
+            q_scaled = q * k_scale.to(tl.float32)[None, :]
+            q_dot_min = tl.sum(q * k_min.to(tl.float32)[None, :], axis=1)
+            s = tl.dot(q_scaled.to(DOT_DTYPE), k_codes.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+            s = s + q_dot_min[:, None]
+            # online softmax
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            prob = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(prob, axis=1)
+            # values: v_jc = code_jc * scale_j[c // Gv] + min_j[c // Gv]   (per token and channel group)
+            v_codes = tl.reshape((v_words[:, :, None] >> v_shift[None, None, :]) & V_MASK, (G, NVG_PAD, V_GROUP))
+            v = v_codes.to(tl.float32) * v_scale.to(tl.float32)[:, :, None] + v_min.to(tl.float32)[:, :, None]
+            v = tl.reshape(v, (G, HEAD_PAD))
+            acc = acc * alpha[:, None] + tl.dot(prob.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+            m_i = m_new
         if split == NUM_SPLITS - 1:
             # the open group, exact: positions n_full*G .. p; earlier ones staged, p itself is this step's token
             n_staged = p - n_full * G
@@ -167,10 +136,7 @@ def _decode_split_kernel(
             k_new = tl.load(key_ptr + q_start * stride_kt + h * stride_kh + d, mask=dmask, other=0.0)
             k_new = k_new.to(STAGE_DTYPE).to(tl.float32)
             k_ex = tl.where(new[:, None], k_new[None, :], k_st)
-            if USE_DOT:
-                s = tl.dot(q.to(DOT_DTYPE), tl.trans(k_ex.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
-            else:
-                s = tl.sum(q[:, None, :] * k_ex[None, :, :], axis=2)
+            s = tl.dot(q.to(DOT_DTYPE), tl.trans(k_ex.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
             s = tl.where((i <= n_staged)[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
@@ -190,7 +156,7 @@ def _decode_split_kernel(
                 v_min = load_value_scales(rec + OFF_VM, i, staged, G, HEAD_PAD, HEAD_SIZE, V_GROUP)
                 v_old = vc * v_scale + v_min
             v_ex = tl.where(new[:, None], v_new[None, :], v_old)
-            acc = acc * alpha[:, None] + _pv(prob, v_ex, USE_DOT, DOT_DTYPE, DOT_PRECISION)
+            acc = acc * alpha[:, None] + tl.dot(prob.to(DOT_DTYPE), v_ex.to(DOT_DTYPE), input_precision=DOT_PRECISION)
             m_i = m_new
 
     base = (r * (QPK * tl.num_programs(1)) + h * QPK + rows) * NUM_SPLITS + split
@@ -243,9 +209,8 @@ def decode(
     out: torch.Tensor,
     num_reqs: int | None = None,
     num_splits: int | None = None,
-    use_dot: bool | None = None,
-    groups_per_iter: int = 1,
     num_stages: int = 1,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """Attention of every one-token request of the batch over its KIVI pages (before this step's store).
 
@@ -259,29 +224,25 @@ def decode(
         layout: page layout. scale: softmax scale (e.g. head_size ** -0.5).
         out: [T, num_heads, head_size]; rows of one-token requests are written.
         num_reqs: requests of the batch (default ``len(seq_lens)``); num_splits: default :func:`num_splits_for`.
-        use_dot: tensor-core MMAs for q.k and p.v (rows padded to 16 query heads, the default) or CUDA-core
-            multiply-adds (measured slower on the H200 even with one query head per KV head, docs/benchmarks.md).
-        groups_per_iter: groups (records) read per loop iteration, a power of two. 1 (default, the kernel measured
-            on the H200) folds each group's key scale into the query; more dequantizes the keys instead and keeps
-            more loads in flight per iteration (not yet timed, see docs/benchmarks.md).
-        num_stages: Triton software-pipelining depth of the one-group loop (1 = none, the timed kernel).
+        num_stages: Triton software-pipelining depth of the group loop: with more than 1, Triton stages the next
+            groups' records in shared memory with ``cp.async`` while this one computes (docs/benchmarks.md).
+        num_warps: warps per program.
 
     Returns:
         ``out``.
 
     Raises:
         ValueError: shapes that do not match the layout, num_heads not a multiple of num_kv_heads, tensors not
-            contiguous in head_size, or num_splits / groups_per_iter not powers of 2.
+            contiguous in head_size, or num_splits not a power of 2.
     """
     HQ, H = check_attention("decode", query, key, value, out, kv_cache, layout)
     R = len(seq_lens) if num_reqs is None else num_reqs
     if R == 0:
         return out
     S = num_splits or num_splits_for(R, H)
-    if S & (S - 1) or groups_per_iter < 1 or groups_per_iter & (groups_per_iter - 1):
-        raise ValueError(f"KIVI decode: num_splits ({S}) and groups_per_iter ({groups_per_iter}) must be powers of 2")
+    if S & (S - 1):
+        raise ValueError(f"KIVI decode: num_splits ({S}) must be a power of 2")
     qpk = HQ // H
-    dot = True if use_dot is None else use_dot
     pad = triton.next_power_of_2(layout.head_size)
     part_m = torch.empty(R * HQ * S, dtype=torch.float32, device=query.device)
     part_l = torch.empty_like(part_m)
@@ -290,10 +251,8 @@ def decode(
         query, key, value, kv_cache, block_table, seq_lens, query_start_loc, part_m, part_l, part_acc, scale,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
-        QPK=qpk, QPK_PAD=max(16 if dot else 1, triton.next_power_of_2(qpk)), NUM_SPLITS=S,
-        STAGE_DTYPE=stage_dtype(layout), USE_DOT=dot, GROUPS_PER_ITER=groups_per_iter, NUM_STAGES=num_stages,
-        **dot_args(query),
-        num_warps=4, **layout_args(layout),
+        QPK=qpk, QPK_PAD=max(16, triton.next_power_of_2(qpk)), NUM_SPLITS=S, STAGE_DTYPE=stage_dtype(layout),
+        NUM_STAGES=num_stages, **dot_args(query), num_warps=num_warps, **layout_args(layout),
     )
     _reduce_kernel[(R, HQ)](out, part_m, part_l, part_acc, seq_lens, query_start_loc, out.stride(0), out.stride(1),
                             NUM_SPLITS=S, HEAD_SIZE=layout.head_size, HEAD_PAD=pad, num_warps=4)
