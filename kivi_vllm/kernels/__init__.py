@@ -41,7 +41,7 @@ def forward(
     block_q: int | None = None,
     num_splits: int | None = None,
     decode_stages: int = 1,
-    decode_warps: int = 4,
+    decode_warps: int = 2,
 ) -> torch.Tensor:
     """One layer step on the GPU: the same result as :func:`kivi_vllm.reference.forward` (store, then attention
     with the streaming visibility rule), as a fixed sequence of launches::
