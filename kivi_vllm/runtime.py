@@ -16,12 +16,13 @@ def is_vllm_cpu_build() -> bool:
 
 
 def shutdown_engine(llm) -> None:
-    """Shut an offline ``vllm.LLM``'s engine processes down (and collect garbage), so that the next engine of the
-    same process can start: tests, benchmarks and ``kivi-eval`` run configurations one after another."""
+    """Shut an offline ``vllm.LLM``'s (or a bare ``LLMEngine``'s) engine processes down (and collect garbage), so
+    that the next engine of the same process can start: tests, benchmarks and ``kivi-eval`` run configurations one
+    after another."""
     import gc
 
     try:
-        llm.llm_engine.engine_core.shutdown()
+        getattr(llm, "llm_engine", llm).engine_core.shutdown()
     except Exception:  # already down, or the engine never started its core
         pass
     gc.collect()

