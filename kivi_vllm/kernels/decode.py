@@ -35,29 +35,6 @@ from .common import LOG2E, check_attention, dot_args, gather_codes, layout_args,
 
 
 @triton.jit
-def _load_record(kv_ptr, bt_row, g, valid, h, stride_cache_block, stride_cache_head, d, dmask, i, kw, vw, vg,
-                 GROUPS_PER_PAGE: tl.constexpr, RECORD_BYTES: tl.constexpr, OFF_KC: tl.constexpr,
-                 OFF_KS: tl.constexpr, OFF_KM: tl.constexpr, OFF_VC: tl.constexpr, OFF_VS: tl.constexpr,
-                 OFF_VM: tl.constexpr, KW_ROW: tl.constexpr, VW_ROW: tl.constexpr, NVG: tl.constexpr):
-    """Every load of group g's record (zeros when not ``valid``): key scale and minimum [HEAD_PAD] fp16, key code
-    words [KW, G] int32 (transposed for the MMA), value code words [G, VW] int32, value scale and minimum
-    [G, NVG_PAD] fp16."""
-    blk = tl.load(bt_row + g // GROUPS_PER_PAGE, mask=valid, other=0).to(tl.int64)
-    rec = kv_ptr + blk * stride_cache_block + h * stride_cache_head + (g % GROUPS_PER_PAGE) * RECORD_BYTES
-    k_scale = tl.load((rec + OFF_KS).to(tl.pointer_type(tl.float16)) + d, mask=dmask & valid, other=0.0)
-    k_min = tl.load((rec + OFF_KM).to(tl.pointer_type(tl.float16)) + d, mask=dmask & valid, other=0.0)
-    k_words = tl.load((rec + OFF_KC).to(tl.pointer_type(tl.int32)) + kw[:, None] + i[None, :] * KW_ROW,
-                      mask=(kw < KW_ROW)[:, None] & valid, other=0)
-    v_words = tl.load((rec + OFF_VC).to(tl.pointer_type(tl.int32)) + i[:, None] * VW_ROW + vw[None, :],
-                      mask=(vw < VW_ROW)[None, :] & valid, other=0)
-    v_scale = tl.load((rec + OFF_VS).to(tl.pointer_type(tl.float16)) + i[:, None] * NVG + vg[None, :],
-                      mask=(vg < NVG)[None, :] & valid, other=0.0)
-    v_min = tl.load((rec + OFF_VM).to(tl.pointer_type(tl.float16)) + i[:, None] * NVG + vg[None, :],
-                    mask=(vg < NVG)[None, :] & valid, other=0.0)
-    return k_scale, k_min, k_words, v_words, v_scale, v_min
-
-
-@triton.jit
 def _decode_split_kernel(
     q_ptr, key_ptr, value_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr,
     part_m_ptr, part_l_ptr, part_acc_ptr, sm_scale,
@@ -114,15 +91,21 @@ def _decode_split_kernel(
         q = tl.load(q_ptr + q_start * stride_qt + (h * QPK + rows[:, None]) * stride_qh + d[None, :],
                     mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32) * (sm_scale * LOG2E)
         bt_row = block_table_ptr + r * stride_bt
-        # software prefetch: the record of group g + 1 is loaded (as 32-bit words: ~16 registers per thread) before
-        # group g is computed, so one memory round trip overlaps one group's arithmetic
-        k_scale, k_min, k_words, v_words, v_scale, v_min = _load_record(
-            kv_ptr, bt_row, g_lo, g_lo < g_hi, h, stride_cache_block, stride_cache_head, d, dmask, i, kw, vw, vg,
-            GROUPS_PER_PAGE, RECORD_BYTES, OFF_KC, OFF_KS, OFF_KM, OFF_VC, OFF_VS, OFF_VM, KW_ROW, VW_ROW, NVG)
         for g in tl.range(g_lo, g_hi, num_stages=NUM_STAGES):
-            nxt = _load_record(
-                kv_ptr, bt_row, g + 1, g + 1 < g_hi, h, stride_cache_block, stride_cache_head, d, dmask, i, kw, vw,
-                vg, GROUPS_PER_PAGE, RECORD_BYTES, OFF_KC, OFF_KS, OFF_KM, OFF_VC, OFF_VS, OFF_VM, KW_ROW, VW_ROW, NVG)
+            blk = tl.load(bt_row + g // GROUPS_PER_PAGE).to(tl.int64)
+            rec = kv_ptr + blk * stride_cache_block + h * stride_cache_head + (g % GROUPS_PER_PAGE) * RECORD_BYTES
+            # every load of the record first, as 32-bit words (so that Triton's pipeliner can stage them with
+            # cp.async for the next iterations while this one computes)
+            k_scale = tl.load((rec + OFF_KS).to(tl.pointer_type(tl.float16)) + d, mask=dmask, other=0.0)
+            k_min = tl.load((rec + OFF_KM).to(tl.pointer_type(tl.float16)) + d, mask=dmask, other=0.0)
+            k_words = tl.load((rec + OFF_KC).to(tl.pointer_type(tl.int32)) + kw[:, None] + i[None, :] * KW_ROW,
+                              mask=(kw < KW_ROW)[:, None], other=0)  # [KW, G], transposed for the MMA
+            v_words = tl.load((rec + OFF_VC).to(tl.pointer_type(tl.int32)) + i[:, None] * VW_ROW + vw[None, :],
+                              mask=(vw < VW_ROW)[None, :], other=0)  # [G, VW]
+            v_scale = tl.load((rec + OFF_VS).to(tl.pointer_type(tl.float16)) + i[:, None] * NVG + vg[None, :],
+                              mask=(vg < NVG)[None, :], other=0.0)  # [G, NVG_PAD]
+            v_min = tl.load((rec + OFF_VM).to(tl.pointer_type(tl.float16)) + i[:, None] * NVG + vg[None, :],
+                            mask=(vg < NVG)[None, :], other=0.0)
             # keys: s_ij = (q_i * scale) . code_j + q_i . min     (per-channel scale/min of this group)
             k_codes = tl.reshape((k_words[:, None, :] >> k_shift[None, :, None]) & K_MASK, (HEAD_PAD, G))
             q_scaled = q * k_scale.to(tl.float32)[None, :]
@@ -140,7 +123,6 @@ def _decode_split_kernel(
             v = tl.reshape(v, (G, HEAD_PAD))
             acc = acc * alpha[:, None] + tl.dot(prob.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
             m_i = m_new
-            k_scale, k_min, k_words, v_words, v_scale, v_min = nxt
         if split == NUM_SPLITS - 1:
             # the open group, exact: positions n_full*G .. p; earlier ones staged, p itself is this step's token
             n_staged = p - n_full * G
