@@ -7,9 +7,10 @@
 # On the device, after the bundle of ../shared/device/README.md:
 #   bash .devbundle/setup-on-device.sh && source /tmp/kivi-env.sh && scripts/bench_gpu.sh decode auto fp8
 #
-# Each configuration runs in its own subprocess (engine start about 40-60 s with torch.compile and CUDA graphs, then
-# the timed run). TIME_LIMIT (default 200 s) aborts a configuration's timed run that takes longer and marks it
-# "truncated", so one configuration stays under about 4.5 minutes and two fit a 10-minute device command.
+# Each configuration runs in its own subprocess (engine start about 40-60 s with torch.compile and CUDA graphs for
+# bf16 and fp8, not yet timed for KIVI at these batch sizes, then the timed run). TIME_LIMIT (default 200 s) aborts a
+# configuration's timed run that takes longer and marks it "truncated". Two bf16/fp8 configurations fit a 10-minute
+# device command; run KIVI configurations one per command.
 # Results accumulate in $BENCH_DIR (default out/bench-gpu, ignored by git; it survives between commands only while the
 # machine stays warm), and results.json, results.md, the three PNGs and a tarball of the vLLM logs are copied to $OUT
 # (7 files, under the device's 8-file limit). Merge the results.json of several commands here with
