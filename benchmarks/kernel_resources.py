@@ -1,5 +1,6 @@
 """Compile the KIVI decode kernel for Hopper (sm_90) without a GPU and report its resources: registers per thread,
-spills, shared memory, programs per SM, and the memory/barrier/MMA instructions of the PTX. The first thing to read
+spills, shared memory, programs per SM, the memory/barrier/MMA instructions of the PTX, and the SASS of each loop
+(instructions per warp per iteration, by opcode). The first thing to read
 when the decode kernel is slower than its bytes (docs/benchmarks.md): occupancy and the number of barriers per loop
 iteration decide how many record loads are in flight.
 
@@ -58,7 +59,40 @@ def resources(bits: int, qpk: int, num_stages: int, num_warps: int) -> dict:
                  MAX_WARPS // num_warps)
     ops = collections.Counter(m.split(".")[0] + "." + m.split(".")[1] for m in
                               re.findall(r"\b(?:ld\.global|cp\.async|bar\.sync|mma\.sync)[\w.]*", ptx))
-    return dict(registers=regs, spill_bytes=spill, shared_bytes=shared, programs_per_sm=per_sm, ptx_ops=dict(ops))
+    return dict(registers=regs, spill_bytes=spill, shared_bytes=shared, programs_per_sm=per_sm, ptx_ops=dict(ops),
+                loops=sass_loops(k.asm["cubin"]))
+
+
+def sass_loops(cubin: bytes) -> list[dict]:
+    """SASS of each loop of a cubin (a backward branch to a label): instructions per warp per iteration and the most
+    frequent opcodes, from triton's bundled ``nvdisasm``."""
+    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        sass = subprocess.run([nvdisasm, "-c", path], capture_output=True, text=True, check=True).stdout
+    inst = re.compile(r"\s+/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+    labels, pending, body = {}, [], []
+    for line in sass.splitlines():
+        lab = re.match(r"\s*\.L_x_(\d+):", line)
+        if lab:
+            pending.append(lab.group(1))
+            continue
+        m = inst.match(line)
+        if m:
+            addr = int(m.group(1), 16)
+            for name in pending:
+                labels[name] = addr
+            pending = []
+            target = re.search(r"BRA\s.*\.L_x_(\d+)", line)
+            body.append((addr, m.group(2), target.group(1) if target else None))
+    loops = []
+    for addr, _, target in body:
+        if target is not None and labels.get(target, addr + 1) < addr:
+            ops = collections.Counter(op for a, op, _ in body if labels[target] <= a <= addr)
+            loops.append(dict(instructions=sum(ops.values()), top=dict(ops.most_common(12))))
+    return loops
 
 
 def main() -> None:
@@ -72,6 +106,8 @@ def main() -> None:
         r = resources(a.bits, a.qpk, **v)
         print(f"{v}: {r['registers']} registers, {r['spill_bytes']} B spilled, {r['shared_bytes']} B shared, "
               f"{r['programs_per_sm']} programs/SM; PTX {r['ptx_ops']}", flush=True)
+        for loop in r["loops"]:
+            print(f"    loop: {loop['instructions']} SASS instructions per warp per iteration; {loop['top']}", flush=True)
 
 
 if __name__ == "__main__":
