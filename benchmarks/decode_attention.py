@@ -73,7 +73,8 @@ def parse_args():
     p.add_argument("--max-cache-gib", type=float, default=80.0, help="skip cells whose cache is larger")
     p.add_argument("--fa-num-splits", type=int, default=32, help="FA3 num_splits (vLLM full-CUDA-graph default)")
     p.add_argument("--num-stages", type=int, default=1, help="KIVI decode: Triton pipelining depth of the group loop")
-    p.add_argument("--num-warps", type=int, default=4, help="KIVI decode: warps per program")
+    p.add_argument("--num-warps", type=int, default=None, help="KIVI decode: warps per program (default per kernel)")
+    p.add_argument("--kernel", choices=["fma", "mma"], default=None, help="KIVI decode kernel (default kernel_for)")
     p.add_argument("--num-splits", type=int, default=None, help="KIVI decode: splits (default num_splits_for)")
     p.add_argument("--eager", action="store_true", help="time the Python call, not a CUDA-graph replay")
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # "cpu": Triton-interpreter smoke run
@@ -136,7 +137,7 @@ def copy_bandwidth(device):
 
 
 def kivi_cell(bits, B, L, hq, h, d, io, device, args, kern):
-    decode, store, PageLayout, num_splits_for = kern
+    decode, store, PageLayout, default_num_splits, kernel_for = kern
     q, key, value, out, qsl, seq_lens = io
     lay = PageLayout(block_size=KIVI_BLOCK, head_size=d, k_bits=bits, v_bits=bits, group_size=GROUP, residual="kv",
                      residual_dtype=torch.bfloat16)
@@ -149,11 +150,12 @@ def kivi_cell(bits, B, L, hq, h, d, io, device, args, kern):
                record_bytes=lay.record_bytes)
     if cache_bytes > args.max_cache_gib * GIB:
         return dict(row, status=f"skipped (cache {cache_bytes / GIB:.2f} GiB > {args.max_cache_gib} GiB)")
-    splits = args.num_splits or num_splits_for(B, h)  # what decode() picks by default
+    kernel = args.kernel or kernel_for(hq // h)
+    splits = args.num_splits or default_num_splits(kernel, B, h)  # what decode() picks by default
     import triton  # imported by main() already, after the interpreter switch
 
     pad = triton.next_power_of_2(d)  # partials: m, l and a [HEAD_PAD] accumulator per (request, head, split), fp32
-    row.update(num_splits=splits, aux_bytes=2 * B * hq * splits * (2 + pad) * 4)
+    row.update(kernel=kernel, num_splits=splits, aux_bytes=2 * B * hq * splits * (2 + pad) * 4)
     kv_cache = random_bytes(cache_bytes, device).view(B * nblk, h, lay.page_bytes)
     block_table = torch.randperm(B * nblk, device=device).to(torch.int32).view(B, nblk)
     p = L - 1
@@ -161,7 +163,7 @@ def kivi_cell(bits, B, L, hq, h, d, io, device, args, kern):
     scale = d**-0.5
     ms, mode = bench(lambda: decode(q, key, value, kv_cache, block_table, qsl, seq_lens, lay, scale, out,
                                     num_splits=args.num_splits, num_stages=args.num_stages,
-                                    num_warps=args.num_warps),
+                                    num_warps=args.num_warps, kernel=args.kernel),
                      device, args.eager)
     sms, _ = bench(lambda: store(kv_cache, key, value, slot, qsl, seq_lens, lay, 0), device, args.eager)
     return dict(row, status="ok", time_us=ms * 1e3, store_us=sms * 1e3, timing=mode)
@@ -257,11 +259,11 @@ def main():
     import triton
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo, if not installed
-    from kivi_vllm.kernels.decode import decode, num_splits_for
+    from kivi_vllm.kernels.decode import decode, default_num_splits, kernel_for
     from kivi_vllm.kernels.store import store
     from kivi_vllm.layout import PageLayout
 
-    kern = (decode, store, PageLayout, num_splits_for)
+    kern = (decode, store, PageLayout, default_num_splits, kernel_for)
     try:
         from vllm.version import __version__ as vllm_version
     except Exception:  # noqa: BLE001

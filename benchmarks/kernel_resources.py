@@ -34,12 +34,19 @@ POINTERS = {"q_ptr": "*bf16", "key_ptr": "*bf16", "value_ptr": "*bf16", "kv_ptr"
 REGS_PER_SM, SMEM_PER_SM, MAX_WARPS = 65536, 228 * 1024, 64  # H100/H200 (sm_90)
 
 
-def resources(bits: int, qpk: int, num_stages: int, num_warps: int) -> dict:
-    """Compile ``_decode_split_kernel`` for sm_90 with these constexprs; return ptxas' figures and PTX counts."""
-    fn = importlib.import_module("kivi_vllm.kernels.decode")._decode_split_kernel
+def resources(bits: int, qpk: int, kernel: str, num_warps: int, num_stages: int = 1) -> dict:
+    """Compile the decode kernel ("fma": ``_decode_fma_kernel``, "mma": ``_decode_split_kernel``) for sm_90 with
+    these constexprs; return ptxas' figures, PTX counts and the SASS of its loops."""
+    mod = importlib.import_module("kivi_vllm.kernels.decode")
     lay = PageLayout(512, 128, bits, bits, 32, "kv", torch.bfloat16)
-    consts = dict(QPK=qpk, QPK_PAD=max(16, triton.next_power_of_2(qpk)), NUM_SPLITS=8, STAGE_DTYPE=tl.bfloat16,
-                  DOT_DTYPE=tl.float32, DOT_PRECISION="tf32", NUM_STAGES=num_stages, **layout_args(lay))
+    if kernel == "fma":
+        fn = mod._decode_fma_kernel
+        consts = dict(QPK=qpk, QPK_PAD=triton.next_power_of_2(qpk), NUM_SPLITS=8, SLOTS=9, **layout_args(lay))
+    else:
+        fn = mod._decode_split_kernel
+        consts = dict(QPK=qpk, QPK_PAD=max(16, triton.next_power_of_2(qpk)), NUM_SPLITS=8, SLOTS=8, DO_GROUPS=True,
+                      SPLIT_OFFSET=0, STAGE_DTYPE=tl.bfloat16, DOT_DTYPE=tl.float32, DOT_PRECISION="tf32",
+                      NUM_STAGES=num_stages, **layout_args(lay))
     names = fn.arg_names
     sig = {n: "constexpr" if n in consts else POINTERS.get(n, "i32") for n in names}
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
@@ -100,8 +107,9 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=2)
     ap.add_argument("--qpk", type=int, default=1, help="query heads per KV head")
     a = ap.parse_args()
-    variants = [dict(num_stages=s, num_warps=w) for w in (4, 2) for s in (1, 3)]
-    print(f"decode split kernel, KIVI-{a.bits}, head size 128, {a.qpk} query head(s) per KV head, sm_90")
+    variants = [dict(kernel="fma", num_warps=1), dict(kernel="fma", num_warps=2), dict(kernel="mma", num_warps=2),
+                dict(kernel="mma", num_warps=4), dict(kernel="mma", num_warps=4, num_stages=3)]
+    print(f"decode kernels, KIVI-{a.bits}, head size 128, {a.qpk} query head(s) per KV head, sm_90")
     for v in variants:
         r = resources(a.bits, a.qpk, **v)
         print(f"{v}: {r['registers']} registers, {r['spill_bytes']} B spilled, {r['shared_bytes']} B shared, "

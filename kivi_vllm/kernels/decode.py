@@ -40,7 +40,8 @@ def _decode_split_kernel(
     part_m_ptr, part_l_ptr, part_acc_ptr, sm_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cache_block, stride_cache_head, stride_bt,
-    QPK: tl.constexpr, QPK_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, STAGE_DTYPE: tl.constexpr,
+    QPK: tl.constexpr, QPK_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, SLOTS: tl.constexpr, DO_GROUPS: tl.constexpr,
+    SPLIT_OFFSET: tl.constexpr, STAGE_DTYPE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr, RECORD_BYTES: tl.constexpr,
@@ -54,7 +55,7 @@ def _decode_split_kernel(
     V_ROW: tl.constexpr = HEAD_SIZE * V_BITS // 8
     r = tl.program_id(0)
     h = tl.program_id(1)
-    split = tl.program_id(2)
+    split = tl.program_id(2) + SPLIT_OFFSET
     q_start = tl.load(qsl_ptr + r).to(tl.int64)
     q_len = tl.load(qsl_ptr + r + 1) - q_start
     seq_len = tl.load(seq_lens_ptr + r)
@@ -91,6 +92,8 @@ def _decode_split_kernel(
         q = tl.load(q_ptr + q_start * stride_qt + (h * QPK + rows[:, None]) * stride_qh + d[None, :],
                     mask=rmask[:, None] & dmask[None, :], other=0.0).to(tl.float32) * (sm_scale * LOG2E)
         bt_row = block_table_ptr + r * stride_bt
+        if not DO_GROUPS:  # the open group only (the FMA kernel's companion launch)
+            g_hi = g_lo
         for g in tl.range(g_lo, g_hi, num_stages=NUM_STAGES):
             blk = tl.load(bt_row + g // GROUPS_PER_PAGE).to(tl.int64)
             rec = kv_ptr + blk * stride_cache_block + h * stride_cache_head + (g % GROUPS_PER_PAGE) * RECORD_BYTES
@@ -123,7 +126,7 @@ def _decode_split_kernel(
             v = tl.reshape(v, (G, HEAD_PAD))
             acc = acc * alpha[:, None] + tl.dot(prob.to(DOT_DTYPE), v.to(DOT_DTYPE), input_precision=DOT_PRECISION)
             m_i = m_new
-        if split == NUM_SPLITS - 1:
+        if (split == NUM_SPLITS - 1) | (not DO_GROUPS):
             # the open group, exact: positions n_full*G .. p; earlier ones staged, p itself is this step's token
             n_staged = p - n_full * G
             blk = tl.load(bt_row + n_full // GROUPS_PER_PAGE).to(tl.int64)
@@ -159,15 +162,133 @@ def _decode_split_kernel(
             acc = acc * alpha[:, None] + tl.dot(prob.to(DOT_DTYPE), v_ex.to(DOT_DTYPE), input_precision=DOT_PRECISION)
             m_i = m_new
 
-    base = (r * (QPK * tl.num_programs(1)) + h * QPK + rows) * NUM_SPLITS + split
+    base = (r * (QPK * tl.num_programs(1)) + h * QPK + rows) * SLOTS + split
     tl.store(part_m_ptr + base, m_i, mask=rmask)
     tl.store(part_l_ptr + base, l_i, mask=rmask)
     tl.store(part_acc_ptr + base[:, None] * HEAD_PAD + d[None, :], acc, mask=rmask[:, None])
 
 
 @triton.jit
+def _word_codes(ptr, rows, row_mask, ROW_BYTES: tl.constexpr, BITS: tl.constexpr, W_PAD: tl.constexpr,
+                HEAD_SIZE: tl.constexpr):
+    """float32 codes [1, 32 // BITS, R, W_PAD] of the packed rows ``rows`` ([R]) at ``ptr``: element (0, b, j, w) is
+    channel ``w * (32 // BITS) + b`` of row j. One 32-bit load per word, shifts in registers; 0 for masked rows and
+    for words past the head size. The position b in the word is dimension 1 so that Triton's default layout gives
+    the lanes to rows and words and keeps one word's codes in one thread."""
+    PW: tl.constexpr = 32 // BITS
+    w = tl.arange(0, W_PAD)
+    words = tl.load((ptr + rows[:, None] * ROW_BYTES).to(tl.pointer_type(tl.int32)) + w[None, :],
+                    mask=row_mask[:, None] & (w[None, :] < HEAD_SIZE * BITS // 32), other=0)
+    sh = tl.arange(0, PW) * BITS
+    return ((words[None, None, :, :] >> sh[None, :, None, None]) & ((1 << BITS) - 1)).to(tl.float32)
+
+
+@triton.jit
+def _word_chans(ptr, PW: tl.constexpr, W_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr, DTYPE: tl.constexpr):
+    """float32 [PW, W_PAD] of a per-channel vector at ``ptr`` (element (b, w) is channel ``w * PW + b``), 0 past the
+    head size: the channel order of :func:`_word_codes`."""
+    c = tl.arange(0, PW)[:, None] + tl.arange(0, W_PAD)[None, :] * PW
+    return tl.load(ptr.to(tl.pointer_type(DTYPE)) + c, mask=c < HEAD_SIZE, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _decode_fma_kernel(
+    q_ptr, key_ptr, value_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr,
+    part_m_ptr, part_l_ptr, part_acc_ptr, sm_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_cache_block, stride_cache_head, stride_bt,
+    QPK: tl.constexpr, QPK_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, SLOTS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr, RECORD_BYTES: tl.constexpr,
+    OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KM: tl.constexpr, OFF_VC: tl.constexpr,
+    OFF_VS: tl.constexpr, OFF_VM: tl.constexpr, OFF_KSTAGE: tl.constexpr, OFF_VSTAGE: tl.constexpr,
+    RESIDUAL_KV: tl.constexpr,
+):
+    """The same attention as :func:`_decode_split_kernel`, on CUDA cores: no MMA, no shared memory in the loop.
+
+    Codes stay in the word layout of the page (:func:`_word_codes`: [1, codes per word, G, words]); the key scale is
+    folded into the query in that layout, so a score is multiply-adds over the codes of each word followed by a sum
+    over the words (lane shuffles); values accumulate per output channel as ``sum_j (p_j * scale_j) * code_jc``
+    and ``sum_j p_j * min_j``. About 4 instructions per code and 80 registers with one warp (docs/benchmarks.md).
+    Complete groups only: the open group (exact stage rows) is :func:`_decode_split_kernel` with ``DO_GROUPS``
+    False, a separate launch, so that its [G, D] tiles do not raise this kernel's register count."""
+    G: tl.constexpr = GROUP_SIZE
+    GROUPS_PER_PAGE: tl.constexpr = BLOCK_SIZE // GROUP_SIZE
+    K_ROW: tl.constexpr = HEAD_SIZE * K_BITS // 8
+    V_ROW: tl.constexpr = HEAD_SIZE * V_BITS // 8
+    KPW: tl.constexpr = 32 // K_BITS  # key channels per 32-bit word
+    VPW: tl.constexpr = 32 // V_BITS
+    KW: tl.constexpr = HEAD_PAD // KPW  # words per packed key row, padded to a power of 2
+    VW: tl.constexpr = HEAD_PAD // VPW
+    NVG: tl.constexpr = HEAD_SIZE // V_GROUP  # value scale/min pairs per token
+    r = tl.program_id(0)
+    h = tl.program_id(1)
+    split = tl.program_id(2)
+    q_start = tl.load(qsl_ptr + r).to(tl.int64)
+    q_len = tl.load(qsl_ptr + r + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + r)
+
+    rows = tl.arange(0, QPK_PAD)
+    rmask = rows < QPK
+    i = tl.arange(0, G)
+    kch = tl.arange(0, KPW)[:, None] + tl.arange(0, KW)[None, :] * KPW  # [KPW, KW] channel of (position, word)
+    vch = tl.arange(0, VPW)[:, None] + tl.arange(0, VW)[None, :] * VPW  # [VPW, VW]
+    vgrp = tl.arange(0, VW) * VPW // V_GROUP  # value channel group of each value word (V_GROUP >= VPW)
+    # the running state starts as reductions of zero tiles, so that it has the loop's layouts (no conversion per
+    # iteration): acc [QPK_PAD, VPW, VW] = sum_j p_j scale_j code_jc, acc_m [QPK_PAD, VW] = sum_j p_j min_j
+    zeros_v = tl.zeros((QPK_PAD, VPW, G, VW), tl.float32)
+    acc = tl.sum(zeros_v, axis=2)
+    acc_m = tl.sum(tl.sum(zeros_v, axis=2), axis=1)
+    zeros_s = tl.sum(tl.sum(tl.zeros((QPK_PAD, KPW, G, KW), tl.float32), axis=1), axis=2)  # [QPK_PAD, G]
+    m_i = tl.max(zeros_s, axis=1) + float("-inf")
+    l_i = tl.sum(zeros_s, axis=1)
+
+    if (q_len == 1) & (seq_len > 0):
+        p = seq_len - 1
+        n_full = p // G  # complete groups, all read from records
+        per_split = tl.cdiv(n_full, NUM_SPLITS)
+        g_lo = split * per_split
+        g_hi = tl.minimum(n_full, g_lo + per_split)
+        # softmax in base 2: fold log2(e) and the softmax scale into q once; q in the key word layout
+        q = tl.load(q_ptr + q_start * stride_qt + (h * QPK + rows)[:, None, None] * stride_qh + kch[None, :, :],
+                    mask=rmask[:, None, None] & (kch < HEAD_SIZE)[None, :, :], other=0.0).to(tl.float32)
+        q = q * (sm_scale * LOG2E)  # [QPK_PAD, KPW, KW]
+        bt_row = block_table_ptr + r * stride_bt
+        for g in range(g_lo, g_hi):
+            blk = tl.load(bt_row + g // GROUPS_PER_PAGE).to(tl.int64)
+            rec = kv_ptr + blk * stride_cache_block + h * stride_cache_head + (g % GROUPS_PER_PAGE) * RECORD_BYTES
+            kc = _word_codes(rec + OFF_KC, i, i < G, K_ROW, K_BITS, KW, HEAD_SIZE)  # [1, KPW, G, KW]
+            ks = _word_chans(rec + OFF_KS, KPW, KW, HEAD_SIZE, tl.float16)
+            km = _word_chans(rec + OFF_KM, KPW, KW, HEAD_SIZE, tl.float16)
+            vc = _word_codes(rec + OFF_VC, i, i < G, V_ROW, V_BITS, VW, HEAD_SIZE)  # [1, VPW, G, VW]
+            vmask = (i < G)[:, None] & (vgrp < NVG)[None, :]
+            vs = tl.load((rec + OFF_VS).to(tl.pointer_type(tl.float16)) + i[:, None] * NVG + vgrp[None, :],
+                         mask=vmask, other=0.0).to(tl.float32)  # [G, VW] scale of each (token, value word)
+            vm = tl.load((rec + OFF_VM).to(tl.pointer_type(tl.float16)) + i[:, None] * NVG + vgrp[None, :],
+                         mask=vmask, other=0.0).to(tl.float32)
+            # keys: s_ij = (q_i * scale) . code_j + q_i . min   (KIVI's per-channel scale folded into the query)
+            qm = tl.sum(tl.sum(q * km[None, :, :], axis=2), axis=1)
+            s = tl.sum(tl.sum((q * ks[None, :, :])[:, :, None, :] * kc, axis=1), axis=2) + qm[:, None]
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            prob = tl.exp2(s - m_new[:, None])  # [QPK_PAD, G]
+            l_i = l_i * alpha + tl.sum(prob, axis=1)
+            # values: sum_j p_j (code_jc * scale_j + min_j) = sum_j (p_j * scale_j) code_jc + sum_j p_j * min_j
+            pv = prob[:, :, None] * vs[None, :, :]  # [QPK_PAD, G, VW]
+            acc = acc * alpha[:, None, None] + tl.sum(pv[:, None, :, :] * vc, axis=2)
+            acc_m = acc_m * alpha[:, None] + tl.sum(prob[:, :, None] * vm[None, :, :], axis=1)
+            m_i = m_new
+
+    base = (r * (QPK * tl.num_programs(1)) + h * QPK + rows) * SLOTS + split
+    tl.store(part_m_ptr + base, m_i, mask=rmask)
+    tl.store(part_l_ptr + base, l_i, mask=rmask)
+    tl.store(part_acc_ptr + base[:, None, None] * HEAD_PAD + vch[None, :, :], acc + acc_m[:, None, :],
+             mask=rmask[:, None, None])
+
+
+@triton.jit
 def _reduce_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, seq_lens_ptr, qsl_ptr, stride_ot, stride_oh,
-                   NUM_SPLITS: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr):
+                   SLOTS: tl.constexpr, SLOTS_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr):
     """out = sum_s exp2(m_s - M) acc_s / sum_s exp2(m_s - M) l_s, with M = max_s m_s (splits without keys have
     m_s = -inf and weigh 0)."""
     r = tl.program_id(0)
@@ -175,14 +296,15 @@ def _reduce_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, seq_lens_ptr, 
     q_start = tl.load(qsl_ptr + r).to(tl.int64)
     q_len = tl.load(qsl_ptr + r + 1) - q_start
     if (q_len == 1) & (tl.load(seq_lens_ptr + r) > 0):
-        s = tl.arange(0, NUM_SPLITS)
+        s = tl.arange(0, SLOTS_PAD)
+        smask = s < SLOTS
         d = tl.arange(0, HEAD_PAD)
-        base = (r * tl.num_programs(1) + hq) * NUM_SPLITS + s
-        m = tl.load(part_m_ptr + base)
-        l = tl.load(part_l_ptr + base)
+        base = (r * tl.num_programs(1) + hq) * SLOTS + s
+        m = tl.load(part_m_ptr + base, mask=smask, other=float("-inf"))
+        l = tl.load(part_l_ptr + base, mask=smask, other=0.0)
         m_max = tl.max(m, axis=0)
         w = tl.exp2(m - m_max)
-        acc = tl.load(part_acc_ptr + base[:, None] * HEAD_PAD + d[None, :])
+        acc = tl.load(part_acc_ptr + base[:, None] * HEAD_PAD + d[None, :], mask=smask[:, None], other=0.0)
         o = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
         tl.store(out_ptr + q_start * stride_ot + hq * stride_oh + d, o.to(out_ptr.dtype.element_ty),
                  mask=d < HEAD_SIZE)
@@ -190,10 +312,27 @@ def _reduce_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, seq_lens_ptr, 
 
 def num_splits_for(num_reqs: int, num_kv_heads: int, target_programs: int = 4096, max_splits: int = 16) -> int:
     """Splits per (request, KV head): a power of two that brings the grid near ``target_programs`` programs
-    (enough to fill an H200's 132 SMs several times), at least 1 and at most ``max_splits``. Depends only on
+    (enough to fill an H200's 132 SMs several times: 4,096 for the 2-warp MMA kernel, 16,384 for the 1-warp FMA
+    kernel), at least 1 and at most ``max_splits``. Depends only on
     the batch shape, so a CUDA graph captured for a batch size keeps its grid."""
     want = max(1, target_programs // max(1, num_reqs * num_kv_heads))
     return min(max_splits, triton.next_power_of_2(want))
+
+
+def default_num_splits(kernel: str, num_reqs: int, num_kv_heads: int) -> int:
+    """Splits per (request, KV head) that :func:`decode` uses by default: :func:`num_splits_for` with 4,096 target
+    programs (at most 16 splits) for the 2-warp "mma" kernel, 16,384 (at most 32) for the 1-warp "fma" kernel,
+    which keeps about 25 programs resident per SM."""
+    if kernel == "mma":
+        return num_splits_for(num_reqs, num_kv_heads)
+    return num_splits_for(num_reqs, num_kv_heads, target_programs=16384, max_splits=32)
+
+
+def kernel_for(qpk: int) -> str:
+    """The decode kernel for ``qpk`` query heads per KV head: "fma" (CUDA cores) for 1 or 2, "mma" (tensor cores)
+    above, where the multiply-adds per code and the registers grow with the query heads (sm_90 compile: 80 registers
+    at 1, 168 at 2, 255 with spills at 4; ``benchmarks/kernel_resources.py``)."""
+    return "fma" if qpk <= 2 else "mma"
 
 
 def decode(
@@ -210,7 +349,8 @@ def decode(
     num_reqs: int | None = None,
     num_splits: int | None = None,
     num_stages: int = 1,
-    num_warps: int = 2,
+    num_warps: int | None = None,
+    kernel: str | None = None,
 ) -> torch.Tensor:
     """Attention of every one-token request of the batch over its KIVI pages (before this step's store).
 
@@ -226,34 +366,48 @@ def decode(
         num_reqs: requests of the batch (default ``len(seq_lens)``); num_splits: default :func:`num_splits_for`.
         num_stages: Triton software-pipelining depth of the group loop: with more than 1, Triton stages the next
             groups' records in shared memory with ``cp.async`` while this one computes (docs/benchmarks.md).
-        num_warps: warps per program.
+        num_warps: warps per program (default 1 for "fma", 2 for "mma").
+        kernel: "fma" (CUDA cores, codes in their word layout: :func:`_decode_fma_kernel`) or "mma" (tensor cores,
+            rows padded to 16 query heads: :func:`_decode_split_kernel`); default :func:`kernel_for`.
 
     Returns:
         ``out``.
 
     Raises:
         ValueError: shapes that do not match the layout, num_heads not a multiple of num_kv_heads, tensors not
-            contiguous in head_size, or num_splits not a power of 2.
+            contiguous in head_size, num_splits not a power of 2, or an unknown kernel.
     """
     HQ, H = check_attention("decode", query, key, value, out, kv_cache, layout)
     R = len(seq_lens) if num_reqs is None else num_reqs
+    kernel = kernel or kernel_for(HQ // H)
+    if kernel not in ("fma", "mma"):
+        raise ValueError(f"KIVI decode: kernel must be 'fma' or 'mma', got {kernel!r}")
     if R == 0:
         return out
-    S = num_splits or num_splits_for(R, H)
+    S = num_splits or default_num_splits(kernel, R, H)
     if S & (S - 1):
         raise ValueError(f"KIVI decode: num_splits ({S}) must be a power of 2")
     qpk = HQ // H
     pad = triton.next_power_of_2(layout.head_size)
-    part_m = torch.empty(R * HQ * S, dtype=torch.float32, device=query.device)
+    slots = S if kernel == "mma" else S + 1  # the FMA kernel's splits, then the open group's own slot
+    part_m = torch.empty(R * HQ * slots, dtype=torch.float32, device=query.device)
     part_l = torch.empty_like(part_m)
-    part_acc = torch.empty(R * HQ * S * pad, dtype=torch.float32, device=query.device)
-    _decode_split_kernel[(R, H, S)](
-        query, key, value, kv_cache, block_table, seq_lens, query_start_loc, part_m, part_l, part_acc, scale,
-        query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
-        QPK=qpk, QPK_PAD=max(16, triton.next_power_of_2(qpk)), NUM_SPLITS=S, STAGE_DTYPE=stage_dtype(layout),
-        NUM_STAGES=num_stages, **dot_args(query), num_warps=num_warps, **layout_args(layout),
-    )
+    part_acc = torch.empty(R * HQ * slots * pad, dtype=torch.float32, device=query.device)
+    args = (query, key, value, kv_cache, block_table, seq_lens, query_start_loc, part_m, part_l, part_acc, scale,
+            query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+            kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0))
+    mma = dict(QPK=qpk, QPK_PAD=max(16, triton.next_power_of_2(qpk)), STAGE_DTYPE=stage_dtype(layout),
+               NUM_STAGES=num_stages, **dot_args(query), **layout_args(layout))
+    if kernel == "fma":
+        _decode_fma_kernel[(R, H, S)](*args, QPK=qpk, QPK_PAD=triton.next_power_of_2(qpk), NUM_SPLITS=S, SLOTS=slots,
+                                      num_warps=num_warps or 1, **layout_args(layout))
+        # the open group (stage rows and this step's token) in slot S
+        _decode_split_kernel[(R, H, 1)](*args, NUM_SPLITS=S, SLOTS=slots, DO_GROUPS=False, SPLIT_OFFSET=S,
+                                        num_warps=4, **mma)
+    else:
+        _decode_split_kernel[(R, H, S)](*args, NUM_SPLITS=S, SLOTS=slots, DO_GROUPS=True, SPLIT_OFFSET=0,
+                                        num_warps=num_warps or 2, **mma)
     _reduce_kernel[(R, HQ)](out, part_m, part_l, part_acc, seq_lens, query_start_loc, out.stride(0), out.stride(1),
-                            NUM_SPLITS=S, HEAD_SIZE=layout.head_size, HEAD_PAD=pad, num_warps=4)
+                            SLOTS=slots, SLOTS_PAD=triton.next_power_of_2(slots), HEAD_SIZE=layout.head_size,
+                            HEAD_PAD=pad, num_warps=4)
     return out
