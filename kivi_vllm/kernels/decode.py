@@ -329,10 +329,11 @@ def default_num_splits(kernel: str, num_reqs: int, num_kv_heads: int) -> int:
 
 
 def kernel_for(qpk: int) -> str:
-    """The decode kernel for ``qpk`` query heads per KV head: "fma" (CUDA cores) for 1 or 2, "mma" (tensor cores)
+    """The decode kernel for ``qpk`` query heads per KV head: "fma" (CUDA cores) up to 4, "mma" (tensor cores)
     above, where the multiply-adds per code and the registers grow with the query heads (sm_90 compile: 80 registers
-    at 1, 168 at 2, 255 with spills at 4; ``benchmarks/kernel_resources.py``)."""
-    return "fma" if qpk <= 2 else "mma"
+    at 1, 168 at 2, 255 with spills at 4; ``benchmarks/kernel_resources.py``). Measured on the H200 (2026-11-30,
+    docs/benchmarks.md): "fma" 3.3x faster than "mma" at 1 query head per KV head, 1.2x at 4; 8 not timed."""
+    return "fma" if qpk <= 4 else "mma"
 
 
 def decode(
