@@ -54,7 +54,8 @@ def forward(
         store(phase 1)                  every later group of multi-token requests
         prefill(phase 1 rows)           rows after the first group (read the groups this step completed)
 
-    A pure-decode step (``tiles`` None) is two launches of decode plus one of store: the shape captured in CUDA
+    A pure-decode step (``tiles`` None) is three launches of decode (FMA kernel: splits, open group, reduction; two
+    with the MMA kernel) plus one of store: the shape captured in CUDA
     graphs.
 
     Args:
