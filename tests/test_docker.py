@@ -55,6 +55,12 @@ def test_dockerfile_serves_kivi_serve_on_vllms_image():
     assert ("ENTRYPOINT", '["kivi-serve"]') in ins
     cmd = json.loads(dict(ins)["CMD"])
     assert cmd[0] == "HuggingFaceTB/SmolLM2-135M-Instruct" and "--kivi-bits" in cmd
+    # the build context is the repository root: .dockerignore keeps .venv (GBs) out and lets every COPY source in
+    allowed = {ln[1:].rstrip("/") for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.startswith("!")}
+    ignore = [ln.strip() for ln in (ROOT / ".dockerignore").read_text().splitlines()]
+    assert "*" in ignore
+    sources = {src.rstrip("/") for word, args in ins if word == "COPY" for src in shlex.split(args)[:-1]}
+    assert sources == allowed
 
 
 @pytest.fixture(scope="module")
