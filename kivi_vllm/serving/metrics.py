@@ -83,12 +83,18 @@ class KiviStatLogger(AggregateStatLoggerBase):
 
         _unregister_kivi_metrics()
         cfg = KiviConfig.from_vllm_config(vllm_config)
-        cap = kivi_capacity(vllm_config)
         model_name = vllm_config.model_config.served_model_name
         info = Gauge(PREFIX + "cache_config_info", "KIVI KV-cache settings (kivi-vllm)",
                      labelnames=["model_name", *INFO_LABELS], multiprocess_mode="mostrecent")
         info.labels(model_name=model_name, k_bits=cfg.k_bits, v_bits=cfg.v_bits, group_size=cfg.group_size,
-                    residual=cfg.residual, prefill=cfg.prefill, block_size=cap["block_size"]).set(1)
+                    residual=cfg.residual, prefill=cfg.prefill, block_size=vllm_config.cache_config.block_size).set(1)
+        try:
+            cap = kivi_capacity(vllm_config)
+        except ValueError as e:  # no blocks reported to this process: publish the settings only, never stop serving
+            from vllm.logger import init_logger
+
+            init_logger("vllm.kivi").warning("%s; /metrics shows the KIVI settings without the capacity", e)
+            return
         for name, doc, value in (
             ("kv_cache_capacity_tokens", "Tokens the KIVI KV cache holds", cap["tokens"]),
             ("kv_cache_dense_capacity_tokens",
