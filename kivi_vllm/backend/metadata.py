@@ -14,28 +14,10 @@ from vllm.v1.attention.backend import AttentionCGSupport, AttentionMetadataBuild
 from ..config import KiviConfig
 from ..kernels.prefill import block_q_for, prefill_tiles
 from ..layout import PageLayout
-from ..spec import KiviAttentionSpec
+from ..spec import KiviAttentionSpec, capacity_summary
 
 logger = init_logger("vllm.kivi")
 _capacity_logged = False
-
-
-def capacity_summary(spec: KiviAttentionSpec, num_blocks: int) -> dict:
-    """KV-cache capacity of ``num_blocks`` KIVI pages and what an unquantized (model dtype) cache would hold in
-    the same memory.
-
-    Returns:
-        dict with ``blocks``, ``block_size``, ``tokens`` (KIVI), ``bytes_per_layer``, ``dense_tokens`` (same bytes
-        at 2 * head_size * itemsize bytes per token per KV head, before vLLM's block rounding) and ``ratio``.
-    """
-    layout = spec.layout
-    itemsize = spec.residual_dtype.itemsize
-    bytes_per_layer = num_blocks * spec.page_size_bytes
-    dense_tokens = bytes_per_layer // (spec.num_kv_heads * 2 * spec.head_size * itemsize)
-    tokens = num_blocks * spec.block_size
-    return dict(blocks=num_blocks, block_size=spec.block_size, tokens=tokens, bytes_per_layer=bytes_per_layer,
-                dense_tokens=dense_tokens, ratio=tokens / max(dense_tokens, 1),
-                bytes_per_token_head=layout.bytes_per_token)
 
 
 def use_triton(device: torch.device | str) -> bool:

