@@ -29,8 +29,38 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import oracle  # noqa: E402
 
-POLICY: dict[int, tuple[int, int] | None] = {}  # layer index -> (k_bits, v_bits), or None = exact
+#: layer index -> (k_bits, v_bits), or (k_bits, v_bits, keys) with ``keys`` one of KEY_MODES; absent = exact.
+POLICY: dict[int, tuple] = {}
 GROUP = 32
+#: How keys are fake-quantized (values are always per token, KIVI's way, except "fp8"):
+#: "channel": KIVI, per channel over groups of GROUP tokens, scale and min stored in fp16;
+#: "channel-fp32-meta": the same, scale and min kept in float32 (isolates fp16 rounding of the min);
+#: "token": NOT KIVI, a simulated alternative: one scale and min per token and head over all D channels (the key
+#: axis of int4/int8 per-token-head caches and of the paper's "K-T" fake quantization);
+#: "fp8": NOT KIVI, keys and values cast to float8 e4m3 with a per-tensor scale of 1.0 and saturation at +-448
+#: (vLLM's uncalibrated fp8 cache, simulated; bits are ignored).
+KEY_MODES = ("channel", "channel-fp32-meta", "token", "fp8")
+
+
+def _fp8(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp(-448, 448).to(torch.float8_e4m3fn).to(torch.float64)
+
+
+def fake_quant_kv(key: torch.Tensor, value: torch.Tensor, spec: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantized [T, Hkv, D] keys and values (float64) of one sequence under a POLICY entry."""
+    k_bits, v_bits, keys = (*spec, "channel")[:3]
+    if keys == "fp8":
+        return _fp8(key), _fp8(value)
+    vq = oracle.dequantized_values(value, v_bits, GROUP)
+    if keys == "channel":
+        kq = oracle.dequantized_keys(key, k_bits, GROUP)
+    elif keys == "channel-fp32-meta":
+        kq = oracle.dequantized_keys(key, k_bits, GROUP, fp16_meta=False)
+    elif keys == "token":
+        kq = oracle.dequantized_values(key, k_bits, key.shape[-1])  # one group = the whole head vector
+    else:
+        raise ValueError(f"unknown key mode {keys!r}; expected one of {KEY_MODES}")
+    return kq, vq
 
 
 def kivi_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -40,18 +70,17 @@ def kivi_attention(module, query, key, value, attention_mask, scaling=None, drop
     rep = hq // hkv
     k = key.repeat_interleave(rep, dim=1)
     v = value.repeat_interleave(rep, dim=1)
-    bits = POLICY.get(module.layer_idx)
+    spec = POLICY.get(module.layer_idx)
     pos = torch.arange(t)
     causal = pos[None, :] <= pos[:, None]
     s_e = (query @ k.transpose(-1, -2)) * scaling
-    if bits is None:
+    if spec is None:
         s = s_e.masked_fill(~causal, float("-inf"))
         out = torch.softmax(s, -1) @ v
         return out.transpose(1, 2).contiguous(), None
-    kq = torch.stack([oracle.dequantized_keys(key[i].transpose(0, 1), bits[0], GROUP) for i in range(b)])
-    vq = torch.stack([oracle.dequantized_values(value[i].transpose(0, 1), bits[1], GROUP) for i in range(b)])
-    kq = kq.transpose(1, 2).to(query.dtype).repeat_interleave(rep, dim=1)  # [B, Hq, T, D]
-    vq = vq.transpose(1, 2).to(query.dtype).repeat_interleave(rep, dim=1)
+    kv = [fake_quant_kv(key[i].transpose(0, 1), value[i].transpose(0, 1), spec) for i in range(b)]
+    kq = torch.stack([x[0] for x in kv]).transpose(1, 2).to(query.dtype).repeat_interleave(rep, dim=1)  # [B,Hq,T,D]
+    vq = torch.stack([x[1] for x in kv]).transpose(1, 2).to(query.dtype).repeat_interleave(rep, dim=1)
     quant = (pos[None, :] // GROUP + 1) * GROUP <= pos[:, None]  # key j's group complete before query p
     s = torch.where(quant, (query @ kq.transpose(-1, -2)) * scaling, s_e).masked_fill(~causal, float("-inf"))
     p = torch.softmax(s, -1)

@@ -12,25 +12,32 @@ import math
 import torch
 
 
-def fake_quant(x: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """Quantize-dequantize in float64 along ``dim`` (one group = all elements along dim)."""
+def fake_quant(x: torch.Tensor, bits: int, dim: int, fp16_meta: bool = True) -> torch.Tensor:
+    """Quantize-dequantize in float64 along ``dim`` (one group = all elements along dim).
+
+    ``fp16_meta=False`` keeps scale and min in float32 instead of rounding them to fp16 as the cache stores them
+    (for simulations that separate the fp16 rounding from the quantization).
+    """
     x = x.double()
     qmax = 2**bits - 1
     mn, mx = x.amin(dim, keepdim=True), x.amax(dim, keepdim=True)
     # scale from float32 min/max, as the reference defines it (the float64 route can differ by one fp16 ulp)
-    s = ((mx.float() - mn.float()) / qmax).clamp(-65504, 65504).half().double()
-    m = mn.clamp(-65504, 65504).half().double()
+    s = (mx.float() - mn.float()) / qmax
+    if fp16_meta:
+        s, m = s.clamp(-65504, 65504).half().double(), mn.clamp(-65504, 65504).half().double()
+    else:
+        s, m = s.double(), mn.float().double()
     # codes from (x - min) / scale in float32, as the reference defines it (KIVI computes in fp16)
     ratio = (x.float() - m.float()) / torch.where(s > 0, s, 1.0).float()
     q = torch.where(s > 0, ratio.clamp(0, qmax).round().double(), torch.zeros_like(x))
     return q * s + m
 
 
-def dequantized_keys(k: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+def dequantized_keys(k: torch.Tensor, bits: int, group: int, fp16_meta: bool = True) -> torch.Tensor:
     """[T, H, D] keys with every complete group of ``group`` tokens fake-quantized per channel."""
     out = k.double().clone()
     for g in range(0, k.shape[0] // group * group, group):
-        out[g : g + group] = fake_quant(k[g : g + group], bits, dim=0)
+        out[g : g + group] = fake_quant(k[g : g + group], bits, dim=0, fp16_meta=fp16_meta)
     return out
 
 

@@ -11,9 +11,11 @@ lower bound on KIVI-2 catches the failure peers shipped: a cache path that store
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 
+from kivi_vllm.eval.agreement import agreement
 from kivi_vllm.eval.cli import bits_per_value
 from kivi_vllm.eval.perplexity import CONFIGS, evaluate, reference_text, windows
 
@@ -63,3 +65,35 @@ def test_passkey_prompt(model_path, depth):
     assert text.count("54321") == 2 and text.endswith(QUESTION)
     where = text.index("The pass key is 54321") / len(text)
     assert abs(where - depth) < 0.08
+
+
+def _agreement_by_hand(ref, other):
+    """Plain restatement: walk each pair until the first difference; count equal positions over reference length."""
+    prefixes, same, total = [], 0, 0
+    for r, o in zip(ref, other):
+        k = 0
+        while k < len(r) and k < len(o) and r[k] == o[k]:
+            k += 1
+        prefixes.append(k)
+        same += sum(1 for i in range(len(r)) if i < len(o) and r[i] == o[i])
+        total += len(r)
+    return prefixes, same / total
+
+
+def test_agreement_metrics():
+    ref = [[1, 2, 3, 4], [5, 6, 7, 8], [9, 9, 9, 9]]
+    other = [[1, 2, 0, 4], [0, 6, 7, 8], [9, 9, 9]]  # diverges then realigns; diverges at 0; one token short
+    r = agreement(ref, other)
+    assert r.matching_prefix == [2, 0, 3] and r.mean_prefix == pytest.approx(5 / 3)
+    assert r.positionwise == pytest.approx(9 / 12)
+    assert agreement(ref, ref).positionwise == 1 and agreement(ref, ref).matching_prefix == [4, 4, 4]
+    g = random.Random(0)
+    for _ in range(200):
+        n = g.randrange(1, 5)
+        ref = [[g.randrange(3) for _ in range(g.randrange(1, 9))] for _ in range(n)]
+        other = [[g.randrange(3) for _ in range(g.randrange(0, 9))] for _ in range(n)]
+        r = agreement(ref, other)
+        pref, pos = _agreement_by_hand(ref, other)
+        assert r.matching_prefix == pref and r.positionwise == pytest.approx(pos)
+    with pytest.raises(ValueError, match="continuations"):
+        agreement([[1], [2]], [[1]])

@@ -1,11 +1,14 @@
-"""``kivi-eval``: cache-read perplexity of KV-cache configurations on the same text, windows and chunking.
+"""``kivi-eval``: quality of KV-cache configurations: cache-read perplexity, passkey retrieval, greedy agreement.
 
     kivi-eval                                            # bf16, KIVI-4, KIVI-2 on 4 windows x 1024 tokens
     kivi-eval --configs bf16 fp8 kivi4 kivi2 kivi2-g128 --windows 24 --out eval.json
     kivi-eval --text my_corpus.txt --model /path/to/hf-model
+    kivi-eval --tasks agreement --configs bf16 kivi4 kivi2   # 8 prompts x 128 greedy tokens vs bf16
 
-Prints a table (perplexity, change against the first configuration, KV-cache bits per token and per KV head
-relative to bf16) and writes JSON. Method: :mod:`kivi_vllm.eval.perplexity`; results: docs/quality.md.
+Prints a table per task (perplexity: change against the first configuration and KV-cache bits per token and per
+KV head relative to bf16; agreement: matching prefix and position-wise agreement with the bf16 cache's tokens) and
+writes JSON. Methods: :mod:`kivi_vllm.eval.perplexity`, :mod:`~kivi_vllm.eval.passkey`,
+:mod:`~kivi_vllm.eval.agreement`; results: docs/quality.md.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import os
 import platform
 import sys
 
+from .agreement import DEFAULT_PROMPTS, DEFAULT_TOKENS
 from .perplexity import CONFIGS, evaluate, reference_text, windows
 
 
@@ -47,14 +51,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--chunk", type=int, default=64,
                     help="prefill chunk (max_num_batched_tokens): everything before the chunk is read from the cache")
     ap.add_argument("--text", nargs="*", help="text files to use instead of the Python reference manual")
-    ap.add_argument("--tasks", nargs="+", default=["perplexity"], choices=["perplexity", "passkey"],
-                    help="perplexity (cache-read, chunked prefill) and/or passkey retrieval")
+    ap.add_argument("--tasks", nargs="+", default=["perplexity"], choices=["perplexity", "passkey", "agreement"],
+                    help="perplexity (cache-read, chunked prefill), passkey retrieval, greedy agreement with bf16")
     ap.add_argument("--passkey-lengths", type=int, nargs="+", default=[1024, 2048, 4096])
     ap.add_argument("--passkey-trials", type=int, default=2, help="keys per (length, depth)")
+    ap.add_argument("--agreement-prompts", type=int, default=DEFAULT_PROMPTS,
+                    help="prompts of 350-450 tokens (Python reference manual) for the agreement task")
+    ap.add_argument("--agreement-tokens", type=int, default=DEFAULT_TOKENS, help="greedy tokens per prompt")
     ap.add_argument("--out", help="write JSON results here")
     a = ap.parse_args(argv)
     if a.chunk < 1 or a.window_tokens < 2 or a.windows < 1:
         ap.error("--chunk, --windows must be >= 1 and --window-tokens >= 2")
+    if a.agreement_prompts < 1 or a.agreement_tokens < 1:
+        ap.error("--agreement-prompts and --agreement-tokens must be >= 1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from ..runtime import apply_env_defaults
 
@@ -83,6 +92,9 @@ def main(argv: list[str] | None = None) -> None:
         out["passkey"] = passkey_table(model, a.configs, tokenizer, a.passkey_lengths, a.passkey_trials, a.chunk)
     if "perplexity" in a.tasks:
         out["results"] = perplexity_table(model, a.configs, token_windows, a.chunk, head_size)
+    if "agreement" in a.tasks:
+        out["meta"].update(agreement_prompts=a.agreement_prompts, agreement_tokens=a.agreement_tokens)
+        out["agreement"] = agreement_table(model, a.configs, tokenizer, a.agreement_prompts, a.agreement_tokens)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(out, f, indent=1)
@@ -116,6 +128,34 @@ def passkey_table(model: str, configs: list[str], tokenizer, lengths: list[int],
             accs = [x["accuracy"] for x in rows if x["config"] == name and x["target_tokens"] == n]
             cells.append(f"{sum(accs) / len(accs):.0%}")
         print(f"| {name} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def agreement_table(model: str, configs: list[str], tokenizer, prompts: int, tokens: int) -> list:
+    """Greedy tokens of every configuration on the same prompts, compared with the bf16 cache's (which runs first,
+    added if not listed); prints a table."""
+    from ..prompts import long_prompts
+    from .agreement import agreement, generate
+
+    texts = long_prompts(prompts)
+    longest = max(len(tokenizer(t)["input_ids"]) for t in texts)
+    order = ["bf16"] + [c for c in configs if c != "bf16"]
+    runs = {}
+    for name in order:
+        g = generate(model, name, CONFIGS[name], texts, tokens, longest)
+        runs[name] = g
+        print(f"{name}: {len(texts)} x {tokens} greedy tokens in {g.seconds:.1f} s (prompts "
+              f"{min(g.prompt_tokens)}-{max(g.prompt_tokens)} tokens)", flush=True)
+    base = runs["bf16"].ids
+    print(f"\n| config | matching prefix per prompt (of {tokens}) | mean | position-wise |\n|---|---|---:|---:|")
+    rows = []
+    for name in order:
+        g = runs[name]
+        r = agreement(base, g.ids)
+        rows.append(dict(config=name, settings=CONFIGS[name], matching_prefix=r.matching_prefix,
+                         mean_prefix=r.mean_prefix, positionwise=r.positionwise, tokens=tokens,
+                         prompt_tokens=g.prompt_tokens, seconds=g.seconds, ids=g.ids))
+        print(f"| {name} | {', '.join(map(str, r.matching_prefix))} | {r.mean_prefix:.1f} | {r.positionwise:.3f} |")
     return rows
 
 

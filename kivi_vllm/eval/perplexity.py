@@ -36,6 +36,8 @@ CONFIGS: dict[str, object] = {
     "kivi2-g16": {"bits": 2, "group_size": 16},
     "kivi-k4v2": {"k_bits": 4, "v_bits": 2},
     "kivi-k2v4": {"k_bits": 2, "v_bits": 4},
+    "kivi4-prefill-exact": {"bits": 4, "prefill": "exact"},
+    "kivi2-prefill-exact": {"bits": 2, "prefill": "exact"},
 }
 
 
