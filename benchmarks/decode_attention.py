@@ -75,7 +75,7 @@ def parse_args():
     p.add_argument("--num-stages", type=int, default=1, help="KIVI decode: Triton pipelining depth of the group loop")
     p.add_argument("--num-warps", type=int, default=None, help="KIVI decode: warps per program (default per kernel)")
     p.add_argument("--kernel", choices=["fma", "mma"], default=None, help="KIVI decode kernel (default kernel_for)")
-    p.add_argument("--num-splits", type=int, default=None, help="KIVI decode: splits (default num_splits_for)")
+    p.add_argument("--num-splits", type=int, default=None, help="KIVI decode: splits (default default_num_splits)")
     p.add_argument("--eager", action="store_true", help="time the Python call, not a CUDA-graph replay")
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # "cpu": Triton-interpreter smoke run
     a = p.parse_args()
@@ -150,12 +150,13 @@ def kivi_cell(bits, B, L, hq, h, d, io, device, args, kern):
                record_bytes=lay.record_bytes)
     if cache_bytes > args.max_cache_gib * GIB:
         return dict(row, status=f"skipped (cache {cache_bytes / GIB:.2f} GiB > {args.max_cache_gib} GiB)")
-    kernel = args.kernel or kernel_for(hq // h)
+    kernel = args.kernel or kernel_for(hq // h, GROUP, d)
     splits = args.num_splits or default_num_splits(kernel, B, h)  # what decode() picks by default
     import triton  # imported by main() already, after the interpreter switch
 
     pad = triton.next_power_of_2(d)  # partials: m, l and a [HEAD_PAD] accumulator per (request, head, split), fp32
-    row.update(kernel=kernel, num_splits=splits, aux_bytes=2 * B * hq * splits * (2 + pad) * 4)
+    slots = splits + (kernel == "fma")  # the FMA path's open group has its own partial slot
+    row.update(kernel=kernel, num_splits=splits, aux_bytes=2 * B * hq * slots * (2 + pad) * 4)
     kv_cache = random_bytes(cache_bytes, device).view(B * nblk, h, lay.page_bytes)
     block_table = torch.randperm(B * nblk, device=device).to(torch.int32).view(B, nblk)
     p = L - 1

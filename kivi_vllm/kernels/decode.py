@@ -14,14 +14,21 @@ product::
 
     q . (c * s + m) = (q * s) . c + q . m        per group: s, m are [D] per-channel scale and minimum
 
-so the kernel multiplies the query by the group's scale once ([QH, D]), takes one dot with the raw codes
-([QH, D] x [D, G]) and adds one scalar per query head (q . m). Values are per token (scale per token and channel
-group), so they are dequantized in registers (``c * s + m``) before the probability-weighted sum.
+so a kernel multiplies the query by the group's scale once and takes one product with the raw codes, plus one scalar
+per query head (q . m). Two kernels (:func:`kernel_for` picks one):
+
+* ``_decode_fma_kernel`` (CUDA cores): codes stay in the page's 32-bit word layout, ``q * s`` is formed in that
+  layout, scores are multiply-adds; values accumulate per output channel as ``sum_j (p_j * s_j) c_jc`` plus
+  ``sum_j p_j m_j`` (per-token scale and minimum per channel group). Complete groups only: the open group runs as a
+  second launch of ``_decode_split_kernel`` with ``DO_GROUPS=False`` into its own partial slot (the last one).
+* ``_decode_split_kernel`` (tensor cores, rows padded to 16 query heads): one MMA ([QH, D] x [D, G]) for the
+  scores, values dequantized in registers (``c * s + m``) before ``P . V``; the last split also handles the open
+  group.
 
 The grid is (num_reqs, num_kv_heads, num_splits) with a fixed ``num_splits`` per batch size, so the launch shape
 does not depend on context lengths and the whole decode step can be captured in a CUDA graph. Split s handles a
-contiguous range of groups; the last split also handles the open group. ``_reduce_kernel`` merges the splits'
-(max, sum, accumulator) triples (FlashDecoding, Dao et al. 2023; vLLM ``triton_decode_attention.py``).
+contiguous range of groups. ``_reduce_kernel`` merges the slots' (max, sum, accumulator) triples (FlashDecoding,
+Dao et al. 2023; vLLM ``triton_decode_attention.py``).
 """
 
 from __future__ import annotations
@@ -328,12 +335,14 @@ def default_num_splits(kernel: str, num_reqs: int, num_kv_heads: int) -> int:
     return num_splits_for(num_reqs, num_kv_heads, target_programs=16384, max_splits=32)
 
 
-def kernel_for(qpk: int) -> str:
-    """The decode kernel for ``qpk`` query heads per KV head: "fma" (CUDA cores) up to 4, "mma" (tensor cores)
-    above, where the multiply-adds per code and the registers grow with the query heads (sm_90 compile: 80 registers
-    at 1, 168 at 2, 255 with spills at 4; ``benchmarks/kernel_resources.py``). Measured on the H200 (2026-11-30,
-    docs/benchmarks.md): "fma" 3.3x faster than "mma" at 1 query head per KV head, 1.2x at 4; 8 not timed."""
-    return "fma" if qpk <= 4 else "mma"
+def kernel_for(qpk: int, group_size: int = 32, head_size: int = 128) -> str:
+    """The decode kernel for ``qpk`` query heads per KV head: "fma" (CUDA cores) while one warp's tile of a group,
+    ``qpk x G x head_pad`` multiply-adds, is at most that of 4 query heads at G=32 and head size 128, "mma" (tensor
+    cores) above, where the FMA kernel's registers spill (sm_90 compile, ``benchmarks/kernel_resources.py``: 80
+    registers at 1 query head / G 32 / head 128, 168 at G 128, 213 at head 256 / G 64, 255 with 272 B spilled at 4
+    query heads; 2,368 B spilled at 4 query heads / G 128). Measured on the H200 (2026-11-30, docs/benchmarks.md):
+    "fma" 3.3x faster than "mma" at 1 query head per KV head, 1.2x at 4 (G 32, head 128); other shapes not timed."""
+    return "fma" if qpk * group_size * triton.next_power_of_2(head_size) <= 4 * 32 * 128 else "mma"
 
 
 def decode(
@@ -364,10 +373,11 @@ def decode(
         seq_lens: [num_reqs] int32, context length including this step's token.
         layout: page layout. scale: softmax scale (e.g. head_size ** -0.5).
         out: [T, num_heads, head_size]; rows of one-token requests are written.
-        num_reqs: requests of the batch (default ``len(seq_lens)``); num_splits: default :func:`num_splits_for`.
-        num_stages: Triton software-pipelining depth of the group loop: with more than 1, Triton stages the next
-            groups' records in shared memory with ``cp.async`` while this one computes (docs/benchmarks.md).
-        num_warps: warps per program (default 1 for "fma", 2 for "mma").
+        num_reqs: requests of the batch (default ``len(seq_lens)``); num_splits: default :func:`default_num_splits`.
+        num_stages: Triton software-pipelining depth of the MMA kernel's group loop (ignored by "fma"): with more
+            than 1, Triton stages the next groups' small loads with ``cp.async`` (measured slower, docs/benchmarks.md).
+        num_warps: warps per program of the split kernel (default 1 for "fma", 2 for "mma"; the FMA path's
+            open-group launch always uses 4).
         kernel: "fma" (CUDA cores, codes in their word layout: :func:`_decode_fma_kernel`) or "mma" (tensor cores,
             rows padded to 16 query heads: :func:`_decode_split_kernel`); default :func:`kernel_for`.
 
@@ -380,7 +390,7 @@ def decode(
     """
     HQ, H = check_attention("decode", query, key, value, out, kv_cache, layout)
     R = len(seq_lens) if num_reqs is None else num_reqs
-    kernel = kernel or kernel_for(HQ // H)
+    kernel = kernel or kernel_for(HQ // H, layout.group_size, layout.head_size)
     if kernel not in ("fma", "mma"):
         raise ValueError(f"KIVI decode: kernel must be 'fma' or 'mma', got {kernel!r}")
     if R == 0:
