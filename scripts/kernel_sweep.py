@@ -4,7 +4,7 @@ Every case draws fresh random inputs, poisons the output (NaN) and the unwritten
 engine step through :func:`kivi_vllm.kernels.forward` and through :func:`kivi_vllm.reference.forward` (float64
 attention), and checks: every byte of the cache equal (store bit-exact), no NaN in any real output row, relative
 error below 1e-2 (bf16). Grid: head sizes 64 and 128; GQA ratios 1, 4, 8; KIVI-2 and KIVI-4; residual kv (and k
-on two shapes);
+on two shapes); group 32; plus 8 shapes with groups 16, 64, 128 and head sizes 80, 96, 256 (both decode kernels);
 contexts that end exactly at, just before and just after group (32) and block (512) boundaries; batches mixing
 first chunks, continuation chunks and decode tokens.
 
@@ -57,12 +57,15 @@ def main() -> None:
         raise SystemExit("kernel_sweep.py needs a CUDA device (the CPU tests cover small shapes)")
     rng = random.Random(a.seed)
     rows, failures = [], 0
-    grid = [(*c, "kv") for c in itertools.product([64, 128], [1, 4, 8], [2, 4])]
-    grid += [(128, 4, 2, "k"), (64, 1, 4, "k")]  # residual "k": values quantized on arrival
+    grid = [(*c, "kv", 32) for c in itertools.product([64, 128], [1, 4, 8], [2, 4])]
+    grid += [(128, 4, 2, "k", 32), (64, 1, 4, "k", 32)]  # residual "k": values quantized on arrival
+    # other group and head sizes, both decode kernels (kernel_for: FMA while gqa x G x head <= 4 x 32 x 128)
+    grid += [(128, 1, 2, "kv", 16), (128, 2, 2, "kv", 64), (128, 1, 4, "k", 128), (128, 4, 2, "kv", 128),
+             (80, 1, 2, "kv", 16), (96, 2, 4, "k", 32), (256, 1, 2, "kv", 32), (256, 2, 4, "kv", 64)]
     t_start = time.time()
-    for head, gqa, bits, residual in grid:
+    for head, gqa, bits, residual, group in grid:
         hkv = 2
-        lay = PageLayout(512, head, bits, bits, 32, residual, torch.bfloat16)
+        lay = PageLayout(512, head, bits, bits, group, residual, torch.bfloat16)
         for case in range(3):
             reqs = mixed_batch(rng, a.batch)
             seed = rng.randrange(2**31)
@@ -70,13 +73,13 @@ def main() -> None:
             out_ref, cache_ref = b.reference(device=DEV)
             out, cache = b.kernels()
             n = b.qsl_host[-1]
-            row = dict(head=head, gqa=gqa, bits=bits, residual=residual, case=case, reqs=reqs,
+            row = dict(head=head, gqa=gqa, bits=bits, residual=residual, group=group, case=case, reqs=reqs,
                        cache_equal=bool(torch.equal(cache, cache_ref)),
                        nan=bool(out[:n].isnan().any()), rel_err=rel_err(out[:n], out_ref[:n]))
             row["ok"] = row["cache_equal"] and not row["nan"] and row["rel_err"] < 1e-2
             failures += not row["ok"]
             rows.append(row)
-            print(f"{'ok  ' if row['ok'] else 'FAIL'} D={head} gqa={gqa} k{bits}v{bits} residual={residual} "
+            print(f"{'ok  ' if row['ok'] else 'FAIL'} D={head} gqa={gqa} G={group} k{bits}v{bits} residual={residual} "
                   f"case {case}: cache equal {row['cache_equal']}, NaN {row['nan']}, rel err {row['rel_err']:.2e} "
                   f"reqs {reqs}", flush=True)
     summary = dict(cases=len(rows), failures=failures, max_rel_err=max(r["rel_err"] for r in rows),

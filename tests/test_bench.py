@@ -186,3 +186,32 @@ def test_baseline_check_ratios():
     assert "time x0.800 of bf16" in lines[1] and f"{64.5 / 75.3:.3f}" in lines[1]
     assert "time x2.000 of bf16" in lines[2] and "time x2.500 of fp8" in lines[2]
     assert "output tok/s x0.500 of bf16" in lines[2]
+
+
+def test_progress_reader_stops_when_the_run_process_exits_while_a_child_holds_the_pipe():
+    """kivi-bench's parent must not block on the progress pipe after the run process exits, even when a process it
+    started (an engine core; here a child sleeping 300 s) still holds the pipe's write end. A blocking read would
+    wait for that child: the reader runs in a thread that must have finished long before."""
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    from kivi_vllm.bench.cli import _progress_lines
+
+    r_fd, w_fd = os.pipe()
+    code = ("import json, os, subprocess, sys; fd = int(sys.argv[1]); os.write(fd, b'{\"a\": 1}\\n'); "
+            "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'], pass_fds=(fd,)); "
+            "os.write(fd, (json.dumps({'child': c.pid}) + '\\n').encode())")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(w_fd)], pass_fds=(w_fd,))
+    os.close(w_fd)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(_progress_lines(r_fd, proc)), daemon=True)
+    reader.start()
+    reader.join(60)  # a liveness bound far above the ~1 s it takes, far below the child's 300 s
+    events = [json.loads(x) for x in lines]
+    for ev in events:
+        if "child" in ev:
+            os.kill(ev["child"], signal.SIGKILL)
+    assert not reader.is_alive(), "the reader still waits on the pipe held by the child"
+    assert events[0] == {"a": 1} and "child" in events[1] and proc.poll() == 0

@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import os
+import select
 import shutil
 import subprocess
 import sys
@@ -116,6 +117,26 @@ def _write(path: str, obj: dict) -> None:
         json.dump(obj, f, indent=1)
 
 
+def _progress_lines(fd: int, proc: subprocess.Popen):
+    """Yield the JSON lines the run process writes on ``fd`` until the pipe closes or the process has exited (an
+    engine process it leaves behind may still hold the pipe open: a plain read would then block forever). Closes
+    ``fd``."""
+    buf = b""
+    try:
+        while True:
+            ready, _, _ = select.select([fd], [], [], 1.0)
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                *lines, buf = (buf + chunk).split(b"\n")
+                yield from (line.decode(errors="replace") for line in lines)
+            elif proc.poll() is not None:
+                break
+    finally:
+        os.close(fd)
+
+
 def run_in_subprocess(name: str, config: object, w: Workload, s: EngineSettings, out_dir: str,
                       verbose: bool = False) -> dict:
     """Run one (workload, configuration) in a fresh Python process with a progress bar; write and return its run
@@ -139,19 +160,18 @@ def run_in_subprocess(name: str, config: object, w: Workload, s: EngineSettings,
         out = None if verbose else log
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT if out else None, pass_fds=(w_fd,))
         os.close(w_fd)
-        with os.fdopen(r_fd) as events:
-            for line in events:
-                try:
-                    ev = json.loads(line)
-                except ValueError:
-                    continue
-                if ev.get("phase") == "ready":
-                    bar.set_postfix_str(f"KV cache {ev['kv_capacity_tokens']:,} tokens")
-                elif ev.get("phase") == "warmup":
-                    bar.set_postfix_str("warm-up")
-                elif ev.get("phase") == "run":
-                    bar.n = min(ev["done"], total)
-                    bar.set_postfix_str(f"{ev['running']} running")
+        for line in _progress_lines(r_fd, proc):
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            if ev.get("phase") == "ready":
+                bar.set_postfix_str(f"KV cache {ev['kv_capacity_tokens']:,} tokens")
+            elif ev.get("phase") == "warmup":
+                bar.set_postfix_str("warm-up")
+            elif ev.get("phase") == "run":
+                bar.n = min(ev["done"], total)
+                bar.set_postfix_str(f"{ev['running']} running")
         rc = proc.wait()
     bar.close()
     if rc == 0 and os.path.exists(path):
