@@ -151,7 +151,7 @@ def kivi_cell(bits, B, L, hq, h, d, io, device, args, kern):
     if cache_bytes > args.max_cache_gib * GIB:
         return dict(row, status=f"skipped (cache {cache_bytes / GIB:.2f} GiB > {args.max_cache_gib} GiB)")
     kernel = args.kernel or kernel_for(hq // h, GROUP, d)
-    splits = args.num_splits or default_num_splits(kernel, B, h)  # what decode() picks by default
+    splits = args.num_splits or default_num_splits(kernel, B, h)  # decode()'s defaults, passed to it explicitly
     import triton  # imported by main() already, after the interpreter switch
 
     pad = triton.next_power_of_2(d)  # partials: m, l and a [HEAD_PAD] accumulator per (request, head, split), fp32
@@ -163,8 +163,8 @@ def kivi_cell(bits, B, L, hq, h, d, io, device, args, kern):
     slot = (block_table[:, p // KIVI_BLOCK].to(torch.int64) * KIVI_BLOCK + p % KIVI_BLOCK).contiguous()
     scale = d**-0.5
     ms, mode = bench(lambda: decode(q, key, value, kv_cache, block_table, qsl, seq_lens, lay, scale, out,
-                                    num_splits=args.num_splits, num_stages=args.num_stages,
-                                    num_warps=args.num_warps, kernel=args.kernel),
+                                    num_splits=splits, num_stages=args.num_stages, num_warps=args.num_warps,
+                                    kernel=kernel),
                      device, args.eager)
     sms, _ = bench(lambda: store(kv_cache, key, value, slot, qsl, seq_lens, lay, 0), device, args.eager)
     return dict(row, status="ok", time_us=ms * 1e3, store_us=sms * 1e3, timing=mode)

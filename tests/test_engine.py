@@ -7,7 +7,6 @@ exact residual and prove nothing).
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch

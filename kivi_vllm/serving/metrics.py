@@ -45,7 +45,7 @@ def kivi_capacity(vllm_config) -> dict:
     Raises:
         ValueError: the engine reported no KV-cache blocks yet.
     """
-    import torch
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
 
     from ..config import KiviConfig
     from ..spec import KiviAttentionSpec, capacity_summary
@@ -53,13 +53,9 @@ def kivi_capacity(vllm_config) -> dict:
     cache, model = vllm_config.cache_config, vllm_config.model_config
     if not cache.num_gpu_blocks:
         raise ValueError("KIVI: the engine reported no KV-cache blocks")
-    cfg = KiviConfig.from_vllm_config(vllm_config)
-    head_size = model.get_head_size()
-    spec = KiviAttentionSpec(
-        block_size=cache.block_size, num_kv_heads=model.get_num_kv_heads(vllm_config.parallel_config),
-        head_size=head_size, head_size_v=head_size, dtype=torch.uint8, k_bits=cfg.k_bits, v_bits=cfg.v_bits,
-        group_size=cfg.group_size, residual=cfg.residual, residual_dtype=model.dtype,
-    )
+    dense = FullAttentionSpec(block_size=cache.block_size, head_size=model.get_head_size(), dtype=model.dtype,
+                              num_kv_heads=model.get_num_kv_heads(vllm_config.parallel_config))
+    spec = KiviAttentionSpec.from_full_spec(dense, KiviConfig.from_vllm_config(vllm_config), model.dtype)
     return capacity_summary(spec, cache.num_gpu_blocks)
 
 
