@@ -34,11 +34,12 @@ POINTERS = {"q_ptr": "*bf16", "key_ptr": "*bf16", "value_ptr": "*bf16", "kv_ptr"
 REGS_PER_SM, SMEM_PER_SM, MAX_WARPS = 65536, 228 * 1024, 64  # H100/H200 (sm_90)
 
 
-def resources(bits: int, qpk: int, kernel: str, num_warps: int, num_stages: int = 1) -> dict:
+def resources(bits: int, qpk: int, kernel: str, num_warps: int, num_stages: int = 1, group_size: int = 32,
+              head_size: int = 128) -> dict:
     """Compile the decode kernel ("fma": ``_decode_fma_kernel``, "mma": ``_decode_split_kernel``) for sm_90 with
     these constexprs; return ptxas' figures, PTX counts and the SASS of its loops."""
     mod = importlib.import_module("kivi_vllm.kernels.decode")
-    lay = PageLayout(512, 128, bits, bits, 32, "kv", torch.bfloat16)
+    lay = PageLayout(512, head_size, bits, bits, group_size, "kv", torch.bfloat16)
     if kernel == "fma":
         fn = mod._decode_fma_kernel
         consts = dict(QPK=qpk, QPK_PAD=triton.next_power_of_2(qpk), NUM_SPLITS=8, SLOTS=9, **layout_args(lay))
@@ -106,12 +107,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bits", type=int, default=2)
     ap.add_argument("--qpk", type=int, default=1, help="query heads per KV head")
+    ap.add_argument("--group-size", type=int, default=32)
+    ap.add_argument("--head-size", type=int, default=128)
     a = ap.parse_args()
     variants = [dict(kernel="fma", num_warps=1), dict(kernel="fma", num_warps=2), dict(kernel="mma", num_warps=2),
                 dict(kernel="mma", num_warps=4), dict(kernel="mma", num_warps=4, num_stages=3)]
-    print(f"decode kernels, KIVI-{a.bits}, head size 128, {a.qpk} query head(s) per KV head, sm_90")
+    print(f"decode kernels, KIVI-{a.bits}, head size {a.head_size}, group size {a.group_size}, {a.qpk} query "
+          "head(s) per KV head, sm_90")
     for v in variants:
-        r = resources(a.bits, a.qpk, **v)
+        r = resources(a.bits, a.qpk, **v, group_size=a.group_size, head_size=a.head_size)
         print(f"{v}: {r['registers']} registers, {r['spill_bytes']} B spilled, {r['shared_bytes']} B shared, "
               f"{r['programs_per_sm']} programs/SM; PTX {r['ptx_ops']}", flush=True)
         for loop in r["loops"]:
