@@ -339,9 +339,8 @@ def kernel_for(qpk: int, group_size: int = 32, head_size: int = 128) -> str:
     """The decode kernel for ``qpk`` query heads per KV head: "fma" (CUDA cores) while one warp's tile of a group,
     ``qpk x G x head_pad`` multiply-adds, is at most that of 4 query heads at G=32 and head size 128, "mma" (tensor
     cores) above, where the FMA kernel's registers spill (sm_90 compile, ``benchmarks/kernel_resources.py --qpk N
-    --group-size G --head-size D``: 80
-    registers at 1 query head / G 32 / head 128, 168 at G 128, 213 at head 256 / G 64, 255 with 272 B spilled at 4
-    query heads; 2,368 B spilled at 4 query heads / G 128). Measured on the H200 (2026-11-30, docs/benchmarks.md):
+    --group-size G --head-size D``: 80 registers at 1 query head / G 32 / head 128, 168 at G 128, 213 at head 256 /
+    G 64, 255 with 272 B spilled at 4 query heads; 2,368 B spilled at 4 query heads / G 128). Measured on the H200 (2026-11-30, docs/benchmarks.md):
     "fma" 3.3x faster than "mma" at 1 query head per KV head, 1.2x at 4 (G 32, head 128); other shapes not timed."""
     return "fma" if qpk * group_size * triton.next_power_of_2(head_size) <= 4 * 32 * 128 else "mma"
 
