@@ -176,18 +176,26 @@ def _decode_split_kernel(
 
 
 @triton.jit
-def _word_codes(ptr, rows, row_mask, ROW_BYTES: tl.constexpr, BITS: tl.constexpr, W_PAD: tl.constexpr,
+def _word_codes(ptr, rows, row_mask, one_bits, ROW_BYTES: tl.constexpr, BITS: tl.constexpr, W_PAD: tl.constexpr,
                 HEAD_SIZE: tl.constexpr):
-    """float32 codes [1, 32 // BITS, R, W_PAD] of the packed rows ``rows`` ([R]) at ``ptr``: element (0, b, j, w) is
-    channel ``w * (32 // BITS) + b`` of row j. One 32-bit load per word, shifts in registers; 0 for masked rows and
-    for words past the head size. The position b in the word is dimension 1 so that Triton's default layout gives
-    the lanes to rows and words and keeps one word's codes in one thread."""
+    """float32 ``1 + code / 2**BITS`` [1, 32 // BITS, R, W_PAD] of the packed rows ``rows`` ([R]) at ``ptr``:
+    element (0, b, j, w) is channel ``w * (32 // BITS) + b`` of row j. One 32-bit load per word; each code is moved
+    to the top of a float32 mantissa (one shift) and given the exponent of 1.0 (one AND-OR, a LOP3), so no
+    integer-to-float conversion runs (I2FP was 256 of the loop's 1,348 SASS instructions, SGXT another 224). The
+    caller subtracts the 1: ``sum_c x_c code_c = 2**BITS * (sum_c x_c f_c - sum_c x_c)`` (the same exponent trick
+    as the "fast int-to-float" dequantizers of FasterTransformer and Marlin, here in float32). Rows that are masked
+    and words past the head size give 1.0 (code 0). ``one_bits`` is 0x3F800000, the bits of 1.0f, passed at run time
+    so that the AND and the OR stay one LOP3 (as two constants they take two)."""
     PW: tl.constexpr = 32 // BITS
+    MANT: tl.constexpr = 23 - BITS  # lowest bit of the code in the float32 mantissa
     w = tl.arange(0, W_PAD)
     words = tl.load((ptr + rows[:, None] * ROW_BYTES).to(tl.pointer_type(tl.int32)) + w[None, :],
                     mask=row_mask[:, None] & (w[None, :] < HEAD_SIZE * BITS // 32), other=0)
-    sh = tl.arange(0, PW) * BITS
-    return ((words[None, None, :, :] >> sh[None, :, None, None]) & ((1 << BITS) - 1)).to(tl.float32)
+    sh = tl.arange(0, PW) * BITS  # where code b starts in its word; one of the two shifts below is 0
+    left = tl.maximum(MANT - sh, 0)[None, :, None, None]
+    right = tl.maximum(sh - MANT, 0)[None, :, None, None]
+    x = (words[None, None, :, :] << left) >> right
+    return ((x & (((1 << BITS) - 1) << MANT)) | one_bits).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -201,7 +209,7 @@ def _word_chans(ptr, PW: tl.constexpr, W_PAD: tl.constexpr, HEAD_SIZE: tl.conste
 @triton.jit
 def _decode_fma_kernel(
     q_ptr, key_ptr, value_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr,
-    part_m_ptr, part_l_ptr, part_acc_ptr, sm_scale,
+    part_m_ptr, part_l_ptr, part_acc_ptr, sm_scale, one_bits,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cache_block, stride_cache_head, stride_bt,
     QPK: tl.constexpr, QPK_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, SLOTS: tl.constexpr,
@@ -264,26 +272,31 @@ def _decode_fma_kernel(
         for g in range(g_lo, g_hi):
             blk = tl.load(bt_row + g // GROUPS_PER_PAGE).to(tl.int64)
             rec = kv_ptr + blk * stride_cache_block + h * stride_cache_head + (g % GROUPS_PER_PAGE) * RECORD_BYTES
-            kc = _word_codes(rec + OFF_KC, i, i < G, K_ROW, K_BITS, KW, HEAD_SIZE)  # [1, KPW, G, KW]
+            kc = _word_codes(rec + OFF_KC, i, i < G, one_bits, K_ROW, K_BITS, KW, HEAD_SIZE)  # [1, KPW, G, KW]
             ks = _word_chans(rec + OFF_KS, KPW, KW, HEAD_SIZE, tl.float16)
             km = _word_chans(rec + OFF_KM, KPW, KW, HEAD_SIZE, tl.float16)
-            vc = _word_codes(rec + OFF_VC, i, i < G, V_ROW, V_BITS, VW, HEAD_SIZE)  # [1, VPW, G, VW]
+            vc = _word_codes(rec + OFF_VC, i, i < G, one_bits, V_ROW, V_BITS, VW, HEAD_SIZE)  # [1, VPW, G, VW]
             vmask = (i < G)[:, None] & (vgrp < NVG)[None, :]
             vs = tl.load((rec + OFF_VS).to(tl.pointer_type(tl.float16)) + i[:, None] * NVG + vgrp[None, :],
                          mask=vmask, other=0.0).to(tl.float32)  # [G, VW] scale of each (token, value word)
             vm = tl.load((rec + OFF_VM).to(tl.pointer_type(tl.float16)) + i[:, None] * NVG + vgrp[None, :],
                          mask=vmask, other=0.0).to(tl.float32)
-            # keys: s_ij = (q_i * scale) . code_j + q_i . min   (KIVI's per-channel scale folded into the query)
-            qm = tl.sum(tl.sum(q * km[None, :, :], axis=2), axis=1)
+            # keys: s_ij = (q_i * scale) . code_j + q_i . min   (KIVI's per-channel scale folded into the query);
+            # with f = 1 + code / 2**K_BITS from _word_codes: (q_i * scale) . code_j
+            # = (q_i * scale * 2**K_BITS) . f_j - (q_i * scale * 2**K_BITS) . 1, the second term joins q_i . min
+            ks = ks * (1 << K_BITS)
+            qm = tl.sum(tl.sum(q * (km - ks)[None, :, :], axis=2), axis=1)
             s = tl.sum(tl.sum((q * ks[None, :, :])[:, :, None, :] * kc, axis=1), axis=2) + qm[:, None]
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
             prob = tl.exp2(s - m_new[:, None])  # [QPK_PAD, G]
             l_i = l_i * alpha + tl.sum(prob, axis=1)
-            # values: sum_j p_j (code_jc * scale_j + min_j) = sum_j (p_j * scale_j) code_jc + sum_j p_j * min_j
+            # values: sum_j p_j (code_jc * scale_j + min_j) = sum_j (p_j * scale_j) code_jc + sum_j p_j * min_j,
+            # and with f: sum_j (p_j * scale_j * 2**V_BITS) f_jc + sum_j p_j (min_j - scale_j * 2**V_BITS)
+            vs = vs * (1 << V_BITS)
             pv = prob[:, :, None] * vs[None, :, :]  # [QPK_PAD, G, VW]
             acc = acc * alpha[:, None, None] + tl.sum(pv[:, None, :, :] * vc, axis=2)
-            acc_m = acc_m * alpha[:, None] + tl.sum(prob[:, :, None] * vm[None, :, :], axis=1)
+            acc_m = acc_m * alpha[:, None] + tl.sum(prob[:, :, None] * (vm - vs)[None, :, :], axis=1)
             m_i = m_new
 
     base = (r * (QPK * tl.num_programs(1)) + h * QPK + rows) * SLOTS + split
@@ -315,6 +328,9 @@ def _reduce_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, seq_lens_ptr, 
         o = tl.sum(acc * w[:, None], axis=0) / tl.sum(l * w, axis=0)
         tl.store(out_ptr + q_start * stride_ot + hq * stride_oh + d, o.to(out_ptr.dtype.element_ty),
                  mask=d < HEAD_SIZE)
+
+
+ONE_F32_BITS = 0x3F800000  # the bits of 1.0f: see _word_codes
 
 
 def num_splits_for(num_reqs: int, num_kv_heads: int, target_programs: int = 4096, max_splits: int = 16) -> int:
@@ -410,8 +426,8 @@ def decode(
     mma = dict(QPK=qpk, QPK_PAD=max(16, triton.next_power_of_2(qpk)), STAGE_DTYPE=stage_dtype(layout),
                NUM_STAGES=num_stages, **dot_args(query), **layout_args(layout))
     if kernel == "fma":
-        _decode_fma_kernel[(R, H, S)](*args, QPK=qpk, QPK_PAD=triton.next_power_of_2(qpk), NUM_SPLITS=S, SLOTS=slots,
-                                      num_warps=num_warps or 1, **layout_args(layout))
+        _decode_fma_kernel[(R, H, S)](*args[:11], ONE_F32_BITS, *args[11:], QPK=qpk,
+                                      QPK_PAD=triton.next_power_of_2(qpk), NUM_SPLITS=S, SLOTS=slots, num_warps=num_warps or 1, **layout_args(layout))
         # the open group (stage rows and this step's token) in slot S
         _decode_split_kernel[(R, H, 1)](*args, NUM_SPLITS=S, SLOTS=slots, DO_GROUPS=False, SPLIT_OFFSET=S,
                                         num_warps=4, **mma)
