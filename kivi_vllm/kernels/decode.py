@@ -224,7 +224,8 @@ def _decode_fma_kernel(
     Codes stay in the word layout of the page (:func:`_word_codes`: [1, codes per word, G, words]); the key scale is
     folded into the query in that layout, so a score is multiply-adds over the codes of each word followed by a sum
     over the words (lane shuffles); values accumulate per output channel as ``sum_j (p_j * scale_j) * code_jc``
-    and ``sum_j p_j * min_j``. About 4 instructions per code and 80 registers with one warp (docs/benchmarks.md).
+    and ``sum_j p_j * min_j``. About 3 instructions per code (shift, LOP3, multiply-add) and 96 registers with one
+    warp at 1 query head per KV head, G 32, head 128 (docs/benchmarks.md).
     Complete groups only: the open group (exact stage rows) is :func:`_decode_split_kernel` with ``DO_GROUPS``
     False, a separate launch, so that its [G, D] tiles do not raise this kernel's register count."""
     G: tl.constexpr = GROUP_SIZE
@@ -355,9 +356,10 @@ def kernel_for(qpk: int, group_size: int = 32, head_size: int = 128) -> str:
     """The decode kernel for ``qpk`` query heads per KV head: "fma" (CUDA cores) while one warp's tile of a group,
     ``qpk x G x head_pad`` multiply-adds, is at most that of 4 query heads at G=32 and head size 128, "mma" (tensor
     cores) above, where the FMA kernel's registers spill (sm_90 compile, ``benchmarks/kernel_resources.py --qpk N
-    --group-size G --head-size D``: 80 registers at 1 query head / G 32 / head 128, 168 at G 128, 213 at head 256 /
-    G 64, 255 with 272 B spilled at 4 query heads; 2,368 B spilled at 4 query heads / G 128). Measured on the H200 (2026-11-30, docs/benchmarks.md):
-    "fma" 3.3x faster than "mma" at 1 query head per KV head, 1.2x at 4 (G 32, head 128); other shapes not timed."""
+    --group-size G --head-size D``, commit ``0e2b14f``: 96 registers at 1 query head / G 32 / head 128, 168 at
+    G 128, 255 without spills at head 256 / G 64, 255 with 340 B spilled at 4 query heads; 4,364 B spilled at 4 query
+    heads / G 128). Measured on the H200 (2026-11-30, docs/benchmarks.md): "fma" 0.63-0.69x the fp8 FA3 time at 1
+    query head per KV head and 4k+ context, 1.4x faster than "mma" at 4 (1,325 vs 1,867 µs, batch 64 / 16k)."""
     return "fma" if qpk * group_size * triton.next_power_of_2(head_size) <= 4 * 32 * 128 else "mma"
 
 
