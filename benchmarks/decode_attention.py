@@ -74,6 +74,7 @@ def parse_args():
     p.add_argument("--fa-num-splits", type=int, default=32, help="FA3 num_splits (vLLM full-CUDA-graph default)")
     p.add_argument("--num-stages", type=int, default=1, help="KIVI decode: Triton pipelining depth of the group loop")
     p.add_argument("--num-warps", type=int, default=None, help="KIVI decode: warps per program (default per kernel)")
+    p.add_argument("--lane-rows", type=int, default=1, help="KIVI fma decode: per-lane partial value sums (decode())")
     p.add_argument("--kernel", choices=["fma", "mma"], default=None, help="KIVI decode kernel (default kernel_for)")
     p.add_argument("--num-splits", type=int, default=None, help="KIVI decode: splits (default default_num_splits)")
     p.add_argument("--eager", action="store_true", help="time the Python call, not a CUDA-graph replay")
@@ -164,7 +165,7 @@ def kivi_cell(bits, B, L, hq, h, d, io, device, args, kern):
     scale = d**-0.5
     ms, mode = bench(lambda: decode(q, key, value, kv_cache, block_table, qsl, seq_lens, lay, scale, out,
                                     num_splits=splits, num_stages=args.num_stages, num_warps=args.num_warps,
-                                    kernel=kernel),
+                                    lane_rows=args.lane_rows, kernel=kernel),
                      device, args.eager)
     sms, _ = bench(lambda: store(kv_cache, key, value, slot, qsl, seq_lens, lay, 0), device, args.eager)
     return dict(row, status="ok", time_us=ms * 1e3, store_us=sms * 1e3, timing=mode)

@@ -42,7 +42,8 @@ def resources(bits: int, qpk: int, kernel: str, num_warps: int, num_stages: int 
     lay = PageLayout(512, head_size, bits, bits, group_size, "kv", torch.bfloat16)
     if kernel == "fma":
         fn = mod._decode_fma_kernel
-        consts = dict(QPK=qpk, QPK_PAD=triton.next_power_of_2(qpk), NUM_SPLITS=8, SLOTS=9, **layout_args(lay))
+        consts = dict(QPK=qpk, QPK_PAD=triton.next_power_of_2(qpk), NUM_SPLITS=8, SLOTS=9, NUM_STAGES=num_stages,
+                      **layout_args(lay))
     else:
         fn = mod._decode_split_kernel
         consts = dict(QPK=qpk, QPK_PAD=max(16, triton.next_power_of_2(qpk)), NUM_SPLITS=8, SLOTS=8, DO_GROUPS=True,
@@ -110,7 +111,9 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=32)
     ap.add_argument("--head-size", type=int, default=128)
     a = ap.parse_args()
-    variants = [dict(kernel="fma", num_warps=1), dict(kernel="fma", num_warps=2), dict(kernel="mma", num_warps=2),
+    variants = [dict(kernel="fma", num_warps=1), dict(kernel="fma", num_warps=1, num_stages=2),
+                dict(kernel="fma", num_warps=1, num_stages=3), dict(kernel="fma", num_warps=2),
+                dict(kernel="mma", num_warps=2),
                 dict(kernel="mma", num_warps=4), dict(kernel="mma", num_warps=4, num_stages=3)]
     print(f"decode kernels, KIVI-{a.bits}, head size {a.head_size}, group size {a.group_size}, {a.qpk} query "
           "head(s) per KV head, sm_90")

@@ -126,7 +126,8 @@ class Batch:
                           self.layout.head_size ** -0.5, out=out[:n], streaming=streaming)
         return out.cpu(), cache.cpu()
 
-    def kernels(self, streaming=True, block_q=None, num_splits=None, decode_stages=1, decode_kernel=None):
+    def kernels(self, streaming=True, block_q=None, num_splits=None, decode_stages=1, decode_kernel=None,
+                decode_lane_rows=1):
         d = lambda x: x.to(DEV)  # noqa: E731
         cache = d(self.cache.clone())
         out = torch.full_like(d(self.q), float("nan"), dtype=self.out_dtype)  # poisoned: real rows must be written
@@ -137,7 +138,7 @@ class Batch:
         K.forward(d(self.q), d(self.k), d(self.v), cache, d(self.block_table), d(self.qsl), d(self.seq_lens),
                   d(self.slot_mapping), self.layout, self.layout.head_size ** -0.5, out, tiles,
                   streaming=streaming, block_q=bq, num_splits=num_splits, decode_stages=decode_stages,
-                  decode_kernel=decode_kernel)
+                  decode_kernel=decode_kernel, decode_lane_rows=decode_lane_rows)
         return out.cpu(), cache.cpu()
 
 
@@ -228,16 +229,17 @@ def test_exact_prefill_mode(residual):
 
 @pytest.mark.parametrize("num_splits", [1, 2, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kernel,decode_stages", [("fma", 1), ("mma", 1), ("mma", 3)])
+@pytest.mark.parametrize("kernel,decode_stages,lane_rows", [("fma", 1, 1), ("fma", 2, 4), ("mma", 1, 1), ("mma", 3, 1)])
 @pytest.mark.parametrize("residual", ["kv", "k"])
-def test_decode_variants_agree(num_splits, dtype, kernel, decode_stages, residual):
-    """Both decode kernels (CUDA-core FMA, tensor-core MMA), split counts and pipelining depths change only the
-    summation order and the schedule: all give the reference's answer."""
+def test_decode_variants_agree(num_splits, dtype, kernel, decode_stages, lane_rows, residual):
+    """Both decode kernels (CUDA-core FMA, tensor-core MMA), split counts, pipelining depths and the FMA kernel's
+    per-lane partial value sums change only the summation order and the schedule: all give the reference's answer."""
     lay = PageLayout(64, 64, 2, 2, 16, residual, dtype)
     b = Batch(lay, [(200, 1), (17, 1), (0, 1), (129, 1)], 4, 2, dtype, seed_of("splits", dtype),
               out_dtype=torch.float32, pad_reqs=1)
     out_ref, _ = b.reference()
-    out, _ = b.kernels(num_splits=num_splits, decode_stages=decode_stages, decode_kernel=kernel)
+    out, _ = b.kernels(num_splits=num_splits, decode_stages=decode_stages, decode_kernel=kernel,
+                       decode_lane_rows=lane_rows)
     assert rel_err(out[:4], out_ref[:4]) < TOL
 
 

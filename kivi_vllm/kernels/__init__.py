@@ -43,6 +43,7 @@ def forward(
     decode_stages: int = 1,
     decode_warps: int | None = None,
     decode_kernel: str | None = None,
+    decode_lane_rows: int = 1,
 ) -> torch.Tensor:
     """One layer step on the GPU: the same result as :func:`kivi_vllm.reference.forward` (store, then attention
     with the streaming visibility rule), as a fixed sequence of launches::
@@ -71,7 +72,7 @@ def forward(
         streaming: False selects prefill="exact" (every prefill row in phase 0: before the store with residual
             "kv", after store phase 0 with "k", before store phase 1 either way).
         block_q: the ``block_q`` the tiles were made with; num_splits, decode_stages (``num_stages``), decode_warps (``num_warps``),
-            decode_kernel (``kernel``): see :func:`.decode.decode`.
+            decode_kernel (``kernel``), decode_lane_rows (``lane_rows``): see :func:`.decode.decode`.
 
     Returns:
         ``out``.
@@ -79,7 +80,7 @@ def forward(
     n = len(seq_lens) if num_reqs is None else num_reqs
     args = (query, key, value, kv_cache, block_table, query_start_loc, seq_lens)
     decode(*args, layout, scale, out, num_reqs=n, num_splits=num_splits, num_stages=decode_stages,
-           num_warps=decode_warps, kernel=decode_kernel)
+           num_warps=decode_warps, kernel=decode_kernel, lane_rows=decode_lane_rows)
     store_phase = partial(store, kv_cache, key, value, slot_mapping, query_start_loc, seq_lens, layout, num_reqs=n)
     if tiles is None:
         store_phase(0)

@@ -178,10 +178,10 @@ def _decode_split_kernel(
 @triton.jit
 def _word_codes(ptr, rows, row_mask, one_bits, ROW_BYTES: tl.constexpr, BITS: tl.constexpr, W_PAD: tl.constexpr,
                 HEAD_SIZE: tl.constexpr):
-    """float32 ``1 + code / 2**BITS`` [1, 32 // BITS, R, W_PAD] of the packed rows ``rows`` ([R]) at ``ptr``:
-    element (0, b, j, w) is channel ``w * (32 // BITS) + b`` of row j. One 32-bit load per word; each code is moved
-    to the top of a float32 mantissa (one shift) and given the exponent of 1.0 (one AND-OR, a LOP3), so no
-    integer-to-float conversion runs (I2FP was 256 of the loop's 1,348 SASS instructions, SGXT another 224). The
+    """float32 ``1 + code / 2**BITS`` [1, 32 // BITS, RA, RB, W_PAD] of the packed rows ``rows`` ([RA, RB]) at
+    ``ptr``: element (0, b, ja, jb, w) is channel ``w * (32 // BITS) + b`` of row ``rows[ja, jb]``. One 32-bit load
+    per word; each code is moved to the top of a float32 mantissa (one shift) and given the exponent of 1.0 (one
+    AND-OR, a LOP3), so no integer-to-float conversion runs (I2FP was 256 of the loop's 1,348 SASS instructions, SGXT another 224). The
     caller subtracts the 1: ``sum_c x_c code_c = 2**BITS * (sum_c x_c f_c - sum_c x_c)`` (the same exponent trick
     as the "fast int-to-float" dequantizers of FasterTransformer and Marlin, here in float32). Rows that are masked
     and words past the head size give 1.0 (code 0). ``one_bits`` is 0x3F800000, the bits of 1.0f, passed at run time
@@ -189,12 +189,12 @@ def _word_codes(ptr, rows, row_mask, one_bits, ROW_BYTES: tl.constexpr, BITS: tl
     PW: tl.constexpr = 32 // BITS
     MANT: tl.constexpr = 23 - BITS  # lowest bit of the code in the float32 mantissa
     w = tl.arange(0, W_PAD)
-    words = tl.load((ptr + rows[:, None] * ROW_BYTES).to(tl.pointer_type(tl.int32)) + w[None, :],
-                    mask=row_mask[:, None] & (w[None, :] < HEAD_SIZE * BITS // 32), other=0)
+    words = tl.load((ptr + rows[:, :, None] * ROW_BYTES).to(tl.pointer_type(tl.int32)) + w[None, None, :],
+                    mask=row_mask[:, :, None] & (w[None, None, :] < HEAD_SIZE * BITS // 32), other=0)
     sh = tl.arange(0, PW) * BITS  # where code b starts in its word; one of the two shifts below is 0
-    left = tl.maximum(MANT - sh, 0)[None, :, None, None]
-    right = tl.maximum(sh - MANT, 0)[None, :, None, None]
-    x = (words[None, None, :, :] << left) >> right
+    left = tl.maximum(MANT - sh, 0)[None, :, None, None, None]
+    right = tl.maximum(sh - MANT, 0)[None, :, None, None, None]
+    x = (words[None, None, :, :, :] << left) >> right
     return ((x & (((1 << BITS) - 1) << MANT)) | one_bits).to(tl.float32, bitcast=True)
 
 
@@ -217,7 +217,7 @@ def _decode_fma_kernel(
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr, RECORD_BYTES: tl.constexpr,
     OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KM: tl.constexpr, OFF_VC: tl.constexpr,
     OFF_VS: tl.constexpr, OFF_VM: tl.constexpr, OFF_KSTAGE: tl.constexpr, OFF_VSTAGE: tl.constexpr,
-    RESIDUAL_KV: tl.constexpr,
+    RESIDUAL_KV: tl.constexpr, NUM_STAGES: tl.constexpr = 1, LANE_ROWS: tl.constexpr = 1,
 ):
     """The same attention as :func:`_decode_split_kernel`, on CUDA cores: no MMA, no shared memory in the loop.
 
@@ -246,18 +246,21 @@ def _decode_fma_kernel(
 
     rows = tl.arange(0, QPK_PAD)
     rmask = rows < QPK
-    i = tl.arange(0, G)
+    # the G rows of a group as [GA, GB] (row ja * GB + jb): with LANE_ROWS = GB > 1 the value sums over rows run
+    # over ja only (inside a thread) and keep GB partial sums, added once after the loop (no lane shuffles per group)
+    GB: tl.constexpr = LANE_ROWS
+    GA: tl.constexpr = G // LANE_ROWS
+    i = tl.arange(0, GA)[:, None] * GB + tl.arange(0, GB)[None, :]  # [GA, GB]
     kch = tl.arange(0, KPW)[:, None] + tl.arange(0, KW)[None, :] * KPW  # [KPW, KW] channel of (position, word)
     vch = tl.arange(0, VPW)[:, None] + tl.arange(0, VW)[None, :] * VPW  # [VPW, VW]
     vgrp = tl.arange(0, VW) * VPW // V_GROUP  # value channel group of each value word (V_GROUP >= VPW)
     # the running state starts as reductions of zero tiles, so that it has the loop's layouts (no conversion per
-    # iteration): acc [QPK_PAD, VPW, VW] = sum_j p_j scale_j code_jc, acc_m [QPK_PAD, VW] = sum_j p_j min_j
-    zeros_v = tl.zeros((QPK_PAD, VPW, G, VW), tl.float32)
-    acc = tl.sum(zeros_v, axis=2)
-    acc_m = tl.sum(tl.sum(zeros_v, axis=2), axis=1)
-    zeros_s = tl.sum(tl.sum(tl.zeros((QPK_PAD, KPW, G, KW), tl.float32), axis=1), axis=2)  # [QPK_PAD, G]
-    m_i = tl.max(zeros_s, axis=1) + float("-inf")
-    l_i = tl.sum(zeros_s, axis=1)
+    # iteration): acc [QPK_PAD, VPW, GB, VW] = sum_j p_j scale_j code_jc, acc_m [QPK_PAD, GB, VW] = sum_j p_j min_j
+    acc = tl.sum(tl.zeros((QPK_PAD, VPW, GA, GB, VW), tl.float32), axis=2)
+    acc_m = tl.sum(tl.zeros((QPK_PAD, GA, GB, VW), tl.float32), axis=1)
+    zeros_s = tl.sum(tl.sum(tl.zeros((QPK_PAD, KPW, GA, GB, KW), tl.float32), axis=1), axis=3)  # [QPK_PAD, GA, GB]
+    m_i = tl.max(tl.max(zeros_s, axis=2), axis=1) + float("-inf")
+    l_i = tl.sum(tl.sum(zeros_s, axis=2), axis=1)
 
     if (q_len == 1) & (seq_len > 0):
         p = seq_len - 1
@@ -270,40 +273,42 @@ def _decode_fma_kernel(
                     mask=rmask[:, None, None] & (kch < HEAD_SIZE)[None, :, :], other=0.0).to(tl.float32)
         q = q * (sm_scale * LOG2E)  # [QPK_PAD, KPW, KW]
         bt_row = block_table_ptr + r * stride_bt
-        for g in range(g_lo, g_hi):
+        for g in tl.range(g_lo, g_hi, num_stages=NUM_STAGES):
             blk = tl.load(bt_row + g // GROUPS_PER_PAGE).to(tl.int64)
             rec = kv_ptr + blk * stride_cache_block + h * stride_cache_head + (g % GROUPS_PER_PAGE) * RECORD_BYTES
-            kc = _word_codes(rec + OFF_KC, i, i < G, one_bits, K_ROW, K_BITS, KW, HEAD_SIZE)  # [1, KPW, G, KW]
+            kc = _word_codes(rec + OFF_KC, i, i < G, one_bits, K_ROW, K_BITS, KW, HEAD_SIZE)  # [1, KPW, GA, GB, KW]
             ks = _word_chans(rec + OFF_KS, KPW, KW, HEAD_SIZE, tl.float16)
             km = _word_chans(rec + OFF_KM, KPW, KW, HEAD_SIZE, tl.float16)
-            vc = _word_codes(rec + OFF_VC, i, i < G, one_bits, V_ROW, V_BITS, VW, HEAD_SIZE)  # [1, VPW, G, VW]
-            vmask = (i < G)[:, None] & (vgrp < NVG)[None, :]
-            vs = tl.load((rec + OFF_VS).to(tl.pointer_type(tl.float16)) + i[:, None] * NVG + vgrp[None, :],
-                         mask=vmask, other=0.0).to(tl.float32)  # [G, VW] scale of each (token, value word)
-            vm = tl.load((rec + OFF_VM).to(tl.pointer_type(tl.float16)) + i[:, None] * NVG + vgrp[None, :],
+            vc = _word_codes(rec + OFF_VC, i, i < G, one_bits, V_ROW, V_BITS, VW, HEAD_SIZE)  # [1, VPW, GA, GB, VW]
+            vmask = (i < G)[:, :, None] & (vgrp < NVG)[None, None, :]
+            vs = tl.load((rec + OFF_VS).to(tl.pointer_type(tl.float16)) + i[:, :, None] * NVG + vgrp[None, None, :],
+                         mask=vmask, other=0.0).to(tl.float32)  # [GA, GB, VW] scale of each (token, value word)
+            vm = tl.load((rec + OFF_VM).to(tl.pointer_type(tl.float16)) + i[:, :, None] * NVG + vgrp[None, None, :],
                          mask=vmask, other=0.0).to(tl.float32)
             # keys: s_ij = (q_i * scale) . code_j + q_i . min   (KIVI's per-channel scale folded into the query);
             # with f = 1 + code / 2**K_BITS from _word_codes: (q_i * scale) . code_j
             # = (q_i * scale * 2**K_BITS) . f_j - (q_i * scale * 2**K_BITS) . 1, the second term joins q_i . min
             ks = ks * (1 << K_BITS)
             qm = tl.sum(tl.sum(q * (km - ks)[None, :, :], axis=2), axis=1)
-            s = tl.sum(tl.sum((q * ks[None, :, :])[:, :, None, :] * kc, axis=1), axis=2) + qm[:, None]
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            s = tl.sum(tl.sum((q * ks[None, :, :])[:, :, None, None, :] * kc, axis=1), axis=3)  # [QPK_PAD, GA, GB]
+            s = s + qm[:, None, None]
+            m_new = tl.maximum(m_i, tl.max(tl.max(s, axis=2), axis=1))
             alpha = tl.exp2(m_i - m_new)
-            prob = tl.exp2(s - m_new[:, None])  # [QPK_PAD, G]
-            l_i = l_i * alpha + tl.sum(prob, axis=1)
+            prob = tl.exp2(s - m_new[:, None, None])  # [QPK_PAD, GA, GB]
+            l_i = l_i * alpha + tl.sum(tl.sum(prob, axis=2), axis=1)
             # values: sum_j p_j (code_jc * scale_j + min_j) = sum_j (p_j * scale_j) code_jc + sum_j p_j * min_j,
             # and with f: sum_j (p_j * scale_j * 2**V_BITS) f_jc + sum_j p_j (min_j - scale_j * 2**V_BITS)
             vs = vs * (1 << V_BITS)
-            pv = prob[:, :, None] * vs[None, :, :]  # [QPK_PAD, G, VW]
-            acc = acc * alpha[:, None, None] + tl.sum(pv[:, None, :, :] * vc, axis=2)
-            acc_m = acc_m * alpha[:, None] + tl.sum(prob[:, :, None] * (vm - vs)[None, :, :], axis=1)
+            pv = prob[:, :, :, None] * vs[None, :, :, :]  # [QPK_PAD, GA, GB, VW]
+            acc = acc * alpha[:, None, None, None] + tl.sum(pv[:, None, :, :, :] * vc, axis=2)
+            acc_m = acc_m * alpha[:, None, None] + tl.sum(prob[:, :, :, None] * (vm - vs)[None, :, :, :], axis=1)
             m_i = m_new
 
+    acc_out = tl.sum(acc, axis=2) + tl.sum(acc_m, axis=1)[:, None, :]  # [QPK_PAD, VPW, VW]: the GB partial sums
     base = (r * (QPK * tl.num_programs(1)) + h * QPK + rows) * SLOTS + split
     tl.store(part_m_ptr + base, m_i, mask=rmask)
     tl.store(part_l_ptr + base, l_i, mask=rmask)
-    tl.store(part_acc_ptr + base[:, None, None] * HEAD_PAD + vch[None, :, :], acc + acc_m[:, None, :],
+    tl.store(part_acc_ptr + base[:, None, None] * HEAD_PAD + vch[None, :, :], acc_out,
              mask=rmask[:, None, None])
 
 
@@ -378,6 +383,7 @@ def decode(
     num_splits: int | None = None,
     num_stages: int = 1,
     num_warps: int | None = None,
+    lane_rows: int = 1,
     kernel: str | None = None,
 ) -> torch.Tensor:
     """Attention of every one-token request of the batch over its KIVI pages (before this step's store).
@@ -392,8 +398,13 @@ def decode(
         layout: page layout. scale: softmax scale (e.g. head_size ** -0.5).
         out: [T, num_heads, head_size]; rows of one-token requests are written.
         num_reqs: requests of the batch (default ``len(seq_lens)``); num_splits: default :func:`default_num_splits`.
-        num_stages: Triton software-pipelining depth of the MMA kernel's group loop (ignored by "fma"): with more
-            than 1, Triton stages the next groups' small loads with ``cp.async`` (measured slower, docs/benchmarks.md).
+        num_stages: Triton software-pipelining depth of the split kernel's group loop: with more than 1, Triton
+            stages the next groups' loads with ``cp.async`` through shared memory (MMA kernel: measured slower,
+            docs/benchmarks.md; FMA kernel: 168 instead of 96 registers at 1 query head per KV head, not timed yet).
+        lane_rows: FMA kernel only: the value sums over a group's rows keep ``lane_rows`` partial sums (the rows
+            spread over lanes) and add them once after the loop instead of per group; a power of two dividing the
+            group size. 4 saves 4% of the SASS per group at 1 query head per KV head and 9% at 4, for 128 instead of
+            96 registers at 1 (``benchmarks/kernel_resources.py``); not timed yet, hence default 1.
         num_warps: warps per program of the split kernel (default 1 for "fma", 2 for "mma"; the FMA path's
             open-group launch always uses 4).
         kernel: "fma" (CUDA cores, codes in their word layout: :func:`_decode_fma_kernel`) or "mma" (tensor cores,
@@ -427,9 +438,13 @@ def decode(
             kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0))
     mma = dict(QPK=qpk, QPK_PAD=max(16, triton.next_power_of_2(qpk)), STAGE_DTYPE=stage_dtype(layout),
                NUM_STAGES=num_stages, **dot_args(query), **layout_args(layout))
+    if lane_rows < 1 or lane_rows & (lane_rows - 1) or layout.group_size % lane_rows:
+        raise ValueError(f"lane_rows must be a power of two dividing the group size {layout.group_size}, "
+                         f"got {lane_rows}")
     if kernel == "fma":
         _decode_fma_kernel[(R, H, S)](*args[:11], ONE_F32_BITS, *args[11:], QPK=qpk,
-                                      QPK_PAD=triton.next_power_of_2(qpk), NUM_SPLITS=S, SLOTS=slots, num_warps=num_warps or 1, **layout_args(layout))
+                                      QPK_PAD=triton.next_power_of_2(qpk), NUM_SPLITS=S, SLOTS=slots, NUM_STAGES=num_stages,
+                                      LANE_ROWS=lane_rows, num_warps=num_warps or 1, **layout_args(layout))
         # the open group (stage rows and this step's token) in slot S
         _decode_split_kernel[(R, H, 1)](*args, NUM_SPLITS=S, SLOTS=slots, DO_GROUPS=False, SPLIT_OFFSET=S,
                                         num_warps=4, **mma)
