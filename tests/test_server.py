@@ -275,6 +275,8 @@ def test_load_test_script_against_the_server(server, tmp_path):
     (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype fp8 cannot be combined with the KIVI cache"),
     (["--additional-config", '{"kivi": {"residual": "x"}}'], "--kivi-residual='x' is not supported"),
     (["--attention-backend", "FLASH_ATTN"], "--attention-backend FLASH_ATTN would not use the KIVI cache"),
+    (["--kivi-layer", "0=k3"], "--kivi-layer: layer 0: k_bits=3 is not supported; allowed values: 2, 4"),
+    (["--kivi-layer", "0,30=k4"], "--kivi-layer: layer(s) 30 beyond the model's 30 layers (indices 0 to 29)"),
 ])
 def test_bad_flags_exit_before_loading(flags, message):
     t0 = time.time()
@@ -351,10 +353,13 @@ def test_unsupported_attention_is_refused_from_the_config(model_path, tmp_path, 
 
 
 def test_supported_models_pass_the_config_check(model_path, tmp_path):
-    from kivi_vllm.config import KiviConfig
+    from kivi_vllm.config import KiviConfig, KiviConfigError
     from kivi_vllm.serving.cli import check_model
 
     check_model(model_config(model_path), KiviConfig())
+    check_model(model_config(model_path), KiviConfig(layers=((0, 4, 2), (29, 4, 4))))
+    with pytest.raises(KiviConfigError, match="layer\\(s\\) 2 beyond the model's 2 layers"):
+        check_model(model_config(tiny_config(model_path, tmp_path / "two")), KiviConfig(layers=((2, 4, 2),)))
     # a window without layer_types: vLLM's Llama/Mistral code gives no layer a window, so nothing to refuse here
     check_model(model_config(tiny_config(model_path, tmp_path, sliding_window=64)), KiviConfig())
 
