@@ -17,7 +17,7 @@ import pytest
 
 from kivi_vllm.eval.agreement import agreement
 from kivi_vllm.eval.cli import bits_per_value
-from kivi_vllm.eval.perplexity import CONFIGS, evaluate, reference_text, windows
+from kivi_vllm.eval.perplexity import CONFIGS, config_settings, evaluate, reference_text, windows
 
 
 def test_windows_and_text():
@@ -36,6 +36,23 @@ def test_bits_per_value():
     page = 15 * (512 + 256 + 512 + 256) + 32 * 64 * 2 * 2
     assert bits_per_value({"bits": 2}, 64) == pytest.approx(page * 8 / 512 / (2 * 64))
     assert bits_per_value(None, 64) == 16 and bits_per_value("fp8", 64) == 8
+    # per-layer bits: the mean page over the layers; a k4v2 record has 1024 B of key codes, a k4v4 one 1024 B more
+    k4v2, k4v4 = page + 15 * 512, page + 15 * 1024
+    layered = config_settings("kivi2@0=k4v2@29=k4v4")
+    assert bits_per_value(layered, 64, num_layers=30) == pytest.approx((28 * page + k4v2 + k4v4) / 30 * 8 / 512 / 128)
+    with pytest.raises(ValueError, match="number of layers"):
+        bits_per_value(layered, 64)
+
+
+def test_config_names_with_per_layer_bits():
+    assert config_settings("kivi2") is CONFIGS["kivi2"]
+    assert config_settings("kivi2@0,29=k4v2") == {"bits": 2, "layers": {"0": {"k_bits": 4, "v_bits": 2},
+                                                                        "29": {"k_bits": 4, "v_bits": 2}}}
+    assert config_settings("kivi2-g16@3=4")["layers"] == {"3": {"bits": 4}}
+    for bad, match in (("kivi3", "unknown configuration 'kivi3'"), ("bf16@0=k4", "KIVI configurations only"),
+                       ("kivi2@0=k3", "k_bits=3 is not supported"), ("kivi2@0", "INDICES=SETTING")):
+        with pytest.raises(ValueError, match=match):
+            config_settings(bad)
 
 
 def test_cache_read_perplexity_guard(model_path):
