@@ -114,3 +114,18 @@ def test_agreement_metrics():
         assert r.matching_prefix == pref and r.positionwise == pytest.approx(pos)
     with pytest.raises(ValueError, match="continuations"):
         agreement([[1], [2]], [[1]])
+
+
+def test_auto_layers_in_config_names():
+    from kivi_vllm.calibrate import pick_layers
+    from kivi_vllm.eval.cli import config_name, resolve_auto
+
+    errors = [0.1, 0.5, 0.2, 0.9, 0.3]
+    assert pick_layers(errors, 2) == [1, 3] and pick_layers(errors, 5) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="cannot pick 6 of 5 layers"):
+        pick_layers(errors, 6)
+    assert config_name("kivi2@auto5=k4v2") == "kivi2@auto5=k4v2"
+    # the given errors are used as they are (no calibration run) and handed back for the next name
+    assert resolve_auto("kivi2@auto3=k4v2@0=k4v4", "unused", errors) == ("kivi2@1,3,4=k4v2@0=k4v4", errors)
+    assert config_settings(resolve_auto("kivi2@auto2=4", "unused", errors)[0])["layers"] == {"1": {"bits": 4},
+                                                                                          "3": {"bits": 4}}

@@ -5,10 +5,11 @@
     kivi-eval --text my_corpus.txt --model /path/to/hf-model
     kivi-eval --tasks agreement --configs bf16 kivi4 kivi2   # 8 prompts x 128 greedy tokens vs bf16
     kivi-eval --configs bf16 kivi2 kivi2@0,29=k4v2 kivi2@0,29=k4v4 --windows 2   # per-layer bits (layers 0 and 29)
+    kivi-eval --configs bf16 kivi2 kivi2@auto5=k4v2       # the 5 layers kivi_vllm.calibrate picks, 4-bit keys
 
-Prints a table per task (perplexity: change against the first configuration and KV-cache bits per token and per
-KV head relative to bf16, and the KV tokens the engine allocated; agreement: matching prefix and position-wise agreement with the bf16 cache's tokens) and
-writes JSON. Methods: :mod:`kivi_vllm.eval.perplexity`, :mod:`~kivi_vllm.eval.passkey`,
+Prints a table per task (perplexity: change against the first configuration, KV-cache bits per token and per
+KV head relative to bf16, and the KV tokens of the engine's pool, blocks x block size; agreement: matching prefix
+and position-wise agreement with the bf16 cache's tokens) and writes JSON. Methods: :mod:`kivi_vllm.eval.perplexity`, :mod:`~kivi_vllm.eval.passkey`,
 :mod:`~kivi_vllm.eval.agreement`; results: docs/quality.md.
 """
 
@@ -19,10 +20,20 @@ import datetime
 import json
 import os
 import platform
+import re
 import sys
 
 from .agreement import DEFAULT_PROMPTS, DEFAULT_TOKENS
-from .perplexity import CONFIGS, config_settings, evaluate, reference_text, windows
+from .perplexity import (
+    CONFIGS,
+    LAYER_SEP,
+    config_settings,
+    evaluate,
+    reference_text,
+    windows,
+)
+
+_AUTO = re.compile(r"auto(\d+)")
 
 
 def bits_per_value(config: object, head_size: int, block_size: int = 512, num_layers: int | None = None) -> float:
@@ -50,12 +61,33 @@ def bits_per_value(config: object, head_size: int, block_size: int = 512, num_la
 
 
 def config_name(text: str) -> str:
-    """argparse type of ``--configs``: a known name, optionally with per-layer bits (:func:`config_settings`)."""
+    """argparse type of ``--configs``: a known name, optionally with per-layer bits (:func:`config_settings`), where
+    ``autoN`` may stand for the layer indices (resolved later by :func:`resolve_auto`)."""
+    base, *parts = text.split(LAYER_SEP)
     try:
-        config_settings(text)
+        config_settings(LAYER_SEP.join([base, *(_AUTO.sub("0", p, count=1) for p in parts)]))
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
+
+
+def resolve_auto(name: str, model: str, errors: list[float] | None) -> tuple[str, list[float] | None]:
+    """Replace ``autoN`` in a configuration name's per-layer bits by the N layers :mod:`kivi_vllm.calibrate` picks
+    for ``model`` (``kivi2@auto5=k4v2`` -> ``kivi2@14,17,18,20,23=k4v2``). ``errors``: the calibration's per-layer
+    errors when already computed (returned, so that several names share one calibration run)."""
+    from ..calibrate import layer_errors, pick_layers
+
+    base, *parts = name.split(LAYER_SEP)
+    out = []
+    for part in parts:
+        indices, sep, setting = part.partition("=")
+        m = _AUTO.fullmatch(indices.strip())
+        if m:
+            errors = errors if errors is not None else layer_errors(model)
+            indices = ",".join(map(str, pick_layers(errors, int(m.group(1)))))
+            print(f"{name}: calibration picked layers {indices}", flush=True)
+        out.append(f"{indices}{sep}{setting}")
+    return LAYER_SEP.join([base, *out]), errors
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,6 +139,12 @@ def main(argv: list[str] | None = None) -> None:
     hf = AutoConfig.from_pretrained(model)
     head_size = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     num_layers = hf.num_hidden_layers
+    errors = None
+    for i, name in enumerate(a.configs):
+        try:
+            a.configs[i], errors = resolve_auto(name, model, errors)
+        except ValueError as e:
+            ap.error(f"{name}: {e}")
     for name in a.configs:
         settings = config_settings(name)
         if isinstance(settings, dict):
@@ -117,6 +155,8 @@ def main(argv: list[str] | None = None) -> None:
     out = dict(meta=dict(date=datetime.datetime.now().isoformat(timespec="seconds"), model=model, windows=a.windows,
                          window_tokens=a.window_tokens, chunk=a.chunk, text=a.text or "pydoc_data.topics",
                          python=sys.version.split()[0], machine=platform.machine()))
+    if errors is not None:
+        out["meta"]["calibration_errors"] = errors
     if "passkey" in a.tasks:
         out["passkey"] = passkey_table(model, a.configs, tokenizer, a.passkey_lengths, a.passkey_trials, a.chunk)
     if "perplexity" in a.tasks:
@@ -191,7 +231,8 @@ def agreement_table(model: str, configs: list[str], tokenizer, prompts: int, tok
 def perplexity_table(model: str, configs: list[str], token_windows, chunk: int, head_size: int,
                      num_layers: int | None = None) -> list:
     """Cache-read perplexity per configuration; prints a table with deltas against the first, the cache bits per
-    value (averaged over ``num_layers`` layers for per-layer bits) and the KV tokens the engine allocated."""
+    value (averaged over ``num_layers`` layers for per-layer bits) and the KV tokens of the engine's pool
+    (``num_gpu_blocks x block_size``)."""
     results = []
     for name in configs:
         r = evaluate(model, name, config_settings(name), token_windows, chunk)
@@ -207,8 +248,9 @@ def perplexity_table(model: str, configs: list[str], token_windows, chunk: int, 
         delta = (r.perplexity / base.perplexity - 1) * 100
         rows.append(dict(config=r.config, settings=config_settings(r.config), perplexity=r.perplexity, nll=r.nll,
                          tokens=r.tokens, seconds=r.seconds, delta_pct=delta, bits_per_value=bits,
-                         nonfinite_logprobs=r.nonfinite, kv_tokens=r.kv_tokens))
-        print(f"| {r.config} | {r.perplexity:.4f} | {delta:+.2f}% | {bits:.2f} | {bits / 16:.3f} | {r.kv_tokens:,} |")
+                         nonfinite_logprobs=r.nonfinite, kv_tokens=r.kv_tokens, kv_pool_tokens=r.kv_pool_tokens))
+        print(f"| {r.config} | {r.perplexity:.4f} | {delta:+.2f}% | {bits:.2f} | {bits / 16:.3f} | "
+              f"{r.kv_pool_tokens:,} |")
     return rows
 
 

@@ -95,8 +95,9 @@ class Result:
     nll: float
     tokens: int
     seconds: float
-    kv_tokens: int | None
+    kv_tokens: int | None  #: vLLM's "GPU KV cache size" (max concurrency x max_model_len: depends on max_model_len)
     nonfinite: int = 0  #: prompt log-probabilities that were NaN or -inf (the NLL is then NaN: a broken cache path)
+    kv_pool_tokens: int | None = None  #: the pool's capacity, num_gpu_blocks x block_size (the memory cost)
 
     @property
     def perplexity(self) -> float:
@@ -140,9 +141,10 @@ def evaluate(model: str, name: str, config: object, token_windows: list[list[int
 
     llm = LLM(**engine_args(model, config, chunk, max(len(w) for w in token_windows), **extra))
     try:
-        kv_tokens = llm.llm_engine.vllm_config.cache_config.kv_cache_size_tokens
+        cache = llm.llm_engine.vllm_config.cache_config
         t0 = time.time()
         nll, n, bad = score(llm, token_windows)
-        return Result(name, nll, n, time.time() - t0, kv_tokens, bad)
+        return Result(name, nll, n, time.time() - t0, cache.kv_cache_size_tokens, bad,
+                      cache.num_gpu_blocks * cache.block_size)
     finally:
         shutdown_engine(llm)
