@@ -348,6 +348,7 @@ def check_layers_against_oracle(worker) -> dict:
     recorded layers whether the cached keys/values dequantize exactly to the float64 oracle's (tests/oracle.py) of
     the same K/V at that layer's bits, with the open group's tokens exact."""
     import oracle
+
     from kivi_vllm import reference
     from kivi_vllm.patches.kv_cache_spec import layer_index
 
@@ -360,8 +361,8 @@ def check_layers_against_oracle(worker) -> dict:
         if not isinstance(getattr(layer, "kv_cache", None), torch.Tensor) or not layer.kv_cache.numel():
             continue
         i = layer_index(name)
-        row = dict(backend=layer.get_attn_backend().__name__, shape=list(layer.kv_cache.shape),
-                   group_bits=group_bits[name], num_groups=sum(len(g) for g in runner.attn_groups))
+        row = {"backend": layer.get_attn_backend().__name__, "shape": list(layer.kv_cache.shape),
+               "group_bits": group_bits[name], "num_groups": sum(len(g) for g in runner.attn_groups)}
         calls = getattr(worker, "kivi_recorded", {}).get(name)
         if calls:
             k = torch.cat([c[0] for c in calls])
@@ -398,8 +399,9 @@ def layered_run(model_path):
     prompt = long_prompts(1)
     ids = generate_ids(llm, prompt, n=8)
     cfg = llm.llm_engine.vllm_config
-    res = dict(ids=ids, layers=llm.collective_rpc(check_layers_against_oracle)[0], blocks=cfg.cache_config.num_gpu_blocks,
-               kv_tokens=kv_tokens(llm), block_size=cfg.cache_config.block_size, metrics=kivi_capacity(cfg))
+    res = {"ids": ids, "layers": llm.collective_rpc(check_layers_against_oracle)[0],
+           "blocks": cfg.cache_config.num_gpu_blocks, "kv_tokens": kv_tokens(llm),
+           "block_size": cfg.cache_config.block_size, "metrics": kivi_capacity(cfg)}
     close_llm(llm)
     return res
 
