@@ -378,3 +378,32 @@ def test_backend_refuses_sliding_windows_at_selection():
     assert KiviAttentionBackend.validate_configuration(**kw) == []
     assert KiviAttentionBackend.validate_configuration(**kw, has_sliding_window=True) == ["sliding window not supported"]
     assert KiviAttentionBackend.validate_configuration(**{**kw, "use_mla": True}) == ["MLA not supported"]
+
+
+def test_kivi_metrics_with_per_layer_bits():
+    """The /metrics plugin on a config with per-layer bits (no engine: the API server's config only): the layers
+    label, and capacity gauges from the page bytes of all 30 layers, by hand (design.md §2: a KIVI-2 page of one
+    head of 64 channels is 31,232 B, k4v2 38,912 B, k4v4 46,592 B; bf16 holds 2 x 64 x 2 B per token)."""
+    from types import SimpleNamespace
+
+    import torch
+    from prometheus_client import REGISTRY
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    import kivi_vllm
+    from kivi_vllm.serving.metrics import KiviStatLogger
+
+    kivi_vllm.register()
+    model = SimpleNamespace(get_head_size=lambda: 64, dtype=torch.bfloat16, get_num_kv_heads=lambda parallel: 3,
+                            get_total_num_hidden_layers=lambda: 30, served_model_name="m")
+    cfg = SimpleNamespace(attention_config=SimpleNamespace(backend=AttentionBackendEnum.CUSTOM), model_config=model,
+                          cache_config=SimpleNamespace(block_size=512, num_gpu_blocks=372), parallel_config=None,
+                          additional_config={"kivi": {"bits": 2, "layers": {"0": {"k_bits": 4}, "29": {"bits": 4}}}})
+    KiviStatLogger(cfg)
+    info = [s for m in REGISTRY.collect() if m.name == "kivi:cache_config_info" for s in m.samples]
+    assert len(info) == 1 and info[0].labels["layers"] == "0=k4v2 29=k4v4" and info[0].labels["k_bits"] == "2"
+    value = lambda name: REGISTRY.get_sample_value(name, {"model_name": "m"})
+    dense = 372 * 3 * (28 * 31_232 + 38_912 + 46_592) // (30 * 3 * 2 * 64 * 2)
+    assert value("kivi:kv_cache_capacity_tokens") == 372 * 512
+    assert value("kivi:kv_cache_dense_capacity_tokens") == dense == 46_500
+    assert value("kivi:kv_cache_capacity_ratio") == pytest.approx(372 * 512 / dense)
