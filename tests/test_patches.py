@@ -1,5 +1,8 @@
 """The version-checked vLLM patches: they match the installed vLLM 0.26.0 and refuse anything else, loudly."""
 
+import subprocess
+import sys
+
 import pytest
 
 import kivi_vllm
@@ -80,3 +83,13 @@ def test_one_backend_class_per_layer_setting():
     assert k4v2.get_name() == "CUSTOM" and pickle.loads(pickle.dumps(k4v2)) is k4v2
     with pytest.raises(KiviConfigError):
         backend_for_bits(3, 2)
+    # a fresh process that never called backend_for_bits unpickles the class by name (module __getattr__)
+    code = ("import pickle, sys; c = pickle.loads(sys.stdin.buffer.read()); "
+            "print(c.__qualname__, c.KIVI_BITS, c.__mro__[1].__name__)")
+    out = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(backend_for_bits(2, 4)),
+                         capture_output=True, timeout=300, check=True).stdout.decode()  # vLLM logs there too
+    assert out.splitlines()[-1].split() == ["K2V4KiviAttentionBackend", "(2,", "4)", "KiviAttentionBackend"]
+    import kivi_vllm.backend.backend as mod
+
+    with pytest.raises(AttributeError):
+        mod.K3V2KiviAttentionBackend

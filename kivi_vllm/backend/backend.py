@@ -12,6 +12,7 @@ each distinct setting has its own attention group, metadata builder and :class:`
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import ClassVar
 
@@ -128,7 +129,8 @@ def backend_for_bits(k_bits: int, v_bits: int) -> type[KiviAttentionBackend]:
     """The backend class of layers stored with ``k_bits``/``v_bits``: a subclass of :class:`KiviAttentionBackend`
     whose ``get_kv_cache_shape`` uses those bits (vLLM's ``subclass_attention_backend`` pattern). One class per
     setting, created once and kept in this module under its name (e.g. ``K4V2KiviAttentionBackend``), so the runners'
-    grouping by ``full_cls_name()`` puts all layers of one setting together and the class pickles by name.
+    grouping by ``full_cls_name()`` puts all layers of one setting together and the class pickles by name (the
+    module's ``__getattr__`` creates it on lookup in a process that has not built it yet, e.g. on unpickling).
 
     Raises:
         KiviConfigError: bits outside 2 and 4.
@@ -143,3 +145,18 @@ def backend_for_bits(k_bits: int, v_bits: int) -> type[KiviAttentionBackend]:
         )
         setattr(sys.modules[__name__], name, cls)
     return cls
+
+
+_SUBCLASS_NAME = re.compile(rf"K([0-9]+)V([0-9]+){KiviAttentionBackend.__name__}")
+
+
+def __getattr__(name: str):
+    """Module attribute lookup for the per-setting classes (PEP 562): ``K4V2KiviAttentionBackend`` resolves to
+    :func:`backend_for_bits` (4, 2) in any process, so pickle can find the class by name where no layer made it."""
+    m = _SUBCLASS_NAME.fullmatch(name)
+    if m:
+        try:
+            return backend_for_bits(int(m.group(1)), int(m.group(2)))
+        except KiviConfigError:
+            pass
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
