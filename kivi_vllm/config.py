@@ -16,6 +16,7 @@ Errors name the flag and the allowed values, so a bad combination stops the serv
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -118,8 +119,7 @@ class KiviConfig:
                         f"KIVI: {FLAG['layers']}: layer {index}: {name}={value!r} is not supported; allowed values: "
                         f"{', '.join(map(str, ALLOWED_BITS))}"
                     )
-        if list(self.layers) != sorted(self.layers):
-            object.__setattr__(self, "layers", tuple(sorted(self.layers)))
+        object.__setattr__(self, "layers", tuple(sorted(self.layers)))  # sorted, and hashable like the rest
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -235,10 +235,13 @@ def _layers_from_dict(raw: Any, k_bits: Any, v_bits: Any) -> tuple[tuple[int, An
         )
     out = []
     for key, entry in raw.items():
-        try:
+        # an int, or a str of one (JSON keys); not bools, floats or int()'s other spellings ("1_0")
+        if type(key) is int:
+            index = key
+        elif isinstance(key, str) and re.fullmatch(r"\s*-?[0-9]+\s*", key):
             index = int(key)
-        except (TypeError, ValueError):
-            raise KiviConfigError(f"KIVI: {FLAG['layers']}: layer index {key!r} is not an integer") from None
+        else:
+            raise KiviConfigError(f"KIVI: {FLAG['layers']}: layer index {key!r} is not an integer")
         if not isinstance(entry, Mapping) or not entry or set(entry) - set(LAYER_KEYS):
             raise KiviConfigError(
                 f"KIVI: {FLAG['layers']}: layer {key}: expected a dict of {', '.join(LAYER_KEYS)}, got {entry!r}"
@@ -260,7 +263,6 @@ def parse_layer_setting(text: str) -> dict[str, dict[str, int]]:
     Raises:
         KiviConfigError: anything else (the message shows the expected form).
     """
-    import re
 
     form = f"expected INDICES=SETTING such as 0,29=k4v2, 0-3=k4 or 5=4, got {text!r}"
     indices, sep, setting = text.partition("=")

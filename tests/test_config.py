@@ -89,6 +89,8 @@ def test_per_layer_bits_from_additional_config():
     assert c.to_dict()["layers"] == {"0": {"k_bits": 4, "v_bits": 2}, "5": {"k_bits": 2, "v_bits": 4},
                                      "29": {"k_bits": 4, "v_bits": 4}}
     assert "layers" not in KiviConfig().to_dict()
+    assert KiviConfig(layers=[(0, 4, 2)]).layers == ((0, 4, 2),)  # a tuple, so the config stays hashable
+    hash(KiviConfig(layers=[(0, 4, 2)]))
     assert c.describe().endswith("layers 0=k4v2 5=k2v4 29=k4v4")
     # global KIVI-4 with one layer at 2 bits: a layer inherits the global bits it does not set
     assert KiviConfig.from_dict({"bits": 4, "layers": {"3": {"k_bits": 2}}}).layers == ((3, 2, 4),)
@@ -103,6 +105,9 @@ def test_per_layer_bits_from_additional_config():
     ({"0": {"bits": 8}}, r"layer 0: k_bits=8 is not supported"),
     ({"-1": {"k_bits": 4}}, r"layer index -1 is not a non-negative integer"),
     ({"last": {"k_bits": 4}}, r"layer index 'last' is not an integer"),
+    ({True: {"k_bits": 4}}, r"layer index True is not an integer"),
+    ({1.7: {"k_bits": 4}}, r"layer index 1.7 is not an integer"),
+    ({"1_0": {"k_bits": 4}}, r"layer index '1_0' is not an integer"),
     ({"0": {"group_size": 16}}, r"layer 0: expected a dict of bits, k_bits, v_bits"),
     ({"0": 4}, r"layer 0: expected a dict of bits, k_bits, v_bits"),
     ({"0": {}}, r"layer 0: expected a dict"),
