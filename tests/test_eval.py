@@ -125,6 +125,11 @@ def test_auto_layers_in_config_names():
     with pytest.raises(ValueError, match="cannot pick 6 of 5 layers"):
         pick_layers(errors, 6)
     assert config_name("kivi2@auto5=k4v2") == "kivi2@auto5=k4v2"
+    import argparse
+
+    for bad in ("kivi2@1,auto5=k4v2", "kivi2@auto5=k3"):  # autoN must be all of INDICES; bits checked up front
+        with pytest.raises(argparse.ArgumentTypeError):
+            config_name(bad)
     # the given errors are used as they are (no calibration run) and handed back for the next name
     assert resolve_auto("kivi2@auto3=k4v2@0=k4v4", "unused", errors) == ("kivi2@1,3,4=k4v2@0=k4v4", errors)
     assert config_settings(resolve_auto("kivi2@auto2=4", "unused", errors)[0])["layers"] == {"1": {"bits": 4},

@@ -64,8 +64,10 @@ def config_name(text: str) -> str:
     """argparse type of ``--configs``: a known name, optionally with per-layer bits (:func:`config_settings`), where
     ``autoN`` may stand for the layer indices (resolved later by :func:`resolve_auto`)."""
     base, *parts = text.split(LAYER_SEP)
+    # autoN stands for the whole INDICES of a part, as resolve_auto reads it ("1,auto5=k4" is refused here)
+    parts = [f"0={p.partition('=')[2]}" if _AUTO.fullmatch(p.partition("=")[0].strip()) else p for p in parts]
     try:
-        config_settings(LAYER_SEP.join([base, *(_AUTO.sub("0", p, count=1) for p in parts)]))
+        config_settings(LAYER_SEP.join([base, *parts]))
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return text
