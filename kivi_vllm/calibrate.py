@@ -1,6 +1,6 @@
 """Choose the layers for per-layer bits from a short calibration text: each layer's attention error under KIVI-2 keys.
 
-    python -m kivi_vllm.calibrate --model /path/to/hf-model --top 5          # prints --kivi-layer 17,18,20,23,24=k4v2
+    python -m kivi_vllm.calibrate --model /path/to/hf-model --top 5          # SmolLM2: --kivi-layer 14,17,18,20,23=k4v2
     kivi-eval --configs bf16 kivi2 kivi2@auto5=k4v2                           # the same pick inside kivi-eval
 
 Method: the Hugging Face model runs once in float32 over ``tokens`` tokens of a calibration text (default: tokens
@@ -117,15 +117,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", help="write the per-layer errors and the pick as JSON here")
     a = ap.parse_args(argv)
-    from .config import parse_layer_setting
+    from .config import KiviConfig, KiviConfigError, parse_layer_setting
     from .models import default_model_path
+
+    try:  # before the model runs: the setting's syntax and bits
+        KiviConfig.from_dict({"layers": parse_layer_setting(f"0={a.setting}")})
+    except KiviConfigError as e:
+        ap.error(f"--setting {a.setting!r}: {e}")
+    if a.top < 1 or a.tokens < a.group_size:
+        ap.error(f"--top must be at least 1 and --tokens at least --group-size ({a.group_size})")
 
     model = a.model or str(default_model_path())
     text = "\n\n".join(Path(p).read_text(encoding="utf-8") for p in a.text) if a.text else None
     errors = layer_errors(model, a.tokens, text, group_size=a.group_size, device=a.device)
     picked = pick_layers(errors, a.top)
     flag = f"{','.join(map(str, picked))}={a.setting}"
-    parse_layer_setting(flag)  # validates the setting
     for i in sorted(range(len(errors)), key=lambda i: -errors[i]):
         print(f"layer {i:3d}: attention error with 2-bit keys {errors[i]:.4f}{'  <- picked' if i in picked else ''}")
     print(f"--kivi-layer {flag}")
