@@ -252,6 +252,9 @@ def _layers_from_dict(raw: Any, k_bits: Any, v_bits: Any) -> tuple[tuple[int, An
     return tuple(out)
 
 
+MAX_LAYER_INDEX = 4096  # far above any decoder's layer count; bounds what a range like 0-999999999 would build
+
+
 def parse_layer_setting(text: str) -> dict[str, dict[str, int]]:
     """Parse the ``--kivi-layer`` syntax ``INDICES=SETTING`` into the ``"layers"`` dict of ``additional_config``.
 
@@ -282,6 +285,8 @@ def parse_layer_setting(text: str) -> dict[str, dict[str, int]]:
         first, last = int(r.group(1)), int(r.group(2) or r.group(1))
         if last < first:
             raise KiviConfigError(f"KIVI: {FLAG['layers']}: empty range {part.strip()!r}; {form}")
+        if last >= MAX_LAYER_INDEX:
+            raise KiviConfigError(f"KIVI: {FLAG['layers']}: layer index {last} is not below {MAX_LAYER_INDEX}; {form}")
         for i in range(first, last + 1):
             out[str(i)] = dict(entry)
     return out

@@ -125,7 +125,7 @@ def test_layer_setting_syntax():
     assert parse_layer_setting("0,29=k4v2") == {"0": {"k_bits": 4, "v_bits": 2}, "29": {"k_bits": 4, "v_bits": 2}}
     assert parse_layer_setting("0-2=k4") == {str(i): {"k_bits": 4} for i in range(3)}
     assert parse_layer_setting("5=v4") == {"5": {"v_bits": 4}} and parse_layer_setting("5=4") == {"5": {"bits": 4}}
-    for bad in ("0,29", "0=", "=k4", "a=k4", "0=k4x", "3-1=k4", "0=q4"):
+    for bad in ("0,29", "0=", "=k4", "a=k4", "0=k4x", "3-1=k4", "0=q4", "0-999999999=k4"):
         with pytest.raises(KiviConfigError, match="--kivi-layer"):
             parse_layer_setting(bad)
     c = KiviConfig.from_dict({"layers": parse_layer_setting("0,29=k4v2")})
