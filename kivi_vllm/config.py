@@ -5,12 +5,18 @@ Users set them with ``kivi-serve --kivi-bits 2 --kivi-group-size 32 ...`` or, wi
 (vLLM pickles ``VllmConfig.additional_config`` to the engine core and every worker, and hashes it into the
 torch.compile cache key; ``config/vllm.py`` in vLLM 0.26.0).
 
+Per-layer bits: ``"layers": {"0": {"k_bits": 4}, "29": {"bits": 4}}`` keeps the listed layers (decoder layer
+indices, as in the model's ``model.layers.N``) at other key/value bits than the rest; a layer's unset bits are the
+global ones. ``kivi-serve --kivi-layer 0,29=k4v2`` writes the same (:func:`parse_layer_setting`). Every layer has its
+own page size then (docs/design.md §2, "Per-layer pages").
+
 Errors name the flag and the allowed values, so a bad combination stops the server before any weights load.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -40,7 +46,10 @@ FLAG = {
     "residual": "--kivi-residual",
     "prefill": "--kivi-prefill",
     "block_size": "--block-size",
+    "layers": "--kivi-layer",
 }
+#: Keys of one layer's entry under ``"layers"``.
+LAYER_KEYS = ("bits", "k_bits", "v_bits")
 
 
 class KiviConfigError(ValueError):
@@ -58,6 +67,8 @@ class KiviConfig:
             that share one value scale/min per token (``gcd(G, head_size)`` when G does not divide the head size).
         residual: which tensors of the newest, still-open group stay unquantized: ``"kv"`` or ``"k"``.
         prefill: how prefill queries see the chunk's own tokens: ``"streaming"`` or ``"exact"``.
+        layers: per-layer bits, ``((layer_index, k_bits, v_bits), ...)`` sorted by index, one entry per listed layer
+            (every other layer uses ``k_bits``/``v_bits``). Built from the ``"layers"`` dict by :meth:`from_dict`.
 
     Raises:
         KiviConfigError: on any value outside the allowed sets (see the module constants).
@@ -68,6 +79,7 @@ class KiviConfig:
     group_size: int = 32
     residual: str = "kv"
     prefill: str = "streaming"
+    layers: tuple[tuple[int, int, int], ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("k_bits", "v_bits"):
@@ -91,14 +103,36 @@ class KiviConfig:
                 f"KIVI: {FLAG['prefill']}={self.prefill!r} is not supported; allowed values: "
                 f"{', '.join(ALLOWED_PREFILL)}"
             )
+        seen = set()
+        for entry in self.layers:
+            if not (isinstance(entry, tuple) and len(entry) == 3):
+                raise KiviConfigError(f"KIVI: {FLAG['layers']}: expected (layer, k_bits, v_bits), got {entry!r}")
+            index, k_bits, v_bits = entry
+            if type(index) is not int or index < 0:
+                raise KiviConfigError(f"KIVI: {FLAG['layers']}: layer index {index!r} is not a non-negative integer")
+            if index in seen:
+                raise KiviConfigError(f"KIVI: {FLAG['layers']}: layer {index} is listed twice")
+            seen.add(index)
+            for name, value in (("k_bits", k_bits), ("v_bits", v_bits)):
+                if type(value) is not int or value not in ALLOWED_BITS:
+                    raise KiviConfigError(
+                        f"KIVI: {FLAG['layers']}: layer {index}: {name}={value!r} is not supported; allowed values: "
+                        f"{', '.join(map(str, ALLOWED_BITS))}"
+                    )
+        object.__setattr__(self, "layers", tuple(sorted(self.layers)))  # sorted, and hashable like the rest
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None) -> "KiviConfig":
         """Build from the ``additional_config["kivi"]`` dict. ``bits`` sets both ``k_bits`` and ``v_bits``.
 
+        ``layers`` maps a layer index (an int, or a str of one: JSON keys are strings) to a dict of ``bits``,
+        ``k_bits`` and/or ``v_bits`` for that layer; unset bits are the global ones. Example:
+        ``{"bits": 2, "layers": {"0": {"k_bits": 4}, "29": {"bits": 4}}}`` -> layers ((0, 4, 2), (29, 4, 4)).
+
         Raises:
-            KiviConfigError: unknown keys, or values outside the allowed sets.
+            KiviConfigError: unknown keys, values outside the allowed sets, a layer index that is not a
+                non-negative integer, or a layer entry that is not a dict of ``bits``/``k_bits``/``v_bits``.
         """
         raw = dict(raw or {})
         if "bits" in raw:
@@ -112,6 +146,9 @@ class KiviConfig:
                 f"KIVI: unknown key(s) {unknown} in --additional-config '{{\"{ADDITIONAL_CONFIG_KEY}\": ...}}'; "
                 f"allowed keys: bits, {', '.join(sorted(known))}"
             )
+        if "layers" in raw:
+            k_bits, v_bits = raw.get("k_bits", cls.k_bits), raw.get("v_bits", cls.v_bits)
+            raw["layers"] = _layers_from_dict(raw["layers"], k_bits, v_bits)
         return cls(**raw)
 
     @classmethod
@@ -121,8 +158,41 @@ class KiviConfig:
         return cls.from_dict(additional.get(ADDITIONAL_CONFIG_KEY))
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``additional_config["kivi"]`` form of these settings."""
-        return dataclasses.asdict(self)
+        """The ``additional_config["kivi"]`` form of these settings (``layers`` only when some layer is listed)."""
+        out = dataclasses.asdict(self)
+        layers = out.pop("layers")
+        if layers:
+            out["layers"] = {str(i): {"k_bits": k, "v_bits": v} for i, k, v in layers}
+        return out
+
+    # ------------------------------------------------------------------ per layer
+    def for_layer(self, index: int) -> KiviConfig:
+        """The settings of decoder layer ``index``: this config with that layer's bits, and no ``layers``."""
+        k_bits, v_bits = self.layer_bits(index)
+        return dataclasses.replace(self, k_bits=k_bits, v_bits=v_bits, layers=())
+
+    def layer_bits(self, index: int) -> tuple[int, int]:
+        """(k_bits, v_bits) of decoder layer ``index``."""
+        for i, k_bits, v_bits in self.layers:
+            if i == index:
+                return k_bits, v_bits
+        return self.k_bits, self.v_bits
+
+    def settings_by_layer(self, num_layers: int) -> dict[tuple[int, int], list[int]]:
+        """{(k_bits, v_bits): [layer indices]} over layers 0 .. num_layers - 1, global setting first."""
+        out: dict[tuple[int, int], list[int]] = {(self.k_bits, self.v_bits): []}
+        for i in range(num_layers):
+            out.setdefault(self.layer_bits(i), []).append(i)
+        return {bits: idx for bits, idx in out.items() if idx}
+
+    def check_num_layers(self, num_layers: int) -> None:
+        """Raise KiviConfigError if a listed layer index is not below the model's ``num_layers`` decoder layers."""
+        bad = [i for i, _, _ in self.layers if i >= num_layers]
+        if bad:
+            raise KiviConfigError(
+                f"KIVI: {FLAG['layers']}: layer(s) {', '.join(map(str, bad))} beyond the model's {num_layers} layers "
+                f"(indices 0 to {num_layers - 1})"
+            )
 
     # ------------------------------------------------------------------ checks that need the model
     def check_block_size(self, block_size: int) -> None:
@@ -143,7 +213,80 @@ class KiviConfig:
             )
 
     def describe(self) -> str:
-        """One line for logs: ``KIVI k2/v2 G=32 residual=kv``."""
-        return (
-            f"KIVI k{self.k_bits}/v{self.v_bits} G={self.group_size} residual={self.residual} prefill={self.prefill}"
+        """One line for logs: ``KIVI k2/v2 G=32 residual=kv prefill=streaming``, then ``layers 0,29=k4v2`` when
+        some layers have their own bits."""
+        line = f"KIVI k{self.k_bits}/v{self.v_bits} G={self.group_size} residual={self.residual} prefill={self.prefill}"
+        return f"{line} layers {self.describe_layers()}" if self.layers else line
+
+    def describe_layers(self) -> str:
+        """The per-layer bits in :func:`parse_layer_setting`'s syntax, e.g. ``0,29=k4v2 5=k4v4`` (empty when none)."""
+        by_bits: dict[tuple[int, int], list[int]] = {}
+        for i, k_bits, v_bits in self.layers:
+            by_bits.setdefault((k_bits, v_bits), []).append(i)
+        return " ".join(f"{','.join(map(str, idx))}=k{k}v{v}" for (k, v), idx in by_bits.items())
+
+
+def _layers_from_dict(raw: Any, k_bits: Any, v_bits: Any) -> tuple[tuple[int, Any, Any], ...]:
+    """``{"0": {"k_bits": 4}, ...}`` -> ``((0, 4, v_bits), ...)``; unset bits are the global ``k_bits``/``v_bits``."""
+    if not isinstance(raw, Mapping):
+        raise KiviConfigError(
+            f"KIVI: {FLAG['layers']}: \"layers\" must map layer indices to settings, e.g. "
+            f"{{\"0\": {{\"k_bits\": 4}}}}; got {raw!r}"
         )
+    out = []
+    for key, entry in raw.items():
+        # an int, or a str of one (JSON keys); not bools, floats or int()'s other spellings ("1_0")
+        if type(key) is int:
+            index = key
+        elif isinstance(key, str) and re.fullmatch(r"\s*-?[0-9]+\s*", key):
+            index = int(key)
+        else:
+            raise KiviConfigError(f"KIVI: {FLAG['layers']}: layer index {key!r} is not an integer")
+        if not isinstance(entry, Mapping) or not entry or set(entry) - set(LAYER_KEYS):
+            raise KiviConfigError(
+                f"KIVI: {FLAG['layers']}: layer {key}: expected a dict of {', '.join(LAYER_KEYS)}, got {entry!r}"
+            )
+        bits = entry.get("bits")
+        out.append((index, entry.get("k_bits", k_bits if bits is None else bits),
+                    entry.get("v_bits", v_bits if bits is None else bits)))
+    return tuple(out)
+
+
+MAX_LAYER_INDEX = 4096  # far above any decoder's layer count; bounds what a range like 0-999999999 would build
+
+
+def parse_layer_setting(text: str) -> dict[str, dict[str, int]]:
+    """Parse the ``--kivi-layer`` syntax ``INDICES=SETTING`` into the ``"layers"`` dict of ``additional_config``.
+
+    INDICES is a comma-separated list of decoder layer indices and ranges (``0,29`` or ``0-3,29``); SETTING is
+    ``k4v2``, ``k4`` (keys only; values keep the global bits), ``v4``, or ``4`` (both).
+
+    Example: ``parse_layer_setting("0,29=k4v2")`` -> ``{"0": {"k_bits": 4, "v_bits": 2}, "29": {...}}``.
+
+    Raises:
+        KiviConfigError: anything else (the message shows the expected form).
+    """
+
+    form = f"expected INDICES=SETTING such as 0,29=k4v2, 0-3=k4 or 5=4, got {text!r}"
+    indices, sep, setting = text.partition("=")
+    m = re.fullmatch(r"(?:k(\d+))?(?:v(\d+))?|(\d+)", setting.strip())
+    if not sep or not setting.strip() or not m:
+        raise KiviConfigError(f"KIVI: {FLAG['layers']}: {form}")
+    entry = {"bits": int(m.group(3))} if m.group(3) else {}
+    if m.group(1):
+        entry["k_bits"] = int(m.group(1))
+    if m.group(2):
+        entry["v_bits"] = int(m.group(2))
+    out: dict[str, dict[str, int]] = {}
+    for part in indices.split(","):
+        r = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+        if not r:
+            raise KiviConfigError(f"KIVI: {FLAG['layers']}: {form}")
+        first, last = int(r.group(1)), int(r.group(2) or r.group(1))
+        if last < first:
+            raise KiviConfigError(f"KIVI: {FLAG['layers']}: empty range {part.strip()!r}; {form}")
+        if last >= MAX_LAYER_INDEX:
+            raise KiviConfigError(f"KIVI: {FLAG['layers']}: layer index {last} is not below {MAX_LAYER_INDEX}; {form}")
+        for i in range(first, last + 1):
+            out[str(i)] = dict(entry)
+    return out

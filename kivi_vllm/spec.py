@@ -9,6 +9,7 @@ block count, the "KV cache size: N tokens" log, admission and metrics all follow
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -87,19 +88,39 @@ class KiviAttentionSpec(FullAttentionSpec):
         return replace(merged, **{f: getattr(first, f) for f in kivi})
 
 
-def capacity_summary(spec: KiviAttentionSpec, num_blocks: int) -> dict:
-    """KV-cache capacity of ``num_blocks`` KIVI pages and what an unquantized (model dtype) cache would hold in
-    the same memory.
+    def for_layer(self, cfg: KiviConfig, index: int) -> KiviAttentionSpec:
+        """This spec with decoder layer ``index``'s bits from ``cfg`` (``cfg.layers``; the global bits otherwise)."""
+        k_bits, v_bits = cfg.layer_bits(index)
+        return self if (k_bits, v_bits) == (self.k_bits, self.v_bits) else replace(self, k_bits=k_bits, v_bits=v_bits)
+
+
+def capacity_summary(specs: KiviAttentionSpec | Sequence[KiviAttentionSpec], num_blocks: int) -> dict:
+    """KV-cache capacity of ``num_blocks`` KIVI pages per layer, and what an unquantized (model dtype) cache would
+    hold in the same memory.
+
+    Args:
+        specs: one spec per KIVI layer (their page sizes may differ: per-layer bits), or one spec that stands for
+            every layer (all layers alike; the figures per layer are then the model's).
+        num_blocks: vLLM's block count (every layer holds ``num_blocks`` pages: one block table for all layers).
 
     Returns:
-        dict with ``blocks``, ``block_size``, ``tokens`` (KIVI), ``bytes_per_layer``, ``dense_tokens`` (same bytes
-        at 2 * head_size * itemsize bytes per token per KV head, before vLLM's block rounding) and ``ratio``.
+        dict with ``blocks``, ``block_size``, ``tokens`` (KIVI: ``blocks x block_size``), ``bytes`` (the pages of
+        every layer in ``specs``), ``dense_tokens`` (tokens at 2 * head_size * itemsize bytes per token per KV head
+        per layer in the same bytes, before vLLM's block rounding), ``ratio`` (tokens / dense_tokens) and
+        ``bytes_per_token_head`` (page bytes per token per KV head, averaged over the layers).
+
+    Raises:
+        ValueError: no specs, or specs with different block sizes.
     """
-    layout = spec.layout
-    itemsize = spec.residual_dtype.itemsize
-    bytes_per_layer = num_blocks * spec.page_size_bytes
-    dense_tokens = bytes_per_layer // (spec.num_kv_heads * 2 * spec.head_size * itemsize)
-    tokens = num_blocks * spec.block_size
-    return dict(blocks=num_blocks, block_size=spec.block_size, tokens=tokens, bytes_per_layer=bytes_per_layer,
-                dense_tokens=dense_tokens, ratio=tokens / max(dense_tokens, 1),
-                bytes_per_token_head=layout.bytes_per_token)
+    specs = [specs] if isinstance(specs, KiviAttentionSpec) else list(specs)
+    if not specs or len({s.block_size for s in specs}) != 1:
+        raise ValueError(f"KIVI capacity: expected specs of one block size, got {[s.block_size for s in specs]}")
+    block_size = specs[0].block_size
+    total = num_blocks * sum(s.page_size_bytes for s in specs)
+    dense_per_token = sum(s.num_kv_heads * 2 * s.head_size * s.residual_dtype.itemsize for s in specs)
+    dense_tokens = total // dense_per_token
+    tokens = num_blocks * block_size
+    heads = sum(s.num_kv_heads for s in specs)
+    per_token_head = sum(s.num_kv_heads * s.layout.page_bytes for s in specs) / (heads * block_size)
+    return dict(blocks=num_blocks, block_size=block_size, tokens=tokens, bytes=total, dense_tokens=dense_tokens,
+                ratio=tokens / max(dense_tokens, 1), bytes_per_token_head=per_token_head)

@@ -75,3 +75,71 @@ def test_kivi_serve_flags_merge_with_additional_config():
         check_engine_args(parse_kivi_flags([], block_size=100), KiviConfig())
     with pytest.raises(KiviConfigError, match="--kv-cache-dtype fp8_e4m3 cannot be combined"):
         check_engine_args(parse_kivi_flags([], kv_cache_dtype="fp8_e4m3"), KiviConfig())
+
+
+# ------------------------------------------------------------------------------------------------ per-layer bits
+def test_per_layer_bits_from_additional_config():
+    c = KiviConfig.from_dict({"bits": 2, "layers": {"29": {"bits": 4}, "0": {"k_bits": 4}, 5: {"v_bits": 4}}})
+    assert c.layers == ((0, 4, 2), (5, 2, 4), (29, 4, 4))  # unset bits are the global ones; sorted by layer
+    assert [c.layer_bits(i) for i in (0, 1, 5, 29)] == [(4, 2), (2, 2), (2, 4), (4, 4)]
+    assert c.for_layer(0) == KiviConfig(k_bits=4, v_bits=2) and c.for_layer(7) == KiviConfig()
+    assert c.settings_by_layer(30) == {(2, 2): [i for i in range(30) if i not in (0, 5, 29)], (4, 2): [0],
+                                       (2, 4): [5], (4, 4): [29]}
+    assert KiviConfig.from_dict(c.to_dict()) == c
+    assert c.to_dict()["layers"] == {"0": {"k_bits": 4, "v_bits": 2}, "5": {"k_bits": 2, "v_bits": 4},
+                                     "29": {"k_bits": 4, "v_bits": 4}}
+    assert "layers" not in KiviConfig().to_dict()
+    assert KiviConfig(layers=[(0, 4, 2)]).layers == ((0, 4, 2),)  # a tuple, so the config stays hashable
+    hash(KiviConfig(layers=[(0, 4, 2)]))
+    assert c.describe().endswith("layers 0=k4v2 5=k2v4 29=k4v4")
+    # global KIVI-4 with one layer at 2 bits: a layer inherits the global bits it does not set
+    assert KiviConfig.from_dict({"bits": 4, "layers": {"3": {"k_bits": 2}}}).layers == ((3, 2, 4),)
+    c.check_num_layers(30)
+    with pytest.raises(KiviConfigError, match=r"--kivi-layer: layer\(s\) 29 beyond the model's 29 layers "
+                                              r"\(indices 0 to 28\)"):
+        c.check_num_layers(29)
+
+
+@pytest.mark.parametrize("layers,match", [
+    ({"0": {"k_bits": 3}}, r"--kivi-layer: layer 0: k_bits=3 is not supported; allowed values: 2, 4"),
+    ({"0": {"bits": 8}}, r"layer 0: k_bits=8 is not supported"),
+    ({"-1": {"k_bits": 4}}, r"layer index -1 is not a non-negative integer"),
+    ({"last": {"k_bits": 4}}, r"layer index 'last' is not an integer"),
+    ({True: {"k_bits": 4}}, r"layer index True is not an integer"),
+    ({1.7: {"k_bits": 4}}, r"layer index 1.7 is not an integer"),
+    ({"1_0": {"k_bits": 4}}, r"layer index '1_0' is not an integer"),
+    ({"0": {"group_size": 16}}, r"layer 0: expected a dict of bits, k_bits, v_bits"),
+    ({"0": 4}, r"layer 0: expected a dict of bits, k_bits, v_bits"),
+    ({"0": {}}, r"layer 0: expected a dict"),
+    ({"0": {"k_bits": 4}, 0: {"k_bits": 2}}, r"layer 0 is listed twice"),
+    ([0, 29], r'"layers" must map layer indices to settings'),
+])
+def test_per_layer_errors(layers, match):
+    with pytest.raises(KiviConfigError, match=match):
+        KiviConfig.from_dict({"layers": layers})
+
+
+def test_layer_setting_syntax():
+    from kivi_vllm.config import parse_layer_setting
+
+    assert parse_layer_setting("0,29=k4v2") == {"0": {"k_bits": 4, "v_bits": 2}, "29": {"k_bits": 4, "v_bits": 2}}
+    assert parse_layer_setting("0-2=k4") == {str(i): {"k_bits": 4} for i in range(3)}
+    assert parse_layer_setting("5=v4") == {"5": {"v_bits": 4}} and parse_layer_setting("5=4") == {"5": {"bits": 4}}
+    for bad in ("0,29", "0=", "=k4", "a=k4", "0=k4x", "3-1=k4", "0=q4", "0-999999999=k4"):
+        with pytest.raises(KiviConfigError, match="--kivi-layer"):
+            parse_layer_setting(bad)
+    c = KiviConfig.from_dict({"layers": parse_layer_setting("0,29=k4v2")})
+    assert KiviConfig.from_dict({"layers": parse_layer_setting(c.describe_layers())}) == c
+
+
+def test_kivi_serve_layer_flag():
+    from kivi_vllm.serving.cli import kivi_config_from_args
+
+    c = kivi_config_from_args(parse_kivi_flags(["--kivi-layer", "0,29=k4v2", "--kivi-layer", "29=4"]))
+    assert c.layers == ((0, 4, 2), (29, 4, 4))  # a later flag wins for its layers
+    # the flag adds to --additional-config's "layers" and wins per layer
+    c = kivi_config_from_args(parse_kivi_flags(["--kivi-layer", "1=k4"], {"kivi": {"layers": {"1": {"bits": 4},
+                                                                                               "2": {"bits": 4}}}}))
+    assert c.layers == ((1, 4, 2), (2, 4, 4))
+    with pytest.raises(KiviConfigError, match="--kivi-layer: expected INDICES=SETTING"):
+        kivi_config_from_args(parse_kivi_flags(["--kivi-layer", "0:k4"]))

@@ -7,6 +7,7 @@ exact residual and prove nothing).
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -300,3 +301,147 @@ def test_prompt_filling_max_model_len_gives_the_same_tokens(pressure_run, prefix
     assert len(prefix_cached_run["long_prompt"]) + LONG_NEW_TOKENS == PRESSURE_MAX_LEN
     assert len(pressure_run["long"]) == LONG_NEW_TOKENS
     assert pressure_run["long"] == prefix_cached_run["long"]
+
+
+# ------------------------------------------------------------------------------------------------ per-layer bits
+#: Layer 0 with 4-bit keys, layer 29 (the last) KIVI-4, the other 28 layers KIVI-2.
+LAYERED = {"bits": 2, "layers": {"0": {"k_bits": 4}, "29": {"bits": 4}}}
+LAYER_BITS = {0: (4, 2), 29: (4, 4)}
+SMOLLM2 = dict(num_layers=30, num_kv_heads=3, head_size=64)
+
+
+def page_bytes_by_hand(k_bits: int, v_bits: int, head_size: int = 64, group: int = 32, block: int = 512) -> int:
+    """One KIVI page of one KV head, restated from docs/design.md §2 (not from PageLayout): 15 group records
+    (key codes, fp16 key scale + min per channel, value codes, fp16 value scale + min per token and channel group)
+    and the bf16 stage of keys and values, which starts at the last record."""
+    record = (group * head_size * k_bits // 8 + 2 * 2 * head_size + group * head_size * v_bits // 8
+              + 2 * 2 * group * (head_size // math.gcd(group, head_size)))
+    return (block // group - 1) * record + 2 * group * head_size * 2
+
+
+def record_kv(worker, layer_indices=(0, 1, 29)) -> int:
+    """Wrap the impls of the given layers so that every real step's key, value and slot mapping is kept (in the
+    worker) for :func:`check_layers_against_oracle`."""
+    from kivi_vllm.patches.kv_cache_spec import layer_index
+
+    worker.kivi_recorded = {}
+    n = 0
+    for name, layer in worker.vllm_config.compilation_config.static_forward_context.items():
+        if getattr(layer, "impl", None) is None or layer_index(name) not in layer_indices:
+            continue
+        calls = worker.kivi_recorded.setdefault(name, [])
+
+        def forward(lyr, query, key, value, kv_cache, attn_metadata, output, *a, _orig=layer.impl.forward,
+                    _calls=calls, **k):
+            if attn_metadata is not None:
+                t = attn_metadata.num_actual_tokens
+                _calls.append((key[:t].clone(), value[:t].clone(), attn_metadata.slot_mapping[:t].clone()))
+            return _orig(lyr, query, key, value, kv_cache, attn_metadata, output, *a, **k)
+
+        layer.impl.forward = forward
+        n += 1
+    return n
+
+
+def check_layers_against_oracle(worker) -> dict:
+    """Per KIVI layer of the worker: its backend class, cache shape, attention group's layout bits, and for the
+    recorded layers whether the cached keys/values dequantize exactly to the float64 oracle's (tests/oracle.py) of
+    the same K/V at that layer's bits, with the open group's tokens exact."""
+    import oracle
+
+    from kivi_vllm import reference
+    from kivi_vllm.patches.kv_cache_spec import layer_index
+
+    runner = worker.model_runner
+    group_bits = {name: (g.kv_cache_spec.k_bits, g.kv_cache_spec.v_bits, g.get_metadata_builder(0).layout.k_bits,
+                         g.get_metadata_builder(0).layout.v_bits)
+                  for groups in runner.attn_groups for g in groups for name in g.layer_names}
+    out = {}
+    for name, layer in worker.vllm_config.compilation_config.static_forward_context.items():
+        if not isinstance(getattr(layer, "kv_cache", None), torch.Tensor) or not layer.kv_cache.numel():
+            continue
+        i = layer_index(name)
+        row = {"backend": layer.get_attn_backend().__name__, "shape": list(layer.kv_cache.shape),
+               "group_bits": group_bits[name], "num_groups": sum(len(g) for g in runner.attn_groups)}
+        calls = getattr(worker, "kivi_recorded", {}).get(name)
+        if calls:
+            k = torch.cat([c[0] for c in calls])
+            v = torch.cat([c[1] for c in calls])
+            slots = torch.cat([c[2] for c in calls])
+            block = worker.vllm_config.cache_config.block_size
+            n = len(slots)
+            assert torch.equal(slots, slots[0] + torch.arange(n)) and n <= block, "expected one request in one page"
+            layout = next(g.get_metadata_builder(0).layout for gs in runner.attn_groups for g in gs
+                          if name in g.layer_names)
+            kc, vc = reference.read_context(layer.kv_cache, torch.tensor([int(slots[0]) // block]), n, layout)
+            q = n // layout.group_size * layout.group_size
+            kb, vb = LAYER_BITS.get(i, (2, 2))
+            row.update(
+                tokens=n, quantized=q,
+                keys_match_oracle=torch.equal(kc[:q].double(), oracle.dequantized_keys(k[:q], kb, 32)),
+                values_match_oracle=torch.equal(vc[:q].double(), oracle.dequantized_values(v[:q], vb, 32)),
+                open_group_exact=torch.equal(kc[q:], k[q:].float()) and torch.equal(vc[q:], v[q:].float()),
+                key_rms_error=(kc[:q].double() - k[:q].double()).pow(2).mean().sqrt().item(),
+                key_rms_error_2bit=(oracle.dequantized_keys(k[:q], 2, 32) - k[:q].double()).pow(2).mean().sqrt().item(),
+            )
+        out[i] = row
+    return out
+
+
+@pytest.fixture(scope="module")
+def layered_run(model_path):
+    """KIVI-2 with layer 0 at k4v2 and layer 29 at k4v4 (1 GiB): one prompt of ~400 tokens, 8 greedy tokens, the
+    K/V of layers 0, 1 and 29 recorded in the worker."""
+    from kivi_vllm.serving.metrics import kivi_capacity
+
+    llm = make_llm(model_path, LAYERED)
+    assert sum(llm.collective_rpc(record_kv)) == 3
+    prompt = long_prompts(1)
+    ids = generate_ids(llm, prompt, n=8)
+    cfg = llm.llm_engine.vllm_config
+    res = {"ids": ids, "layers": llm.collective_rpc(check_layers_against_oracle)[0],
+           "blocks": cfg.cache_config.num_gpu_blocks, "kv_tokens": kv_tokens(llm),
+           "block_size": cfg.cache_config.block_size, "metrics": kivi_capacity(cfg)}
+    close_llm(llm)
+    return res
+
+
+def test_per_layer_pages_and_capacity(layered_run):
+    r = layered_run
+    pages = {i: page_bytes_by_hand(*LAYER_BITS.get(i, (2, 2))) for i in range(SMOLLM2["num_layers"])}
+    assert (pages[1], pages[0], pages[29]) == (31_232, 38_912, 46_592)  # bytes per page per KV head
+    heads = SMOLLM2["num_kv_heads"]
+    # vLLM's allocator: one block table for all layers, blocks = memory // (sum of the layers' page sizes)
+    blocks = 2**30 // (heads * sum(pages.values()))
+    print(f"\nper-layer bits: {blocks} blocks = {blocks * 512:,} KV tokens (KIVI-2 everywhere: "
+          f"{2**30 // (heads * 30 * pages[1]) * 512:,})")
+    assert r["blocks"] == blocks == 372 and r["kv_tokens"] == blocks * r["block_size"] == blocks * 512
+    assert sorted(r["layers"]) == list(range(30))
+    for i, row in r["layers"].items():
+        bits = LAYER_BITS.get(i, (2, 2))
+        assert row["shape"] == [blocks, heads, pages[i]], (i, row)
+        assert row["backend"] == ("KiviAttentionBackend" if i not in LAYER_BITS else
+                                  f"K{bits[0]}V{bits[1]}KiviAttentionBackend"), (i, row)
+        assert row["group_bits"] == bits * 2, (i, row)  # the group's spec and its builder's PageLayout
+        assert row["num_groups"] == 3
+    # /metrics (kivi_vllm.serving.metrics) from the API-side config: tokens, and the dense bf16 tokens of the same bytes
+    m = r["metrics"]
+    dense = blocks * heads * sum(pages.values()) // (30 * heads * 2 * 64 * 2)
+    assert m["tokens"] == r["kv_tokens"] and m["dense_tokens"] == dense
+    assert m["ratio"] == pytest.approx(r["kv_tokens"] / dense)
+
+
+def test_per_layer_codes_match_the_oracle(layered_run):
+    """The protected layers' stored codes and fp16 scales/minima, dequantized, equal the float64 oracle at their
+    own bits on the very K/V the engine stored; a KIVI-2 layer at 2 bits. Layer 0's 4-bit keys are also far
+    closer to the exact keys than 2-bit keys of the same K would be."""
+    layers = layered_run["layers"]
+    assert len(layered_run["ids"][0]) == 8
+    for i in (0, 1, 29):
+        row = layers[i]
+        print(f"\nlayer {i}: {row['tokens']} tokens ({row['quantized']} quantized), key RMS error "
+              f"{row['key_rms_error']:.4f} (2-bit keys would give {row['key_rms_error_2bit']:.4f})")
+        assert row["tokens"] >= 300 and row["quantized"] >= 288
+        assert row["keys_match_oracle"] and row["values_match_oracle"] and row["open_group_exact"], (i, row)
+    assert layers[0]["key_rms_error"] < 0.3 * layers[0]["key_rms_error_2bit"]
+    assert layers[1]["key_rms_error"] == pytest.approx(layers[1]["key_rms_error_2bit"])

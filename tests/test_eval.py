@@ -17,7 +17,7 @@ import pytest
 
 from kivi_vllm.eval.agreement import agreement
 from kivi_vllm.eval.cli import bits_per_value
-from kivi_vllm.eval.perplexity import CONFIGS, evaluate, reference_text, windows
+from kivi_vllm.eval.perplexity import CONFIGS, config_settings, evaluate, reference_text, windows
 
 
 def test_windows_and_text():
@@ -36,6 +36,23 @@ def test_bits_per_value():
     page = 15 * (512 + 256 + 512 + 256) + 32 * 64 * 2 * 2
     assert bits_per_value({"bits": 2}, 64) == pytest.approx(page * 8 / 512 / (2 * 64))
     assert bits_per_value(None, 64) == 16 and bits_per_value("fp8", 64) == 8
+    # per-layer bits: the mean page over the layers; a k4v2 record has 1024 B of key codes, a k4v4 one 1024 B more
+    k4v2, k4v4 = page + 15 * 512, page + 15 * 1024
+    layered = config_settings("kivi2@0=k4v2@29=k4v4")
+    assert bits_per_value(layered, 64, num_layers=30) == pytest.approx((28 * page + k4v2 + k4v4) / 30 * 8 / 512 / 128)
+    with pytest.raises(ValueError, match="number of layers"):
+        bits_per_value(layered, 64)
+
+
+def test_config_names_with_per_layer_bits():
+    assert config_settings("kivi2") is CONFIGS["kivi2"]
+    assert config_settings("kivi2@0,29=k4v2") == {"bits": 2, "layers": {"0": {"k_bits": 4, "v_bits": 2},
+                                                                        "29": {"k_bits": 4, "v_bits": 2}}}
+    assert config_settings("kivi2-g16@3=4")["layers"] == {"3": {"bits": 4}}
+    for bad, match in (("kivi3", "unknown configuration 'kivi3'"), ("bf16@0=k4", "KIVI configurations only"),
+                       ("kivi2@0=k3", "k_bits=3 is not supported"), ("kivi2@0", "INDICES=SETTING")):
+        with pytest.raises(ValueError, match=match):
+            config_settings(bad)
 
 
 def test_cache_read_perplexity_guard(model_path):
@@ -97,3 +114,23 @@ def test_agreement_metrics():
         assert r.matching_prefix == pref and r.positionwise == pytest.approx(pos)
     with pytest.raises(ValueError, match="continuations"):
         agreement([[1], [2]], [[1]])
+
+
+def test_auto_layers_in_config_names():
+    from kivi_vllm.calibrate import pick_layers
+    from kivi_vllm.eval.cli import config_name, resolve_auto
+
+    errors = [0.1, 0.5, 0.2, 0.9, 0.3]
+    assert pick_layers(errors, 2) == [1, 3] and pick_layers(errors, 5) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="cannot pick 6 of 5 layers"):
+        pick_layers(errors, 6)
+    assert config_name("kivi2@auto5=k4v2") == "kivi2@auto5=k4v2"
+    import argparse
+
+    for bad in ("kivi2@1,auto5=k4v2", "kivi2@auto5=k3"):  # autoN must be all of INDICES; bits checked up front
+        with pytest.raises(argparse.ArgumentTypeError):
+            config_name(bad)
+    # the given errors are used as they are (no calibration run) and handed back for the next name
+    assert resolve_auto("kivi2@auto3=k4v2@0=k4v4", "unused", errors) == ("kivi2@1,3,4=k4v2@0=k4v4", errors)
+    assert config_settings(resolve_auto("kivi2@auto2=4", "unused", errors)[0])["layers"] == {"1": {"bits": 4},
+                                                                                          "3": {"bits": 4}}

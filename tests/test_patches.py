@@ -1,5 +1,8 @@
 """The version-checked vLLM patches: they match the installed vLLM 0.26.0 and refuse anything else, loudly."""
 
+import subprocess
+import sys
+
 import pytest
 
 import kivi_vllm
@@ -18,6 +21,12 @@ def test_patched_sources_match_vllm_0_26_0():
 
     kivi_vllm.register()  # idempotent; the wrappers keep the original in __wrapped__
     assert patches.source_fingerprint(Attention.get_kv_cache_spec) == kv_cache_spec.EXPECTED
+    # what the per-layer backend swap relies on: get_attn_backend returns the attribute the patch sets, and layer
+    # names map to indices as extract_layer_index does in 0.26.0
+    from vllm.model_executor.models.utils import extract_layer_index
+
+    assert patches.source_fingerprint(Attention.get_attn_backend) == kv_cache_spec.EXPECTED_GET_BACKEND
+    assert patches.source_fingerprint(extract_layer_index) == kv_cache_spec.EXPECTED_LAYER_INDEX
     assert patches.source_fingerprint(CpuPlatform.get_attn_backend_cls.__func__) == cpu_platform.EXPECTED_SELECT
     assert patches.source_fingerprint(CpuPlatform.update_block_size_for_backend.__func__) == cpu_platform.EXPECTED_BLOCK
 
@@ -49,3 +58,38 @@ def test_register_is_idempotent_and_registers_custom():
     for fn in (Attention.get_kv_cache_spec, CpuPlatform.get_attn_backend_cls.__func__,
                CpuPlatform.update_block_size_for_backend.__func__):
         assert getattr(fn, "_kivi_patched", False) and not getattr(fn.__wrapped__, "_kivi_patched", False)
+
+
+def test_layer_index_of_attention_layer_names():
+    from kivi_vllm.config import KiviConfigError
+
+    assert kv_cache_spec.layer_index("model.layers.29.self_attn.attn") == 29
+    assert kv_cache_spec.layer_index("language_model.model.layers.3.self_attn.attn") == 3
+    with pytest.raises(KiviConfigError, match="cannot tell the layer index of attention layer 'blocks.1.2.attn'"):
+        kv_cache_spec.layer_index("blocks.1.2.attn")
+
+
+def test_one_backend_class_per_layer_setting():
+    import pickle
+
+    from kivi_vllm.backend.backend import KiviAttentionBackend, backend_for_bits
+    from kivi_vllm.config import KiviConfigError
+
+    k4v2 = backend_for_bits(4, 2)
+    assert k4v2 is backend_for_bits(4, 2) and k4v2 is not backend_for_bits(4, 4)
+    assert issubclass(k4v2, KiviAttentionBackend) and k4v2.KIVI_BITS == (4, 2) and KiviAttentionBackend.KIVI_BITS is None
+    # the runners group layers by full_cls_name(); the name is vLLM's CUSTOM slot for every setting
+    assert k4v2.full_cls_name() == ("kivi_vllm.backend.backend", "K4V2KiviAttentionBackend")
+    assert k4v2.get_name() == "CUSTOM" and pickle.loads(pickle.dumps(k4v2)) is k4v2
+    with pytest.raises(KiviConfigError):
+        backend_for_bits(3, 2)
+    # a fresh process that never called backend_for_bits unpickles the class by name (module __getattr__)
+    code = ("import pickle, sys; c = pickle.loads(sys.stdin.buffer.read()); "
+            "print(c.__qualname__, c.KIVI_BITS, c.__mro__[1].__name__)")
+    out = subprocess.run([sys.executable, "-c", code], input=pickle.dumps(backend_for_bits(2, 4)),
+                         capture_output=True, timeout=300, check=True).stdout.decode()  # vLLM logs there too
+    assert out.splitlines()[-1].split() == ["K2V4KiviAttentionBackend", "(2,", "4)", "KiviAttentionBackend"]
+    import kivi_vllm.backend.backend as mod
+
+    with pytest.raises(AttributeError):
+        mod.K3V2KiviAttentionBackend

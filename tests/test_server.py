@@ -275,6 +275,8 @@ def test_load_test_script_against_the_server(server, tmp_path):
     (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype fp8 cannot be combined with the KIVI cache"),
     (["--additional-config", '{"kivi": {"residual": "x"}}'], "--kivi-residual='x' is not supported"),
     (["--attention-backend", "FLASH_ATTN"], "--attention-backend FLASH_ATTN would not use the KIVI cache"),
+    (["--kivi-layer", "0=k3"], "--kivi-layer: layer 0: k_bits=3 is not supported; allowed values: 2, 4"),
+    (["--kivi-layer", "0,30=k4"], "--kivi-layer: layer(s) 30 beyond the model's 30 layers (indices 0 to 29)"),
 ])
 def test_bad_flags_exit_before_loading(flags, message):
     t0 = time.time()
@@ -351,10 +353,13 @@ def test_unsupported_attention_is_refused_from_the_config(model_path, tmp_path, 
 
 
 def test_supported_models_pass_the_config_check(model_path, tmp_path):
-    from kivi_vllm.config import KiviConfig
+    from kivi_vllm.config import KiviConfig, KiviConfigError
     from kivi_vllm.serving.cli import check_model
 
     check_model(model_config(model_path), KiviConfig())
+    check_model(model_config(model_path), KiviConfig(layers=((0, 4, 2), (29, 4, 4))))
+    with pytest.raises(KiviConfigError, match="layer\\(s\\) 2 beyond the model's 2 layers"):
+        check_model(model_config(tiny_config(model_path, tmp_path / "two")), KiviConfig(layers=((2, 4, 2),)))
     # a window without layer_types: vLLM's Llama/Mistral code gives no layer a window, so nothing to refuse here
     check_model(model_config(tiny_config(model_path, tmp_path, sliding_window=64)), KiviConfig())
 
@@ -373,3 +378,32 @@ def test_backend_refuses_sliding_windows_at_selection():
     assert KiviAttentionBackend.validate_configuration(**kw) == []
     assert KiviAttentionBackend.validate_configuration(**kw, has_sliding_window=True) == ["sliding window not supported"]
     assert KiviAttentionBackend.validate_configuration(**{**kw, "use_mla": True}) == ["MLA not supported"]
+
+
+def test_kivi_metrics_with_per_layer_bits():
+    """The /metrics plugin on a config with per-layer bits (no engine: the API server's config only): the layers
+    label, and capacity gauges from the page bytes of all 30 layers, by hand (design.md §2: a KIVI-2 page of one
+    head of 64 channels is 31,232 B, k4v2 38,912 B, k4v4 46,592 B; bf16 holds 2 x 64 x 2 B per token)."""
+    from types import SimpleNamespace
+
+    import torch
+    from prometheus_client import REGISTRY
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    import kivi_vllm
+    from kivi_vllm.serving.metrics import KiviStatLogger
+
+    kivi_vllm.register()
+    model = SimpleNamespace(get_head_size=lambda: 64, dtype=torch.bfloat16, get_num_kv_heads=lambda parallel: 3,
+                            get_total_num_hidden_layers=lambda: 30, served_model_name="m")
+    cfg = SimpleNamespace(attention_config=SimpleNamespace(backend=AttentionBackendEnum.CUSTOM), model_config=model,
+                          cache_config=SimpleNamespace(block_size=512, num_gpu_blocks=372), parallel_config=None,
+                          additional_config={"kivi": {"bits": 2, "layers": {"0": {"k_bits": 4}, "29": {"bits": 4}}}})
+    KiviStatLogger(cfg)
+    info = [s for m in REGISTRY.collect() if m.name == "kivi:cache_config_info" for s in m.samples]
+    assert len(info) == 1 and info[0].labels["layers"] == "0=k4v2 29=k4v4" and info[0].labels["k_bits"] == "2"
+    value = lambda name: REGISTRY.get_sample_value(name, {"model_name": "m"})
+    dense = 372 * 3 * (28 * 31_232 + 38_912 + 46_592) // (30 * 3 * 2 * 64 * 2)
+    assert value("kivi:kv_cache_capacity_tokens") == 372 * 512
+    assert value("kivi:kv_cache_dense_capacity_tokens") == dense == 46_500
+    assert value("kivi:kv_cache_capacity_ratio") == pytest.approx(372 * 512 / dense)

@@ -2,15 +2,28 @@
 
 Registered in vLLM's ``CUSTOM`` slot by :func:`kivi_vllm.register` and selected with
 ``--attention-backend CUSTOM`` (``kivi-serve`` does that). Interface: ``vllm/v1/attention/backend.py``.
+
+Per-layer bits (``KiviConfig.layers``): vLLM asks the backend *class* for the cache shape
+(``get_kv_cache_shape``, a static method that is not told the layer), so a layer whose bits differ from the global
+ones gets its own subclass, :func:`backend_for_bits`, set on the layer by the KV-cache spec patch. The runners (V1
+and V2) take each layer's backend from ``layer.get_attn_backend()`` and group layers by (backend class, spec), so
+each distinct setting has its own attention group, metadata builder and :class:`PageLayout`.
 """
 
 from __future__ import annotations
 
+import re
+import sys
 from typing import ClassVar
 
 import torch
 from vllm.config import get_current_vllm_config_or_none
-from vllm.v1.attention.backend import AttentionBackend, AttentionType, MultipleOf
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionType,
+    MultipleOf,
+    subclass_attention_backend_with_overrides,
+)
 
 from ..config import DEFAULT_BLOCK_SIZE, KiviConfig, KiviConfigError
 from ..layout import PageLayout
@@ -31,6 +44,8 @@ class KiviAttentionBackend(AttentionBackend):
 
     #: Marks the backend for :mod:`kivi_vllm.patches` (KV-cache spec and CPU platform selection).
     IS_KIVI: ClassVar[bool] = True
+    #: (k_bits, v_bits) of the layers this class serves; None: the global settings (:func:`backend_for_bits`).
+    KIVI_BITS: ClassVar[tuple[int, int] | None] = None
     #: The store runs inside ``forward``: the open group's staged tokens must be read before the store quantizes a
     #: completed group over them (see :func:`kivi_vllm.reference.forward`), which a separate update op cannot do.
     forward_includes_kv_cache_update: bool = True
@@ -95,13 +110,53 @@ class KiviAttentionBackend(AttentionBackend):
             return str(e)
         return None
 
-    @staticmethod
-    def get_kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
+    @classmethod
+    def get_kv_cache_shape(cls, num_blocks: int, block_size: int, num_kv_heads: int, head_size: int,
                            cache_dtype_str: str = "auto") -> tuple[int, ...]:
-        """(num_blocks, num_kv_heads, page_bytes) uint8; page_bytes from :class:`PageLayout`.
+        """(num_blocks, num_kv_heads, page_bytes) uint8; page_bytes from :class:`PageLayout` of the global settings,
+        or of ``KIVI_BITS`` in a per-layer subclass.
 
         ``cache_dtype_str`` is ignored on purpose: vLLM's runners pass different strings (V1 vs V2), the layout
         comes from the KIVI settings alone.
         """
         cfg, dtype = _current_kivi_config()
+        if cls.KIVI_BITS is not None:
+            cfg = KiviConfig(*cls.KIVI_BITS, cfg.group_size, cfg.residual, cfg.prefill)
         return (num_blocks, num_kv_heads, PageLayout.from_config(cfg, block_size, head_size, dtype).page_bytes)
+
+
+def backend_for_bits(k_bits: int, v_bits: int) -> type[KiviAttentionBackend]:
+    """The backend class of layers stored with ``k_bits``/``v_bits``: a subclass of :class:`KiviAttentionBackend`
+    whose ``get_kv_cache_shape`` uses those bits (vLLM's ``subclass_attention_backend`` pattern). One class per
+    setting, created once and kept in this module under its name (e.g. ``K4V2KiviAttentionBackend``), so the runners'
+    grouping by ``full_cls_name()`` puts all layers of one setting together and the class pickles by name (the
+    module's ``__getattr__`` creates it on lookup in a process that has not built it yet, e.g. on unpickling).
+
+    Raises:
+        KiviConfigError: bits outside 2 and 4.
+    """
+    KiviConfig(k_bits, v_bits)  # validates
+    name = f"K{k_bits}V{v_bits}{KiviAttentionBackend.__name__}"
+    cls = globals().get(name)
+    if cls is None:
+        cls = subclass_attention_backend_with_overrides(
+            f"K{k_bits}V{v_bits}", KiviAttentionBackend,
+            {"KIVI_BITS": (k_bits, v_bits), "__module__": __name__, "__qualname__": name},
+        )
+        setattr(sys.modules[__name__], name, cls)
+    return cls
+
+
+_SUBCLASS_NAME = re.compile(rf"K([0-9]+)V([0-9]+){KiviAttentionBackend.__name__}")
+
+
+def __getattr__(name: str):
+    """Module attribute lookup for the per-setting classes (PEP 562): ``K4V2KiviAttentionBackend`` resolves to
+    :func:`backend_for_bits` (4, 2) in any process, so pickle can find the class by name where no layer made it."""
+    m = _SUBCLASS_NAME.fullmatch(name)
+    if m:
+        try:
+            return backend_for_bits(int(m.group(1)), int(m.group(2)))
+        except KiviConfigError:
+            pass
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

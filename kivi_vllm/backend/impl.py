@@ -22,7 +22,8 @@ class KiviAttentionImpl(AttentionImpl):
         NotImplementedError: ALiBi, sliding window, logits soft-cap, attention sinks, non-decoder attention,
             layers that share another layer's KV cache, speculative decoding, decode context parallelism or hybrid
             (attention + Mamba) models, none of which the KIVI path implements.
-        KiviConfigError: invalid KIVI settings in ``additional_config``.
+        KiviConfigError: invalid KIVI settings in ``additional_config``, or per-layer bits for a layer index the
+            model does not have.
     """
 
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
@@ -56,6 +57,8 @@ class KiviAttentionImpl(AttentionImpl):
         self.kv_sharing_target_layer_name = None
         self.config = KiviConfig.from_vllm_config(vllm_config)
         KiviConfig.check_head_size(head_size)
+        if model_config is not None:
+            self.config.check_num_layers(model_config.get_total_num_hidden_layers())
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: KiviMetadata | None, output: torch.Tensor, output_scale=None,

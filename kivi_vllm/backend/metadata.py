@@ -20,6 +20,20 @@ logger = init_logger("vllm.kivi")
 _capacity_logged = False
 
 
+def worker_layer_specs(spec: KiviAttentionSpec, cfg: KiviConfig, vllm_config) -> list[KiviAttentionSpec]:
+    """The KIVI spec of every KIVI layer of this worker (its model's attention layers), from one layer's ``spec``
+    and the per-layer bits of ``cfg``; ``[spec]`` (standing for every layer) when no layer has its own bits."""
+    if not cfg.layers:
+        return [spec]
+    from ..patches.kv_cache_spec import layer_index
+
+    ctx = vllm_config.compilation_config.static_forward_context
+    names = [name for name, layer in ctx.items()
+             if getattr(getattr(layer, "attn_backend", None), "IS_KIVI", False)
+             and not getattr(layer, "kv_sharing_target_layer_name", None)]
+    return [spec.for_layer(cfg, layer_index(name)) for name in names] or [spec]
+
+
 def use_triton(device: torch.device | str) -> bool:
     """Whether the KIVI layers run the Triton kernels (``kivi_vllm.kernels``) or the PyTorch path
     (``kivi_vllm.reference``): Triton on CUDA devices unless ``KIVI_ATTENTION_PATH=torch`` (a debugging and
@@ -105,13 +119,14 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
         num_blocks = vllm_config.cache_config.num_gpu_blocks
         if num_blocks and not _capacity_logged:
             _capacity_logged = True
-            c = capacity_summary(kv_cache_spec, num_blocks)
+            cfg = KiviConfig.from_vllm_config(vllm_config)
+            c = capacity_summary(worker_layer_specs(kv_cache_spec, cfg, vllm_config), num_blocks)
             logger.info(
-                "%s: KV cache of %d blocks x %d tokens = %d tokens (%.1f B per token per KV head); an unquantized "
+                "%s: KV cache of %d blocks x %d tokens = %d tokens (%.1f B per token per KV head%s); an unquantized "
                 "%s cache would hold %d tokens in the same memory: %.2fx",
-                KiviConfig.from_vllm_config(vllm_config).describe(), c["blocks"], c["block_size"], c["tokens"],
-                c["bytes_per_token_head"], str(kv_cache_spec.residual_dtype).replace("torch.", ""), c["dense_tokens"],
-                c["ratio"],
+                cfg.describe(), c["blocks"], c["block_size"], c["tokens"], c["bytes_per_token_head"],
+                ", mean over layers" if cfg.layers else "", str(kv_cache_spec.residual_dtype).replace("torch.", ""),
+                c["dense_tokens"], c["ratio"],
             )
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,

