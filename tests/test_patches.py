@@ -27,6 +27,13 @@ def test_patched_sources_match_vllm_0_26_0():
 
     assert patches.source_fingerprint(Attention.get_attn_backend) == kv_cache_spec.EXPECTED_GET_BACKEND
     assert patches.source_fingerprint(extract_layer_index) == kv_cache_spec.EXPECTED_LAYER_INDEX
+    # what the exact-layer swap relies on: the impl arguments and attributes Attention.__init__ sets, forward reading
+    # attn_backend per call, and the selector that picks vLLM's own backend
+    from vllm.v1.attention.selector import _cached_get_attn_backend
+
+    assert patches.source_fingerprint(Attention.__init__) == kv_cache_spec.EXPECTED_ATTN_INIT
+    assert patches.source_fingerprint(Attention.forward) == kv_cache_spec.EXPECTED_ATTN_FORWARD
+    assert patches.source_fingerprint(_cached_get_attn_backend) == kv_cache_spec.EXPECTED_SELECT_BACKEND
     assert patches.source_fingerprint(CpuPlatform.get_attn_backend_cls.__func__) == cpu_platform.EXPECTED_SELECT
     assert patches.source_fingerprint(CpuPlatform.update_block_size_for_backend.__func__) == cpu_platform.EXPECTED_BLOCK
 
