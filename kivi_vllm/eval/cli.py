@@ -6,6 +6,7 @@
     kivi-eval --tasks agreement --configs bf16 kivi4 kivi2   # 8 prompts x 128 greedy tokens vs bf16
     kivi-eval --configs bf16 kivi2 kivi2@0,29=k4v2 kivi2@0,29=k4v4 --windows 2   # per-layer bits (layers 0 and 29)
     kivi-eval --configs bf16 kivi2 kivi2@auto5=k4v2       # the 5 layers kivi_vllm.calibrate picks, 4-bit keys
+    kivi-eval --configs bf16 kivi2 kivi2@0,29=exact       # layers 0 and 29 unquantized (vLLM's own backend)
 
 Prints a table per task (perplexity: change against the first configuration, KV-cache bits per token and per
 KV head relative to bf16, and the KV tokens of the engine's pool, blocks x block size; agreement: matching prefix
