@@ -60,7 +60,9 @@ def layer_index(layer_name: str) -> int:
 def use_vllm_backend(layer, vllm_config) -> None:
     """Serve ``layer`` (an ``Attention`` built with the KIVI backend) with vLLM's own backend for it, unquantized:
     sets ``layer.attn_backend``, ``layer.impl`` (constructed as ``Attention.__init__`` does, from the KIVI impl's
-    ``init_args``/``init_kwargs``), ``layer.backend`` and ``layer.kivi_exact = True``.
+    ``init_args``/``init_kwargs``), ``layer.backend`` and ``layer.kivi_exact = True``. ``Attention.__init__``'s
+    backend-specific extras other than ``use_alibi_sqrt`` (FlexAttention's block_m/block_n, Triton's chunk lookback)
+    are not replicated: the selector picks CPU_ATTN or FlashAttention for the models KIVI serves.
 
     Raises:
         KiviConfigError: vLLM's backend refuses this layer's configuration, e.g. the block size (the exact layers
