@@ -10,6 +10,10 @@ indices, as in the model's ``model.layers.N``) at other key/value bits than the 
 global ones. ``kivi-serve --kivi-layer 0,29=k4v2`` writes the same (:func:`parse_layer_setting`). Every layer has its
 own page size then (docs/design.md §2, "Per-layer pages").
 
+Exact layers: ``"layers": {"0": {"exact": true}}`` (``--kivi-layer 0,29=exact``) keeps a layer's KV cache unquantized,
+in the model dtype, served by vLLM's own attention backend for that layer (``patches/kv_cache_spec.py``). Inside
+``KiviConfig.layers`` such a layer is ``(index, EXACT_BITS, EXACT_BITS)``.
+
 Errors name the flag and the allowed values, so a bad combination stops the server before any weights load.
 """
 
@@ -48,8 +52,11 @@ FLAG = {
     "block_size": "--block-size",
     "layers": "--kivi-layer",
 }
-#: Keys of one layer's entry under ``"layers"``.
-LAYER_KEYS = ("bits", "k_bits", "v_bits")
+#: Keys of one layer's entry under ``"layers"`` (``exact`` only alone, as ``"exact": true``).
+LAYER_KEYS = ("bits", "k_bits", "v_bits", "exact")
+#: The bits an exact layer has in ``KiviConfig.layers`` (both keys and values): its cache is the model dtype's
+#: (16 bits for bf16/fp16 models), unquantized, in vLLM's own page format.
+EXACT_BITS = 16
 
 
 class KiviConfigError(ValueError):
@@ -68,7 +75,8 @@ class KiviConfig:
         residual: which tensors of the newest, still-open group stay unquantized: ``"kv"`` or ``"k"``.
         prefill: how prefill queries see the chunk's own tokens: ``"streaming"`` or ``"exact"``.
         layers: per-layer bits, ``((layer_index, k_bits, v_bits), ...)`` sorted by index, one entry per listed layer
-            (every other layer uses ``k_bits``/``v_bits``). Built from the ``"layers"`` dict by :meth:`from_dict`.
+            (every other layer uses ``k_bits``/``v_bits``); ``(layer_index, EXACT_BITS, EXACT_BITS)`` marks an exact
+            (unquantized) layer. Built from the ``"layers"`` dict by :meth:`from_dict`.
 
     Raises:
         KiviConfigError: on any value outside the allowed sets (see the module constants).
@@ -113,11 +121,13 @@ class KiviConfig:
             if index in seen:
                 raise KiviConfigError(f"KIVI: {FLAG['layers']}: layer {index} is listed twice")
             seen.add(index)
+            if (k_bits, v_bits) == (EXACT_BITS, EXACT_BITS):
+                continue
             for name, value in (("k_bits", k_bits), ("v_bits", v_bits)):
                 if type(value) is not int or value not in ALLOWED_BITS:
                     raise KiviConfigError(
                         f"KIVI: {FLAG['layers']}: layer {index}: {name}={value!r} is not supported; allowed values: "
-                        f"{', '.join(map(str, ALLOWED_BITS))}"
+                        f"{', '.join(map(str, ALLOWED_BITS))} (or the whole layer exact: {index}=exact)"
                     )
         object.__setattr__(self, "layers", tuple(sorted(self.layers)))  # sorted, and hashable like the rest
 
@@ -129,10 +139,13 @@ class KiviConfig:
         ``layers`` maps a layer index (an int, or a str of one: JSON keys are strings) to a dict of ``bits``,
         ``k_bits`` and/or ``v_bits`` for that layer; unset bits are the global ones. Example:
         ``{"bits": 2, "layers": {"0": {"k_bits": 4}, "29": {"bits": 4}}}`` -> layers ((0, 4, 2), (29, 4, 4)).
+        ``{"exact": true}`` instead of bits makes the layer exact: ``{"layers": {"0": {"exact": true}}}`` -> layers
+        ((0, EXACT_BITS, EXACT_BITS),).
 
         Raises:
             KiviConfigError: unknown keys, values outside the allowed sets, a layer index that is not a
-                non-negative integer, or a layer entry that is not a dict of ``bits``/``k_bits``/``v_bits``.
+                non-negative integer, a layer entry that is not a dict of ``bits``/``k_bits``/``v_bits``, or
+                ``exact`` that is not ``true`` or comes with bits.
         """
         raw = dict(raw or {})
         if "bits" in raw:
@@ -162,24 +175,41 @@ class KiviConfig:
         out = dataclasses.asdict(self)
         layers = out.pop("layers")
         if layers:
-            out["layers"] = {str(i): {"k_bits": k, "v_bits": v} for i, k, v in layers}
+            out["layers"] = {str(i): {"exact": True} if (k, v) == (EXACT_BITS, EXACT_BITS) else {"k_bits": k, "v_bits": v}
+                             for i, k, v in layers}
         return out
 
     # ------------------------------------------------------------------ per layer
     def for_layer(self, index: int) -> KiviConfig:
-        """The settings of decoder layer ``index``: this config with that layer's bits, and no ``layers``."""
+        """The settings of decoder layer ``index``: this config with that layer's bits, and no ``layers``.
+
+        Raises:
+            KiviConfigError: the layer is exact (:meth:`is_exact`): it has no KIVI settings.
+        """
+        if self.is_exact(index):
+            raise KiviConfigError(f"KIVI: {FLAG['layers']}: layer {index} is exact; it has no KIVI page settings")
         k_bits, v_bits = self.layer_bits(index)
         return dataclasses.replace(self, k_bits=k_bits, v_bits=v_bits, layers=())
 
     def layer_bits(self, index: int) -> tuple[int, int]:
-        """(k_bits, v_bits) of decoder layer ``index``."""
+        """(k_bits, v_bits) of decoder layer ``index``; ``(EXACT_BITS, EXACT_BITS)`` for an exact layer."""
         for i, k_bits, v_bits in self.layers:
             if i == index:
                 return k_bits, v_bits
         return self.k_bits, self.v_bits
 
+    def is_exact(self, index: int) -> bool:
+        """Whether decoder layer ``index`` keeps an unquantized cache (``"exact": true``, ``--kivi-layer N=exact``)."""
+        return self.layer_bits(index) == (EXACT_BITS, EXACT_BITS)
+
+    @property
+    def exact_layers(self) -> tuple[int, ...]:
+        """Indices of the exact layers, sorted (empty when none)."""
+        return tuple(i for i, k, v in self.layers if (k, v) == (EXACT_BITS, EXACT_BITS))
+
     def settings_by_layer(self, num_layers: int) -> dict[tuple[int, int], list[int]]:
-        """{(k_bits, v_bits): [layer indices]} over layers 0 .. num_layers - 1, global setting first."""
+        """{(k_bits, v_bits): [layer indices]} over layers 0 .. num_layers - 1, global setting first (exact layers
+        under ``(EXACT_BITS, EXACT_BITS)``)."""
         out: dict[tuple[int, int], list[int]] = {(self.k_bits, self.v_bits): []}
         for i in range(num_layers):
             out.setdefault(self.layer_bits(i), []).append(i)
@@ -219,15 +249,18 @@ class KiviConfig:
         return f"{line} layers {self.describe_layers()}" if self.layers else line
 
     def describe_layers(self) -> str:
-        """The per-layer bits in :func:`parse_layer_setting`'s syntax, e.g. ``0,29=k4v2 5=k4v4`` (empty when none)."""
+        """The per-layer bits in :func:`parse_layer_setting`'s syntax, e.g. ``0,29=k4v2 5=k4v4 7=exact`` (empty when
+        none)."""
         by_bits: dict[tuple[int, int], list[int]] = {}
         for i, k_bits, v_bits in self.layers:
             by_bits.setdefault((k_bits, v_bits), []).append(i)
-        return " ".join(f"{','.join(map(str, idx))}=k{k}v{v}" for (k, v), idx in by_bits.items())
+        return " ".join(f"{','.join(map(str, idx))}=" + ("exact" if (k, v) == (EXACT_BITS, EXACT_BITS) else f"k{k}v{v}")
+                        for (k, v), idx in by_bits.items())
 
 
 def _layers_from_dict(raw: Any, k_bits: Any, v_bits: Any) -> tuple[tuple[int, Any, Any], ...]:
-    """``{"0": {"k_bits": 4}, ...}`` -> ``((0, 4, v_bits), ...)``; unset bits are the global ``k_bits``/``v_bits``."""
+    """``{"0": {"k_bits": 4}, ...}`` -> ``((0, 4, v_bits), ...)``; unset bits are the global ``k_bits``/``v_bits``;
+    ``{"0": {"exact": true}}`` -> ``((0, EXACT_BITS, EXACT_BITS),)``."""
     if not isinstance(raw, Mapping):
         raise KiviConfigError(
             f"KIVI: {FLAG['layers']}: \"layers\" must map layer indices to settings, e.g. "
@@ -246,6 +279,19 @@ def _layers_from_dict(raw: Any, k_bits: Any, v_bits: Any) -> tuple[tuple[int, An
             raise KiviConfigError(
                 f"KIVI: {FLAG['layers']}: layer {key}: expected a dict of {', '.join(LAYER_KEYS)}, got {entry!r}"
             )
+        if "exact" in entry:
+            if entry["exact"] is not True or len(entry) > 1:
+                raise KiviConfigError(
+                    f"KIVI: {FLAG['layers']}: layer {key}: \"exact\" must be true and stand alone "
+                    f"({{\"exact\": true}}: an unquantized layer), got {dict(entry)!r}"
+                )
+            out.append((index, EXACT_BITS, EXACT_BITS))
+            continue
+        if EXACT_BITS in entry.values():
+            raise KiviConfigError(
+                f"KIVI: {FLAG['layers']}: layer {key}: {EXACT_BITS} bits is written {{\"exact\": true}} "
+                f"(--kivi-layer {key}=exact), got {dict(entry)!r}"
+            )
         bits = entry.get("bits")
         out.append((index, entry.get("k_bits", k_bits if bits is None else bits),
                     entry.get("v_bits", v_bits if bits is None else bits)))
@@ -255,29 +301,33 @@ def _layers_from_dict(raw: Any, k_bits: Any, v_bits: Any) -> tuple[tuple[int, An
 MAX_LAYER_INDEX = 4096  # far above any decoder's layer count; bounds what a range like 0-999999999 would build
 
 
-def parse_layer_setting(text: str) -> dict[str, dict[str, int]]:
+def parse_layer_setting(text: str) -> dict[str, dict[str, int | bool]]:
     """Parse the ``--kivi-layer`` syntax ``INDICES=SETTING`` into the ``"layers"`` dict of ``additional_config``.
 
     INDICES is a comma-separated list of decoder layer indices and ranges (``0,29`` or ``0-3,29``); SETTING is
-    ``k4v2``, ``k4`` (keys only; values keep the global bits), ``v4``, or ``4`` (both).
+    ``k4v2``, ``k4`` (keys only; values keep the global bits), ``v4``, ``4`` (both), or ``exact`` (unquantized: the
+    model dtype, vLLM's own attention backend).
 
-    Example: ``parse_layer_setting("0,29=k4v2")`` -> ``{"0": {"k_bits": 4, "v_bits": 2}, "29": {...}}``.
+    Example: ``parse_layer_setting("0,29=k4v2")`` -> ``{"0": {"k_bits": 4, "v_bits": 2}, "29": {...}}``;
+    ``parse_layer_setting("0=exact")`` -> ``{"0": {"exact": True}}``.
 
     Raises:
         KiviConfigError: anything else (the message shows the expected form).
     """
 
-    form = f"expected INDICES=SETTING such as 0,29=k4v2, 0-3=k4 or 5=4, got {text!r}"
+    form = f"expected INDICES=SETTING such as 0,29=k4v2, 0-3=k4, 5=4 or 0,29=exact, got {text!r}"
     indices, sep, setting = text.partition("=")
-    m = re.fullmatch(r"(?:k(\d+))?(?:v(\d+))?|(\d+)", setting.strip())
+    m = re.fullmatch(r"(?:k(\d+))?(?:v(\d+))?|(\d+)|(exact)", setting.strip())
     if not sep or not setting.strip() or not m:
         raise KiviConfigError(f"KIVI: {FLAG['layers']}: {form}")
-    entry = {"bits": int(m.group(3))} if m.group(3) else {}
+    entry: dict[str, int | bool] = {"bits": int(m.group(3))} if m.group(3) else {}
+    if m.group(4):
+        entry["exact"] = True
     if m.group(1):
         entry["k_bits"] = int(m.group(1))
     if m.group(2):
         entry["v_bits"] = int(m.group(2))
-    out: dict[str, dict[str, int]] = {}
+    out: dict[str, dict[str, int | bool]] = {}
     for part in indices.split(","):
         r = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
         if not r:

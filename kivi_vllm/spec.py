@@ -88,19 +88,38 @@ class KiviAttentionSpec(FullAttentionSpec):
         return replace(merged, **{f: getattr(first, f) for f in kivi})
 
 
-    def for_layer(self, cfg: KiviConfig, index: int) -> KiviAttentionSpec:
-        """This spec with decoder layer ``index``'s bits from ``cfg`` (``cfg.layers``; the global bits otherwise)."""
+    def for_layer(self, cfg: KiviConfig, index: int) -> KiviAttentionSpec | FullAttentionSpec:
+        """This spec with decoder layer ``index``'s bits from ``cfg`` (``cfg.layers``; the global bits otherwise).
+
+        An exact layer (``cfg.is_exact(index)``) gets vLLM's plain spec instead: a ``FullAttentionSpec`` of the same
+        block size and heads in the model dtype (``residual_dtype``), as the engine allocates it for that layer.
+        """
+        if cfg.is_exact(index):
+            return exact_spec(self)
         k_bits, v_bits = cfg.layer_bits(index)
         return self if (k_bits, v_bits) == (self.k_bits, self.v_bits) else replace(self, k_bits=k_bits, v_bits=v_bits)
 
 
-def capacity_summary(specs: KiviAttentionSpec | Sequence[KiviAttentionSpec], num_blocks: int) -> dict:
+def exact_spec(spec: KiviAttentionSpec) -> FullAttentionSpec:
+    """The ``FullAttentionSpec`` of an exact layer next to KIVI layers of ``spec``: same block size and heads, cache
+    in the model dtype (``spec.residual_dtype``), page = block_size x num_kv_heads x 2 x head_size x itemsize bytes."""
+    return FullAttentionSpec(block_size=spec.block_size, num_kv_heads=spec.num_kv_heads, head_size=spec.head_size,
+                             head_size_v=spec.head_size_v, dtype=spec.residual_dtype)
+
+
+def _dense_dtype(spec: FullAttentionSpec) -> torch.dtype:
+    return spec.residual_dtype if isinstance(spec, KiviAttentionSpec) else spec.dtype
+
+
+def capacity_summary(specs: FullAttentionSpec | Sequence[FullAttentionSpec], num_blocks: int) -> dict:
     """KV-cache capacity of ``num_blocks`` KIVI pages per layer, and what an unquantized (model dtype) cache would
     hold in the same memory.
 
     Args:
-        specs: one spec per KIVI layer (their page sizes may differ: per-layer bits), or one spec that stands for
-            every layer (all layers alike; the figures per layer are then the model's).
+        specs: one spec per layer (their page sizes may differ: per-layer bits), or one spec that stands for
+            every layer (all layers alike; the figures per layer are then the model's). KIVI layers have
+            ``KiviAttentionSpec``s, exact layers plain ``FullAttentionSpec``s in the model dtype (counted at their
+            full page size: 16 bits per value for bf16).
         num_blocks: vLLM's block count (every layer holds ``num_blocks`` pages: one block table for all layers).
 
     Returns:
@@ -112,15 +131,15 @@ def capacity_summary(specs: KiviAttentionSpec | Sequence[KiviAttentionSpec], num
     Raises:
         ValueError: no specs, or specs with different block sizes.
     """
-    specs = [specs] if isinstance(specs, KiviAttentionSpec) else list(specs)
+    specs = [specs] if isinstance(specs, FullAttentionSpec) else list(specs)
     if not specs or len({s.block_size for s in specs}) != 1:
         raise ValueError(f"KIVI capacity: expected specs of one block size, got {[s.block_size for s in specs]}")
     block_size = specs[0].block_size
     total = num_blocks * sum(s.page_size_bytes for s in specs)
-    dense_per_token = sum(s.num_kv_heads * 2 * s.head_size * s.residual_dtype.itemsize for s in specs)
+    dense_per_token = sum(s.num_kv_heads * 2 * s.head_size * _dense_dtype(s).itemsize for s in specs)
     dense_tokens = total // dense_per_token
     tokens = num_blocks * block_size
     heads = sum(s.num_kv_heads for s in specs)
-    per_token_head = sum(s.num_kv_heads * s.layout.page_bytes for s in specs) / (heads * block_size)
+    per_token_head = sum(s.page_size_bytes for s in specs) / (heads * block_size)
     return dict(blocks=num_blocks, block_size=block_size, tokens=tokens, bytes=total, dense_tokens=dense_tokens,
                 ratio=tokens / max(dense_tokens, 1), bytes_per_token_head=per_token_head)

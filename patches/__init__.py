@@ -7,7 +7,7 @@ wrong pages. ``tests/test_patches.py`` checks the fingerprints against the insta
 
 | patch | wraps | why |
 | --- | --- | --- |
-| ``kv_cache_spec`` | ``Attention.get_kv_cache_spec`` | vLLM takes the page size only from the spec; KIVI layers must return :class:`~kivi_vllm.spec.KiviAttentionSpec` (``v1/kv_cache_interface.py``); with per-layer bits it also sets the layer's backend class (its cache shape) |
+| ``kv_cache_spec`` | ``Attention.get_kv_cache_spec`` | vLLM takes the page size only from the spec; KIVI layers must return :class:`~kivi_vllm.spec.KiviAttentionSpec` (``v1/kv_cache_interface.py``); with per-layer bits it also sets the layer's backend class (its cache shape), and for exact layers vLLM's own backend and impl |
 | ``cpu_platform`` | ``CpuPlatform.get_attn_backend_cls`` | the CPU platform ignores ``--attention-backend`` and always picks CPU_ATTN (§1.5) |
 | ``cpu_platform`` | ``CpuPlatform.update_block_size_for_backend`` | the CPU platform never asks the backend for its preferred block size (CUDA does) |
 """

@@ -132,6 +132,80 @@ def test_layer_setting_syntax():
     assert KiviConfig.from_dict({"layers": parse_layer_setting(c.describe_layers())}) == c
 
 
+# ------------------------------------------------------------------------------------------------ exact layers
+def test_exact_layers_from_additional_config_and_flag():
+    from kivi_vllm.config import EXACT_BITS, parse_layer_setting
+    from kivi_vllm.serving.cli import kivi_config_from_args
+
+    c = KiviConfig.from_dict({"bits": 2, "layers": {"29": {"exact": True}, "0": {"exact": True}, "5": {"k_bits": 4}}})
+    assert c.layers == ((0, EXACT_BITS, EXACT_BITS), (5, 4, 2), (29, EXACT_BITS, EXACT_BITS)) and EXACT_BITS == 16
+    assert c.exact_layers == (0, 29) and [c.is_exact(i) for i in (0, 1, 5, 29)] == [True, False, False, True]
+    assert c.layer_bits(0) == (16, 16) and c.for_layer(5) == KiviConfig(k_bits=4) and c.for_layer(1) == KiviConfig()
+    with pytest.raises(KiviConfigError, match="--kivi-layer: layer 0 is exact; it has no KIVI page settings"):
+        c.for_layer(0)
+    assert c.to_dict()["layers"] == {"0": {"exact": True}, "5": {"k_bits": 4, "v_bits": 2}, "29": {"exact": True}}
+    assert KiviConfig.from_dict(c.to_dict()) == c
+    assert c.describe().endswith("layers 0,29=exact 5=k4v2")
+    parts = [parse_layer_setting(part) for part in c.describe_layers().split()]
+    assert KiviConfig.from_dict({"layers": {k: v for p in parts for k, v in p.items()}}) == c
+    assert c.settings_by_layer(30)[(16, 16)] == [0, 29]
+    # the flag syntax: INDICES=exact, also in ranges and next to bits
+    assert parse_layer_setting("0,29=exact") == {"0": {"exact": True}, "29": {"exact": True}}
+    assert parse_layer_setting("0-2=exact") == {str(i): {"exact": True} for i in range(3)}
+    f = kivi_config_from_args(parse_kivi_flags(["--kivi-layer", "0,29=exact", "--kivi-layer", "29=k4"]))
+    assert f.layers == ((0, 16, 16), (29, 4, 2))  # a later flag wins for its layers
+    c.check_num_layers(30)
+    with pytest.raises(KiviConfigError, match=r"layer\(s\) 29 beyond the model's 29 layers"):
+        c.check_num_layers(29)
+
+
+@pytest.mark.parametrize("layers,match", [
+    ({"0": {"exact": False}}, r'layer 0: "exact" must be true and stand alone'),
+    ({"0": {"exact": 1}}, r'layer 0: "exact" must be true'),
+    ({"0": {"exact": True, "k_bits": 4}}, r'layer 0: "exact" must be true and stand alone'),
+    ({"0": {"bits": 16}}, r'layer 0: 16 bits is written {"exact": true} \(--kivi-layer 0=exact\)'),
+    ({"0": {"k_bits": 16}}, r"16 bits is written"),
+    ({"0": {"exact": True}, 0: {"k_bits": 4}}, r"layer 0 is listed twice"),
+])
+def test_exact_layer_errors(layers, match):
+    with pytest.raises(KiviConfigError, match=match):
+        KiviConfig.from_dict({"layers": layers})
+
+
+def test_exact_layer_flag_errors():
+    from kivi_vllm.config import parse_layer_setting
+
+    for bad in ("0=exactly", "0=k4exact", "exact", "0=Exact", "0=exact=1"):
+        with pytest.raises(KiviConfigError, match="--kivi-layer: expected INDICES=SETTING such as .* 0,29=exact"):
+            parse_layer_setting(bad)
+    # an exact layer cannot be half exact: 16-bit keys with 2-bit values are refused (no backend stores that)
+    with pytest.raises(KiviConfigError, match=r"layer 3: k_bits=16 is not supported; allowed values: 2, 4 \(or the "
+                                              r"whole layer exact: 3=exact\)"):
+        KiviConfig(layers=((3, 16, 2),))
+
+
+def test_capacity_counts_exact_pages():
+    """capacity_summary over KIVI-2 layers and two exact (bf16) layers, against hand arithmetic for SmolLM2."""
+    import torch
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    from kivi_vllm.spec import KiviAttentionSpec, capacity_summary
+
+    cfg = KiviConfig.from_dict({"bits": 2, "layers": {"0": {"exact": True}, "29": {"exact": True}}})
+    dense = FullAttentionSpec(block_size=512, num_kv_heads=3, head_size=64, dtype=torch.bfloat16)
+    spec = KiviAttentionSpec.from_full_spec(dense, cfg.for_layer(1), torch.bfloat16)
+    specs = [spec.for_layer(cfg, i) for i in range(30)]
+    assert type(specs[0]) is FullAttentionSpec and specs[0] == dense and type(specs[1]) is KiviAttentionSpec
+    exact_page, kivi_page = 3 * 512 * 2 * 64 * 2, 3 * 31_232  # bytes per block: bf16 K and V; a KIVI-2 page
+    assert specs[0].page_size_bytes == exact_page and specs[1].page_size_bytes == kivi_page
+    blocks = 2**30 // (2 * exact_page + 28 * kivi_page)
+    assert blocks == 314
+    c = capacity_summary(specs, blocks)
+    assert c["tokens"] == 314 * 512 and c["bytes"] == blocks * (2 * exact_page + 28 * kivi_page)
+    assert c["dense_tokens"] == c["bytes"] // (30 * 3 * 2 * 64 * 2)
+    assert c["bytes_per_token_head"] == pytest.approx((2 * 256 + 28 * 61) / 30)  # 256 B exact, 61 B KIVI-2
+
+
 def test_kivi_serve_layer_flag():
     from kivi_vllm.serving.cli import kivi_config_from_args
 

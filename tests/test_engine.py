@@ -445,3 +445,148 @@ def test_per_layer_codes_match_the_oracle(layered_run):
         assert row["keys_match_oracle"] and row["values_match_oracle"] and row["open_group_exact"], (i, row)
     assert layers[0]["key_rms_error"] < 0.3 * layers[0]["key_rms_error_2bit"]
     assert layers[1]["key_rms_error"] == pytest.approx(layers[1]["key_rms_error_2bit"])
+
+
+# ------------------------------------------------------------------------------------------------ exact layers
+EXACT = {"bits": 2, "layers": {"0": {"exact": True}, "29": {"exact": True}}}
+N_EXACT_TOKENS = 24
+
+
+def exact_layer_state(worker, layer_indices=(0, 29)) -> dict:
+    """Inside the worker: every attention group's backend/builder/spec class, each layer's cache shape, dtype and
+    impl, the used (nonzero) pages of the given layers (the pool is zero-initialised), and, for layers whose K/V
+    were recorded (:func:`record_exact_kv`), whether the cache equals those K/V written by vLLM's own CPU cache op
+    into a zeroed copy."""
+    from kivi_vllm.backend.metadata import worker_layer_specs
+    from kivi_vllm.config import KiviConfig
+    from kivi_vllm.patches.kv_cache_spec import layer_index
+    from kivi_vllm.spec import KiviAttentionSpec, capacity_summary
+
+    cfg = worker.vllm_config
+    runner = worker.model_runner
+    groups = sorted((g.backend.__name__, type(g.get_metadata_builder(0)).__name__, type(g.kv_cache_spec).__name__,
+                     len(g.layer_names)) for gs in runner.attn_groups for g in gs)
+    layers, pages, stored = {}, {}, {}
+    for name, layer in cfg.compilation_config.static_forward_context.items():
+        i = layer_index(name)
+        layers[i] = (list(layer.kv_cache.shape), str(layer.kv_cache.dtype).replace("torch.", ""),
+                     type(layer.impl).__name__, layer.get_attn_backend().__name__)
+        if i in layer_indices:
+            flat = layer.kv_cache.view(layer.kv_cache.shape[0], -1)
+            used = flat.view(torch.int16).ne(0).any(dim=1).nonzero().flatten()
+            pages[i] = flat[used].clone()
+        calls = getattr(worker, "kivi_exact_recorded", {}).get(name)
+        if calls:
+            from vllm import _custom_ops as ops
+
+            k = torch.cat([c[0] for c in calls])
+            v = torch.cat([c[1] for c in calls])
+            slots = torch.cat([c[2] for c in calls])
+            ref = torch.zeros_like(layer.kv_cache)
+            nb, nh, bs, _ = ref.shape
+            kc, vc = ref.view(nb, nh, bs * 2, -1).chunk(2, dim=2)
+            ops.cpu_attn_reshape_and_cache(k, v, kc, vc, slots, layer.impl.isa, k_scale=1.0, v_scale=1.0,
+                                           kv_cache_dtype="auto")
+            stored[i] = {"tokens": len(slots), "equal": torch.equal(ref, layer.kv_cache),
+                         "nonzero_rows": int(k.ne(0).any(-1).sum())}
+    kivi = KiviConfig.from_vllm_config(cfg)
+    some_kivi = next((g.kv_cache_spec for gs in runner.attn_groups for g in gs
+                      if isinstance(g.kv_cache_spec, KiviAttentionSpec)), None)
+    cap = capacity_summary(worker_layer_specs(some_kivi, kivi, cfg), cfg.cache_config.num_gpu_blocks) \
+        if some_kivi is not None else None
+    return {"groups": groups, "layers": layers, "pages": pages, "stored": stored, "capacity": cap}
+
+
+def record_exact_kv(worker, layer_indices=(0, 29)) -> int:
+    """Wrap ``do_kv_cache_update`` of the given (exact, vLLM-backend) layers to keep every step's K/V and slots."""
+    from kivi_vllm.patches.kv_cache_spec import layer_index
+
+    worker.kivi_exact_recorded = {}
+    n = 0
+    for name, layer in worker.vllm_config.compilation_config.static_forward_context.items():
+        if layer_index(name) not in layer_indices:
+            continue
+        calls = worker.kivi_exact_recorded.setdefault(name, [])
+
+        def update(lyr, key, value, kv_cache, slot_mapping, _orig=layer.impl.do_kv_cache_update, _calls=calls):
+            _calls.append((key.clone(), value.clone(), slot_mapping.clone()))
+            return _orig(lyr, key, value, kv_cache, slot_mapping)
+
+        layer.impl.do_kv_cache_update = update
+        n += 1
+    return n
+
+
+@pytest.fixture(scope="module")
+def exact_runs(model_path):
+    """Three engines at block size 512 (1 GiB each): vLLM's plain bf16 cache; KIVI-2 with layers 0 and 29 exact;
+    KIVI-2 with every layer exact. Each first prefills one ~400-token prompt (1 output token, so only the prompt is
+    in the cache) and snapshots layers 0 and 29, then generates greedily on 4 prompts."""
+    from kivi_vllm.config import parse_layer_setting
+    from kivi_vllm.serving.metrics import kivi_capacity
+
+    all_exact = {"bits": 2, "layers": parse_layer_setting("0-29=exact")}
+    out = {}
+    for name, kivi in (("bf16", None), ("exact", EXACT), ("all_exact", all_exact)):
+        llm = make_llm(model_path, kivi, block_size=512)
+        recorded = sum(llm.collective_rpc(record_exact_kv)) if name == "exact" else 0
+        generate_ids(llm, long_prompts(1), n=1)
+        state = llm.collective_rpc(exact_layer_state)[0]
+        cfg = llm.llm_engine.vllm_config
+        out[name] = {**state, "recorded": recorded, "blocks": cfg.cache_config.num_gpu_blocks,
+                     "kv_tokens": kv_tokens(llm), "ids": generate_ids(llm, long_prompts(4), n=N_EXACT_TOKENS),
+                     "metrics": kivi_capacity(cfg) if kivi else None}
+        close_llm(llm)
+    return out
+
+
+def test_exact_layers_pages_groups_and_capacity(exact_runs):
+    r = exact_runs["exact"]
+    heads, d = SMOLLM2["num_kv_heads"], SMOLLM2["head_size"]
+    exact_page, kivi_page = 512 * 2 * d * 2, page_bytes_by_hand(2, 2)  # per KV head: bf16 K and V; a KIVI-2 page
+    # one block table: blocks = memory // (sum of the layers' page sizes), exact pages at full bf16 size
+    blocks = 2**30 // (heads * (2 * exact_page + 28 * kivi_page))
+    print(f"\nexact layers 0, 29: {blocks} blocks = {blocks * 512:,} KV tokens")
+    assert r["blocks"] == blocks == 314 and r["kv_tokens"] == blocks * 512
+    for i, (shape, dtype, impl, backend) in r["layers"].items():
+        if i in (0, 29):  # vLLM's CPU layout: [blocks, KV heads, block size, 2 x head size] in the model dtype
+            assert (shape, dtype, impl, backend) == ([blocks, heads, 512, 2 * d], "bfloat16", "CPUAttentionBackendImpl",
+                                                     "CPUAttentionBackend"), i
+        else:
+            assert (shape, dtype, impl, backend) == ([blocks, heads, kivi_page], "uint8", "KiviAttentionImpl",
+                                                     "KiviAttentionBackend"), i
+    # one attention group per backend class, each with its own metadata builder and spec type
+    assert r["groups"] == [("CPUAttentionBackend", "CPUAttentionMetadataBuilder", "FullAttentionSpec", 2),
+                           ("KiviAttentionBackend", "KiviMetadataBuilder", "KiviAttentionSpec", 28)]
+    # the workers' start-up figures and /metrics both count the exact pages
+    total = blocks * heads * (2 * exact_page + 28 * kivi_page)
+    for c in (r["capacity"], r["metrics"]):
+        assert c["tokens"] == r["kv_tokens"] and c["bytes"] == total
+        assert c["dense_tokens"] == total // (30 * heads * 2 * d * 2)
+        assert c["bytes_per_token_head"] == pytest.approx((2 * exact_page + 28 * kivi_page) / 30 / 512)
+    # all layers exact: vLLM's uniform path, same blocks as the plain bf16 engine at this block size
+    assert exact_runs["all_exact"]["blocks"] == exact_runs["bf16"]["blocks"] == 2**30 // (30 * heads * exact_page)
+    assert exact_runs["all_exact"]["groups"] == [("CPUAttentionBackend", "CPUAttentionMetadataBuilder",
+                                                  "FullAttentionSpec", 30)]
+
+
+def test_exact_layer_cache_equals_vllm_bf16_cache(exact_runs):
+    """Layer 0 sees the same input in both engines (the embeddings), so its cache after the same prompt must be
+    byte-identical to vLLM's own bf16 cache of layer 0; layer 29 (whose input went through 28 KIVI layers) must
+    hold exactly the K/V the model gave it, as vLLM's own cache op writes them."""
+    e, b = exact_runs["exact"], exact_runs["bf16"]
+    assert len(e["pages"][0]) == len(b["pages"][0]) == 1  # one page: the ~400-token prompt
+    assert torch.equal(e["pages"][0], b["pages"][0])
+    assert not torch.equal(e["pages"][29], b["pages"][29])  # the KIVI layers in between changed layer 29's input
+    assert e["recorded"] == 2
+    for i in (0, 29):
+        s = e["stored"][i]
+        assert s["tokens"] >= 300 and s["nonzero_rows"] == s["tokens"] * 3 and s["equal"], (i, s)  # rows: token x head
+
+
+def test_all_layers_exact_equals_the_bf16_engine(exact_runs):
+    """With every layer exact the plugin only swaps vLLM's own backend back in: greedy tokens equal the plain bf16
+    engine's (same block size), on 4 prompts x 24 tokens. KIVI-2 with layers 0 and 29 exact is not equal (most
+    layers are quantized) but must still produce tokens."""
+    assert exact_runs["all_exact"]["ids"] == exact_runs["bf16"]["ids"]
+    assert all(len(ids) == N_EXACT_TOKENS for ids in exact_runs["exact"]["ids"])

@@ -42,6 +42,11 @@ def test_bits_per_value():
     assert bits_per_value(layered, 64, num_layers=30) == pytest.approx((28 * page + k4v2 + k4v4) / 30 * 8 / 512 / 128)
     with pytest.raises(ValueError, match="number of layers"):
         bits_per_value(layered, 64)
+    # exact layers: 16 bits (their bf16 page: 512 x 64 x 2 B for keys and for values per head)
+    exact = config_settings("kivi2@0,29=exact")
+    assert exact["layers"] == {"0": {"exact": True}, "29": {"exact": True}}
+    assert bits_per_value(exact, 64, num_layers=30) == pytest.approx((28 * page * 8 / 512 / 128 + 2 * 16) / 30)
+    assert bits_per_value(config_settings("kivi2@0-29=exact"), 64, num_layers=30) == 16
 
 
 def test_config_names_with_per_layer_bits():

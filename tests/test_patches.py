@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import kivi_vllm
 from kivi_vllm import patches
@@ -27,6 +28,13 @@ def test_patched_sources_match_vllm_0_26_0():
 
     assert patches.source_fingerprint(Attention.get_attn_backend) == kv_cache_spec.EXPECTED_GET_BACKEND
     assert patches.source_fingerprint(extract_layer_index) == kv_cache_spec.EXPECTED_LAYER_INDEX
+    # what the exact-layer swap relies on: the impl arguments and attributes Attention.__init__ sets, forward reading
+    # attn_backend per call, and the selector that picks vLLM's own backend
+    from vllm.v1.attention.selector import _cached_get_attn_backend
+
+    assert patches.source_fingerprint(Attention.__init__) == kv_cache_spec.EXPECTED_ATTN_INIT
+    assert patches.source_fingerprint(Attention.forward) == kv_cache_spec.EXPECTED_ATTN_FORWARD
+    assert patches.source_fingerprint(_cached_get_attn_backend) == kv_cache_spec.EXPECTED_SELECT_BACKEND
     assert patches.source_fingerprint(CpuPlatform.get_attn_backend_cls.__func__) == cpu_platform.EXPECTED_SELECT
     assert patches.source_fingerprint(CpuPlatform.update_block_size_for_backend.__func__) == cpu_platform.EXPECTED_BLOCK
 
@@ -93,3 +101,43 @@ def test_one_backend_class_per_layer_setting():
 
     with pytest.raises(AttributeError):
         mod.K3V2KiviAttentionBackend
+
+
+def test_exact_layer_refused_when_vllms_backend_refuses(monkeypatch):
+    """use_vllm_backend stops with the backend's own reasons (e.g. the block size) instead of serving the layer;
+    on CPU, CPU_ATTN takes every KIVI block size (multiples of 16), so a stand-in backend refuses here."""
+    from types import SimpleNamespace
+
+    from vllm.v1.attention import selector
+
+    from kivi_vllm.config import KiviConfigError
+
+    class Refusing:
+        @staticmethod
+        def get_name():
+            return "STAND_IN"
+
+        @classmethod
+        def validate_configuration(cls, **kw):
+            return [f"block_size not supported ({kw['block_size']})"]
+
+    seen = {}
+
+    def pick(backend, attn_selector_config, num_heads=None):
+        seen.update(backend=backend, config=attn_selector_config, num_heads=num_heads)
+        return Refusing
+
+    monkeypatch.setattr(selector, "_cached_get_attn_backend", pick)
+    layer = SimpleNamespace(head_size=64, dtype=torch.bfloat16, kv_cache_dtype="auto", has_sink=False,
+                            use_mm_prefix=False, attn_type="decoder", sliding_window=None, num_heads=9,
+                            layer_name="model.layers.0.self_attn.attn", impl=SimpleNamespace())
+    cfg = SimpleNamespace(cache_config=SimpleNamespace(block_size=512),
+                          attention_config=SimpleNamespace(use_non_causal=False),
+                          parallel_config=SimpleNamespace(prefill_context_parallel_size=1))
+    with pytest.raises(KiviConfigError, match=r"--kivi-layer: exact layer model.layers.0.self_attn.attn: vLLM's "
+                                              r"STAND_IN attention backend cannot serve it at block size 512 "
+                                              r"\(block_size not supported \(512\)\)"):
+        kv_cache_spec.use_vllm_backend(layer, cfg)
+    # vLLM's own choice (no backend forced), asked with the KIVI block size so that the backend checks it
+    assert seen["backend"] is None and seen["config"].block_size == 512 and seen["num_heads"] == 9
+    assert not hasattr(layer, "kivi_exact")  # the layer was left alone

@@ -49,6 +49,11 @@ class KiviAttentionImpl(AttentionImpl):
         if bad:
             raise NotImplementedError(f"KIVI: this configuration uses {', '.join(bad)}, which the KIVI cache does "
                                       "not support")
+        #: The arguments ``Attention.__init__`` constructed this impl with (positional, then keyword): the KV-cache
+        #: spec patch builds vLLM's own impl from them for an exact layer (``patches/kv_cache_spec.py``).
+        self.init_args = (num_heads, head_size, scale, num_kv_heads, alibi_slopes, sliding_window, kv_cache_dtype,
+                          logits_soft_cap, attn_type, kv_sharing_target_layer_name)
+        self.init_kwargs = dict(extra)
         self.num_heads = num_heads
         self.head_size = head_size
         self.scale = float(scale)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from vllm.logger import init_logger
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionMetadataBuilder, CommonAttentionMetadata
+from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from ..config import KiviConfig
 from ..kernels.prefill import block_q_for, prefill_tiles
@@ -20,16 +21,17 @@ logger = init_logger("vllm.kivi")
 _capacity_logged = False
 
 
-def worker_layer_specs(spec: KiviAttentionSpec, cfg: KiviConfig, vllm_config) -> list[KiviAttentionSpec]:
-    """The KIVI spec of every KIVI layer of this worker (its model's attention layers), from one layer's ``spec``
-    and the per-layer bits of ``cfg``; ``[spec]`` (standing for every layer) when no layer has its own bits."""
+def worker_layer_specs(spec: KiviAttentionSpec, cfg: KiviConfig, vllm_config) -> list[FullAttentionSpec]:
+    """The spec of every attention layer of this worker that KIVI set up (its model's KIVI layers and exact layers),
+    from one layer's ``spec`` and the per-layer bits of ``cfg``: ``KiviAttentionSpec``s, and plain
+    ``FullAttentionSpec``s for exact layers; ``[spec]`` (standing for every layer) when no layer has its own bits."""
     if not cfg.layers:
         return [spec]
     from ..patches.kv_cache_spec import layer_index
 
     ctx = vllm_config.compilation_config.static_forward_context
     names = [name for name, layer in ctx.items()
-             if getattr(getattr(layer, "attn_backend", None), "IS_KIVI", False)
+             if (getattr(getattr(layer, "attn_backend", None), "IS_KIVI", False) or getattr(layer, "kivi_exact", False))
              and not getattr(layer, "kv_sharing_target_layer_name", None)]
     return [spec.for_layer(cfg, layer_index(name)) for name in names] or [spec]
 

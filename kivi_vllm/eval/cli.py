@@ -6,6 +6,7 @@
     kivi-eval --tasks agreement --configs bf16 kivi4 kivi2   # 8 prompts x 128 greedy tokens vs bf16
     kivi-eval --configs bf16 kivi2 kivi2@0,29=k4v2 kivi2@0,29=k4v4 --windows 2   # per-layer bits (layers 0 and 29)
     kivi-eval --configs bf16 kivi2 kivi2@auto5=k4v2       # the 5 layers kivi_vllm.calibrate picks, 4-bit keys
+    kivi-eval --configs bf16 kivi2 kivi2@0,29=exact       # layers 0 and 29 unquantized (vLLM's own backend)
 
 Prints a table per task (perplexity: change against the first configuration, KV-cache bits per token and per
 KV head relative to bf16, and the KV tokens of the engine's pool, blocks x block size; agreement: matching prefix
@@ -38,7 +39,8 @@ _AUTO = re.compile(r"auto(\d+)")
 
 def bits_per_value(config: object, head_size: int, block_size: int = 512, num_layers: int | None = None) -> float:
     """KV-cache bits per stored key or value element, all overheads included (16 for bf16), averaged over the
-    model's ``num_layers`` layers when some layers have their own bits (every layer has the same KV heads here).
+    model's ``num_layers`` layers when some layers have their own bits (every layer has the same KV heads here);
+    an exact layer counts 16 (its bf16 page).
 
     Raises:
         ValueError: per-layer bits without ``num_layers``.
@@ -55,9 +57,12 @@ def bits_per_value(config: object, head_size: int, block_size: int = 512, num_la
     cfg = KiviConfig.from_dict(config)
     if cfg.layers and num_layers is None:
         raise ValueError("bits_per_value: per-layer bits need the model's number of layers")
-    layer_cfgs = [cfg.for_layer(i) for i in range(num_layers)] if cfg.layers else [cfg]
-    page = sum(PageLayout.from_config(c, block_size, head_size, torch.bfloat16).page_bytes for c in layer_cfgs)
-    return page / len(layer_cfgs) / block_size * 8 / (2 * head_size)
+    exact_page = block_size * 2 * head_size * torch.bfloat16.itemsize  # an exact layer: vLLM's bf16 page per head
+    layers = range(num_layers) if cfg.layers else [None]
+    page = sum(exact_page if i is not None and cfg.is_exact(i) else
+               PageLayout.from_config(cfg if i is None else cfg.for_layer(i), block_size, head_size,
+                                      torch.bfloat16).page_bytes for i in layers)
+    return page / len(layers) / block_size * 8 / (2 * head_size)
 
 
 def config_name(text: str) -> str:
