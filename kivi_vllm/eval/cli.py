@@ -104,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--configs", nargs="+", default=["bf16", "kivi4", "kivi2"], type=config_name,
                     help=f"configurations, in order; deltas are against the first. Known: {', '.join(sorted(CONFIGS))}; "
                          "a KIVI one may add per-layer bits as @INDICES=SETTING (kivi-serve --kivi-layer's syntax), "
-                         "e.g. kivi2@0,29=k4v2")
+                         "e.g. kivi2@0,29=k4v2 or kivi2@0,29=exact; @autoN=SETTING picks N layers with "
+                         "kivi_vllm.calibrate, e.g. kivi2@auto5=k4v2")
     ap.add_argument("--windows", type=int, default=4, help="number of windows")
     ap.add_argument("--window-tokens", type=int, default=1024, help="tokens per window")
     ap.add_argument("--chunk", type=int, default=64,

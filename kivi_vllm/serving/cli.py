@@ -51,7 +51,7 @@ def add_kivi_args(parser: argparse.ArgumentParser) -> None:
         help="streaming: prefill sees what decode would (output independent of chunking and prefix caching); "
              f"exact: a chunk attends exactly to itself (KIVI paper); default {d.prefill}")
     add("--kivi-layer", action="append", metavar="INDICES=SETTING",
-        help="per-layer bits, repeatable: decoder layers INDICES (e.g. 0,29 or 0-3) stored with SETTING k4v2, k4 "
+        help="per-layer bits, repeatable: decoder layers INDICES (e.g. 0,29 or 0-3) stored with SETTING k4v2, k4v4, k4 "
              "(keys only), v4 or 4 instead of the global bits, or exact (unquantized, vLLM's own attention backend); "
              "e.g. --kivi-layer 0,29=k4v2")
 
