@@ -16,7 +16,9 @@
 # (7 files, under the device's 8-file limit). Merge the results.json of several commands here with
 #   python -m kivi_vllm.bench --report-only --merge A/results.json B/results.json --out docs/measurements/bench-h200
 #
-# Environment: OUT, BENCH_DIR, TIME_LIMIT, NUM_REQUESTS (overrides the workload's request count), PYTHON (default
+# Environment: OUT, BENCH_DIR, MODEL (default benchmarks/llama2-7b; benchmarks/llama3-8b is the GQA shape: give it
+# its own BENCH_DIR, results of different models must not be merged), TIME_LIMIT, NUM_REQUESTS (overrides the
+# workload's request count), PYTHON (default
 # python3), BENCH_ARGS (more kivi-bench flags, e.g. "--baseline").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +28,7 @@ CONFIGS=("$@")
 [ ${#CONFIGS[@]} -gt 0 ] || CONFIGS=(auto fp8 kivi2 kivi4)
 BENCH_DIR=${BENCH_DIR:-out/bench-gpu}
 PY=${PYTHON:-python3}
-ARGS=(--workloads "$WORKLOAD" --configs "${CONFIGS[@]}" --model benchmarks/llama2-7b --max-model-len 4096
+ARGS=(--workloads "$WORKLOAD" --configs "${CONFIGS[@]}" --model "${MODEL:-benchmarks/llama2-7b}" --max-model-len 4096
       --gpu-memory-utilization 0.9 --time-limit "${TIME_LIMIT:-200}" --out "$BENCH_DIR")
 [ -z "${NUM_REQUESTS:-}" ] || ARGS+=(--num-requests "$NUM_REQUESTS")
 # shellcheck disable=SC2206  # BENCH_ARGS is split on purpose

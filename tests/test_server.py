@@ -362,6 +362,14 @@ def test_supported_models_pass_the_config_check(model_path, tmp_path):
         check_model(model_config(tiny_config(model_path, tmp_path / "two")), KiviConfig(layers=((2, 4, 2),)))
     # a window without layer_types: vLLM's Llama/Mistral code gives no layer a window, so nothing to refuse here
     check_model(model_config(tiny_config(model_path, tmp_path, sliding_window=64)), KiviConfig())
+    # the benchmark shapes (dummy weights, no tokenizer): Llama-2-7B (MHA) and Llama-3-8B (GQA, 8 KV heads)
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    for name, kv_heads in (("llama2-7b", 32), ("llama3-8b", 8)):
+        path = str(Path(__file__).resolve().parents[1] / "benchmarks" / name)
+        mc = AsyncEngineArgs(model=path, skip_tokenizer_init=True).create_model_config()
+        check_model(mc, KiviConfig())
+        assert (mc.hf_config.num_key_value_heads, mc.get_head_size()) == (kv_heads, 128)
 
 
 def test_backend_refuses_sliding_windows_at_selection():
