@@ -160,8 +160,12 @@ def kivi_cell(bits, B, L, hq, h, d, io, device, args, kern):
     row.update(kernel=kernel, num_splits=splits, aux_bytes=2 * B * hq * slots * (2 + pad) * 4)
     kv_cache = random_bytes(cache_bytes, device).view(B * nblk, h, lay.page_bytes)
     block_table = torch.randperm(B * nblk, device=device).to(torch.int32).view(B, nblk)
+    def slots_at(pos):  # cache slot of each request's token at position pos[r]
+        blk = block_table.gather(1, (pos // KIVI_BLOCK)[:, None]).squeeze(1).to(torch.int64)
+        return (blk * KIVI_BLOCK + pos % KIVI_BLOCK).contiguous()
+
     p = L - 1
-    slot = (block_table[:, p // KIVI_BLOCK].to(torch.int64) * KIVI_BLOCK + p % KIVI_BLOCK).contiguous()
+    slot = slots_at(torch.full((B,), p, device=device))
     scale = d**-0.5
     ms, mode = bench(lambda: decode(q, key, value, kv_cache, block_table, qsl, seq_lens, lay, scale, out,
                                     num_splits=splits, num_stages=args.num_stages, num_warps=args.num_warps,
@@ -171,9 +175,7 @@ def kivi_cell(bits, B, L, hq, h, d, io, device, args, kern):
     # the store in a steady state: request r at position L - 1 - (r mod G), so 1 request in G completes a group in
     # this step and the others only write a stage row (what a decode step of a running batch sees)
     pos = p - torch.arange(B, device=device) % GROUP
-    seq_steady = (pos + 1).to(torch.int32)
-    slot_steady = (block_table.gather(1, (pos // KIVI_BLOCK)[:, None]).squeeze(1).to(torch.int64) * KIVI_BLOCK
-                   + pos % KIVI_BLOCK).contiguous()
+    seq_steady, slot_steady = (pos + 1).to(torch.int32), slots_at(pos)
     ssms, _ = bench(lambda: store(kv_cache, key, value, slot_steady, qsl, seq_steady, lay, 0), device, args.eager)
     return dict(row, status="ok", time_us=ms * 1e3, store_us=sms * 1e3, store_steady_us=ssms * 1e3, timing=mode)
 
@@ -259,7 +261,8 @@ def table(rows):
         lines.append(pre + f"{r['time_us']:>10.1f}{r['bytes'] / 1e6:>10.1f}{r['gbps']:>8.0f}{r['pct_copy']:>7.1f}%"
                      f"{f(r.get('speedup_vs_fp8'), '.2f'):>7}{f(r.get('speedup_vs_bf16'), '.2f'):>7}"
                      f"{f(r.get('store_us'), '.1f'):>10}{f(r.get('store_frac_of_kivi2_decode'), '.3f'):>9}"
-                     f"{f(r.get('store_steady_us'), '.1f'):>10}{f(r.get('store_steady_frac_of_kivi2_decode'), '.3f'):>10}")
+                     f"{f(r.get('store_steady_us'), '.1f'):>10}"
+                     f"{f(r.get('store_steady_frac_of_kivi2_decode'), '.3f'):>10}")
     return "\n".join(lines)
 
 

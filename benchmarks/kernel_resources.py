@@ -25,7 +25,6 @@ import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
 
-from kivi_vllm.kernels.common import layout_args
 from kivi_vllm.layout import PageLayout
 
 POINTERS = {"q_ptr": "*bf16", "key_ptr": "*bf16", "value_ptr": "*bf16", "kv_ptr": "*u8", "block_table_ptr": "*i32",
@@ -42,13 +41,11 @@ def resources(bits: int, qpk: int, kernel: str, num_warps: int, num_stages: int 
     lay = PageLayout(512, head_size, bits, bits, group_size, "kv", torch.bfloat16)
     if kernel == "fma":
         fn = mod._decode_fma_kernel
-        consts = dict(QPK=qpk, QPK_PAD=triton.next_power_of_2(qpk), NUM_SPLITS=8, SLOTS=9, NUM_STAGES=num_stages,
-                      **layout_args(lay))
-    else:
+        consts = mod.fma_constexprs(lay, qpk, 8, num_stages)
+    else:  # the launch of decode() for a bf16 model on a GPU (TF32 dots)
         fn = mod._decode_split_kernel
-        consts = dict(QPK=qpk, QPK_PAD=max(16, triton.next_power_of_2(qpk)), NUM_SPLITS=8, SLOTS=8, DO_GROUPS=True,
-                      SPLIT_OFFSET=0, STAGE_DTYPE=tl.bfloat16, DOT_DTYPE=tl.float32, DOT_PRECISION="tf32",
-                      NUM_STAGES=num_stages, **layout_args(lay))
+        consts = dict(NUM_SPLITS=8, SLOTS=8, DO_GROUPS=True, SPLIT_OFFSET=0,
+                      **mod.mma_constexprs(lay, qpk, num_stages, dict(DOT_DTYPE=tl.float32, DOT_PRECISION="tf32")))
     names = fn.arg_names
     sig = {n: "constexpr" if n in consts else POINTERS.get(n, "i32") for n in names}
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})

@@ -100,6 +100,12 @@ class KiviAttentionSpec(FullAttentionSpec):
         return self if (k_bits, v_bits) == (self.k_bits, self.v_bits) else replace(self, k_bits=k_bits, v_bits=v_bits)
 
 
+def layer_specs(spec: KiviAttentionSpec, cfg: KiviConfig, num_layers: int) -> list[FullAttentionSpec]:
+    """One spec per decoder layer ``0 .. num_layers - 1`` (:meth:`KiviAttentionSpec.for_layer`), or ``[spec]``
+    standing for every layer when ``cfg`` gives no layer its own bits: the ``specs`` of :func:`capacity_summary`."""
+    return [spec.for_layer(cfg, i) for i in range(num_layers)] if cfg.layers else [spec]
+
+
 def exact_spec(spec: KiviAttentionSpec) -> FullAttentionSpec:
     """The ``FullAttentionSpec`` of an exact layer next to KIVI layers of ``spec``: same block size and heads, cache
     in the model dtype (``spec.residual_dtype``), page = block_size x num_kv_heads x 2 x head_size x itemsize bytes."""

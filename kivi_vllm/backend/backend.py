@@ -12,6 +12,7 @@ each distinct setting has its own attention group, metadata builder and :class:`
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
 from typing import ClassVar
@@ -121,7 +122,7 @@ class KiviAttentionBackend(AttentionBackend):
         """
         cfg, dtype = _current_kivi_config()
         if cls.KIVI_BITS is not None:
-            cfg = KiviConfig(*cls.KIVI_BITS, cfg.group_size, cfg.residual, cfg.prefill)
+            cfg = dataclasses.replace(cfg, k_bits=cls.KIVI_BITS[0], v_bits=cls.KIVI_BITS[1], layers=())
         return (num_blocks, num_kv_heads, PageLayout.from_config(cfg, block_size, head_size, dtype).page_bytes)
 
 

@@ -50,19 +50,18 @@ def bits_per_value(config: object, head_size: int, block_size: int = 512, num_la
     if isinstance(config, str):
         return 8.0
     import torch
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
 
     from ..config import KiviConfig
-    from ..layout import PageLayout
+    from ..spec import KiviAttentionSpec, capacity_summary, layer_specs
 
     cfg = KiviConfig.from_dict(config)
     if cfg.layers and num_layers is None:
         raise ValueError("bits_per_value: per-layer bits need the model's number of layers")
-    exact_page = block_size * 2 * head_size * torch.bfloat16.itemsize  # an exact layer: vLLM's bf16 page per head
-    layers = range(num_layers) if cfg.layers else [None]
-    page = sum(exact_page if i is not None and cfg.is_exact(i) else
-               PageLayout.from_config(cfg if i is None else cfg.for_layer(i), block_size, head_size,
-                                      torch.bfloat16).page_bytes for i in layers)
-    return page / len(layers) / block_size * 8 / (2 * head_size)
+    dense = FullAttentionSpec(block_size=block_size, num_kv_heads=1, head_size=head_size, dtype=torch.bfloat16)
+    spec = KiviAttentionSpec.from_full_spec(dense, cfg, torch.bfloat16)
+    per_token_head = capacity_summary(layer_specs(spec, cfg, num_layers or 1), 1)["bytes_per_token_head"]
+    return per_token_head * 8 / (2 * head_size)
 
 
 def config_name(text: str) -> str:

@@ -181,11 +181,11 @@ def _word_codes(ptr, rows, row_mask, one_bits, ROW_BYTES: tl.constexpr, BITS: tl
     """float32 ``1 + code / 2**BITS`` [1, 32 // BITS, RA, RB, W_PAD] of the packed rows ``rows`` ([RA, RB]) at
     ``ptr``: element (0, b, ja, jb, w) is channel ``w * (32 // BITS) + b`` of row ``rows[ja, jb]``. One 32-bit load
     per word; each code is moved to the top of a float32 mantissa (one shift) and given the exponent of 1.0 (one
-    AND-OR, a LOP3), so no integer-to-float conversion runs (I2FP was 256 of the loop's 1,348 SASS instructions, SGXT another 224). The
-    caller subtracts the 1: ``sum_c x_c code_c = 2**BITS * (sum_c x_c f_c - sum_c x_c)`` (the same exponent trick
-    as the "fast int-to-float" dequantizers of FasterTransformer and Marlin, here in float32). Rows that are masked
-    and words past the head size give 1.0 (code 0). ``one_bits`` is 0x3F800000, the bits of 1.0f, passed at run time
-    so that the AND and the OR stay one LOP3 (as two constants they take two)."""
+    AND-OR, a LOP3), so no integer-to-float conversion runs (I2FP was 256 of the loop's 1,348 SASS instructions,
+    SGXT another 224). The caller subtracts the 1: ``sum_c x_c code_c = 2**BITS * (sum_c x_c f_c - sum_c x_c)``
+    (the same exponent trick as the "fast int-to-float" dequantizers of FasterTransformer and Marlin, here in
+    float32). Rows that are masked and words past the head size give 1.0 (code 0). ``one_bits`` is 0x3F800000, the
+    bits of 1.0f, passed at run time so that the AND and the OR stay one LOP3 (as two constants they take two)."""
     PW: tl.constexpr = 32 // BITS
     MANT: tl.constexpr = 23 - BITS  # lowest bit of the code in the float32 mantissa
     w = tl.arange(0, W_PAD)
@@ -339,6 +339,20 @@ def _reduce_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, seq_lens_ptr, 
 ONE_F32_BITS = 0x3F800000  # the bits of 1.0f: see _word_codes
 
 
+def fma_constexprs(layout: PageLayout, qpk: int, num_splits: int, num_stages: int = 1, lane_rows: int = 1) -> dict:
+    """The constexprs :func:`decode` launches :func:`_decode_fma_kernel` with (``num_splits`` splits, then the open
+    group's slot); ``benchmarks/kernel_resources.py`` compiles the kernel with the same."""
+    return dict(QPK=qpk, QPK_PAD=triton.next_power_of_2(qpk), NUM_SPLITS=num_splits, SLOTS=num_splits + 1,
+                NUM_STAGES=num_stages, LANE_ROWS=lane_rows, **layout_args(layout))
+
+
+def mma_constexprs(layout: PageLayout, qpk: int, num_stages: int, dot: dict) -> dict:
+    """The constexprs of :func:`_decode_split_kernel` that do not depend on the launch mode (``NUM_SPLITS``,
+    ``SLOTS``, ``DO_GROUPS`` and ``SPLIT_OFFSET`` do); ``dot``: :func:`.common.dot_args` of the query."""
+    return dict(QPK=qpk, QPK_PAD=max(16, triton.next_power_of_2(qpk)), STAGE_DTYPE=stage_dtype(layout),
+                NUM_STAGES=num_stages, **dot, **layout_args(layout))
+
+
 def num_splits_for(num_reqs: int, num_kv_heads: int, target_programs: int = 4096, max_splits: int = 16) -> int:
     """Splits per (request, KV head): a power of two that brings the grid near ``target_programs`` programs
     (enough to fill an H200's 132 SMs several times: 4,096 for the 2-warp MMA kernel, 16,384 for the 1-warp FMA
@@ -400,10 +414,10 @@ def decode(
         num_reqs: requests of the batch (default ``len(seq_lens)``); num_splits: default :func:`default_num_splits`.
         num_stages: Triton software-pipelining depth of the split kernel's group loop: with more than 1, Triton
             stages the next groups' loads with ``cp.async`` through shared memory (MMA kernel: measured slower,
-            docs/benchmarks.md; FMA kernel: 168 instead of 96 registers at 1 query head per KV head, not timed yet).
+            docs/benchmarks.md; FMA kernel: not timed yet).
         lane_rows: FMA kernel only: the value sums over a group's rows keep ``lane_rows`` partial sums (the rows
             spread over lanes) and add them once after the loop instead of per group; a power of two dividing the
-            group size. 4 saves 4% of the SASS per group at 1 query head per KV head and 9% at 4, for 128 instead of
+            group size. 4 saves 3% of the SASS per group at 1 query head per KV head and 9% at 4, for 128 instead of
             96 registers at 1 (``benchmarks/kernel_resources.py``); not timed yet, hence default 1.
         num_warps: warps per program of the split kernel (default 1 for "fma", 2 for "mma"; the FMA path's
             open-group launch always uses 4).
@@ -422,6 +436,9 @@ def decode(
     kernel = kernel or kernel_for(HQ // H, layout.group_size, layout.head_size)
     if kernel not in ("fma", "mma"):
         raise ValueError(f"KIVI decode: kernel must be 'fma' or 'mma', got {kernel!r}")
+    if lane_rows < 1 or lane_rows & (lane_rows - 1) or layout.group_size % lane_rows:
+        raise ValueError(f"KIVI decode: lane_rows must be a power of two dividing the group size "
+                         f"{layout.group_size}, got {lane_rows}")
     if R == 0:
         return out
     S = num_splits or default_num_splits(kernel, R, H)
@@ -436,15 +453,10 @@ def decode(
     args = (query, key, value, kv_cache, block_table, seq_lens, query_start_loc, part_m, part_l, part_acc, scale,
             query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
             kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0))
-    mma = dict(QPK=qpk, QPK_PAD=max(16, triton.next_power_of_2(qpk)), STAGE_DTYPE=stage_dtype(layout),
-               NUM_STAGES=num_stages, **dot_args(query), **layout_args(layout))
-    if lane_rows < 1 or lane_rows & (lane_rows - 1) or layout.group_size % lane_rows:
-        raise ValueError(f"lane_rows must be a power of two dividing the group size {layout.group_size}, "
-                         f"got {lane_rows}")
+    mma = mma_constexprs(layout, qpk, num_stages, dot_args(query))
     if kernel == "fma":
-        _decode_fma_kernel[(R, H, S)](*args[:11], ONE_F32_BITS, *args[11:], QPK=qpk,
-                                      QPK_PAD=triton.next_power_of_2(qpk), NUM_SPLITS=S, SLOTS=slots, NUM_STAGES=num_stages,
-                                      LANE_ROWS=lane_rows, num_warps=num_warps or 1, **layout_args(layout))
+        _decode_fma_kernel[(R, H, S)](*args[:11], ONE_F32_BITS, *args[11:], num_warps=num_warps or 1,
+                                      **fma_constexprs(layout, qpk, S, num_stages, lane_rows))
         # the open group (stage rows and this step's token) in slot S
         _decode_split_kernel[(R, H, 1)](*args, NUM_SPLITS=S, SLOTS=slots, DO_GROUPS=False, SPLIT_OFFSET=S,
                                         num_warps=4, **mma)

@@ -51,7 +51,7 @@ def kivi_capacity(vllm_config) -> dict:
     from vllm.v1.kv_cache_interface import FullAttentionSpec
 
     from ..config import KiviConfig
-    from ..spec import KiviAttentionSpec, capacity_summary
+    from ..spec import KiviAttentionSpec, capacity_summary, layer_specs
 
     cache, model = vllm_config.cache_config, vllm_config.model_config
     if not cache.num_gpu_blocks:
@@ -60,8 +60,7 @@ def kivi_capacity(vllm_config) -> dict:
                               num_kv_heads=model.get_num_kv_heads(vllm_config.parallel_config))
     cfg = KiviConfig.from_vllm_config(vllm_config)
     spec = KiviAttentionSpec.from_full_spec(dense, cfg, model.dtype)
-    specs = [spec.for_layer(cfg, i) for i in range(model.get_total_num_hidden_layers())] if cfg.layers else [spec]
-    return capacity_summary(specs, cache.num_gpu_blocks)
+    return capacity_summary(layer_specs(spec, cfg, model.get_total_num_hidden_layers()), cache.num_gpu_blocks)
 
 
 def _unregister_kivi_metrics() -> None:
