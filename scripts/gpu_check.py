@@ -21,6 +21,7 @@ from pathlib import Path
 
 TORCH = {"KIVI_ATTENTION_PATH": "torch"}
 LLAMA7B = str(Path(__file__).resolve().parents[1] / "benchmarks" / "llama2-7b")
+LAYERS = {"0": {"k_bits": 4}, "29": {"exact": True}}  # SmolLM2 has 30 decoder layers
 RUNS = {
     # name: (env, engine kwargs, kivi settings or None, what to run); Triton path unless env says torch
     "bf16": ({}, dict(enforce_eager=True), None, "agree"),
@@ -34,6 +35,12 @@ RUNS = {
     "kivi2_triton_prefix": ({}, dict(block_size=64, enable_prefix_caching=True), {"bits": 2}, "shared"),
     "kivi2_triton_chunks48": ({}, dict(block_size=64, enable_prefix_caching=False, max_num_batched_tokens=48,
                                        max_num_seqs=4), {"bits": 2}, "shared"),
+    # per-layer policy (issue 4): 4-bit keys in layer 0 and vLLM's own FlashAttention cache in layer 29, next to
+    # KIVI Triton layers, eager and with FULL CUDA graphs; every layer exact must give the bf16 engine's tokens
+    "kivi2_layers": ({}, dict(enforce_eager=True), {"bits": 2, "layers": LAYERS}, "agree"),
+    "kivi2_layers_graphs": ({}, dict(), {"bits": 2, "layers": LAYERS}, "agree"),
+    "bf16_graphs": ({}, dict(), None, "agree"),
+    "all_exact_graphs": ({}, dict(), {"bits": 2, "layers": {str(i): {"exact": True} for i in range(30)}}, "agree"),
     "llama7b_kivi2_load": ({}, dict(model=LLAMA7B, load_format="dummy", skip_tokenizer_init=True,
                                     max_model_len=4096, gpu_memory_utilization=0.90, kv_cache_memory_bytes=None,
                                     max_num_batched_tokens=None, max_num_seqs=None), {"bits": 2}, "load"),
@@ -41,7 +48,7 @@ RUNS = {
                                    max_model_len=4096, gpu_memory_utilization=0.90, kv_cache_memory_bytes=None,
                                    max_num_batched_tokens=None, max_num_seqs=None), None, "load"),
 }
-DEFAULT = [n for n in RUNS if not n.startswith("llama7b")]
+DEFAULT = [n for n in RUNS if not n.startswith("llama7b")]  # SmolLM2 runs
 
 
 def one(name: str, model: str) -> dict:
@@ -127,7 +134,8 @@ def main():
     pairs = [("kivi2_torch", "kivi2_triton"), ("kivi4_torch", "kivi4_triton"),
              ("kivi2_triton", "kivi2_triton_graphs"), ("kivi4_triton", "kivi4_triton_graphs"),
              ("kivi2_triton_graphs", "kivi2_triton_v1"), ("bf16", "kivi2_triton"), ("bf16", "kivi4_triton"),
-             ("bf16", "kivi2_torch"), ("bf16", "kivi4_torch"), ("kivi2_triton_prefix", "kivi2_triton_chunks48")]
+             ("bf16", "kivi2_torch"), ("bf16", "kivi4_torch"), ("kivi2_triton_prefix", "kivi2_triton_chunks48"),
+             ("kivi2_layers", "kivi2_layers_graphs"), ("bf16", "kivi2_layers"), ("bf16_graphs", "all_exact_graphs")]
     for x, y in pairs:
         if x in results and y in results:
             print(f"matching prefix {x} vs {y}: {prefix(results[x]['ids'], results[y]['ids'])}")
