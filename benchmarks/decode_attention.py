@@ -74,7 +74,8 @@ def parse_args():
     p.add_argument("--fa-num-splits", type=int, default=32, help="FA3 num_splits (vLLM full-CUDA-graph default)")
     p.add_argument("--num-stages", type=int, default=1, help="KIVI decode: Triton pipelining depth of the group loop")
     p.add_argument("--num-warps", type=int, default=None, help="KIVI decode: warps per program (default per kernel)")
-    p.add_argument("--lane-rows", type=int, default=1, help="KIVI fma decode: per-lane partial value sums (decode())")
+    p.add_argument("--lane-rows", type=int, default=None,
+                   help="KIVI fma decode: per-lane partial value sums (default decode()'s default_lane_rows)")
     p.add_argument("--kernel", choices=["fma", "mma"], default=None, help="KIVI decode kernel (default kernel_for)")
     p.add_argument("--num-splits", type=int, default=None, help="KIVI decode: splits (default default_num_splits)")
     p.add_argument("--eager", action="store_true", help="time the Python call, not a CUDA-graph replay")

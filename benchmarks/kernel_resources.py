@@ -34,14 +34,14 @@ REGS_PER_SM, SMEM_PER_SM, MAX_WARPS = 65536, 228 * 1024, 64  # H100/H200 (sm_90)
 
 
 def resources(bits: int, qpk: int, kernel: str, num_warps: int, num_stages: int = 1, group_size: int = 32,
-              head_size: int = 128) -> dict:
+              head_size: int = 128, lane_rows: int | None = None) -> dict:
     """Compile the decode kernel ("fma": ``_decode_fma_kernel``, "mma": ``_decode_split_kernel``) for sm_90 with
-    these constexprs; return ptxas' figures, PTX counts and the SASS of its loops."""
+    these constexprs (``lane_rows`` None: decode()'s default for ``qpk``); return ptxas' figures, PTX counts and the SASS of its loops."""
     mod = importlib.import_module("kivi_vllm.kernels.decode")
     lay = PageLayout(512, head_size, bits, bits, group_size, "kv", torch.bfloat16)
     if kernel == "fma":
         fn = mod._decode_fma_kernel
-        consts = mod.fma_constexprs(lay, qpk, 8, num_stages)
+        consts = mod.fma_constexprs(lay, qpk, 8, num_stages, lane_rows)
     else:  # the launch of decode() for a bf16 model on a GPU (TF32 dots)
         fn = mod._decode_split_kernel
         consts = dict(NUM_SPLITS=8, SLOTS=8, DO_GROUPS=True, SPLIT_OFFSET=0,
@@ -108,7 +108,8 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=32)
     ap.add_argument("--head-size", type=int, default=128)
     a = ap.parse_args()
-    variants = [dict(kernel="fma", num_warps=1), dict(kernel="fma", num_warps=1, num_stages=2),
+    variants = [dict(kernel="fma", num_warps=1), dict(kernel="fma", num_warps=1, lane_rows=1),
+                dict(kernel="fma", num_warps=1, num_stages=2),
                 dict(kernel="fma", num_warps=1, num_stages=3), dict(kernel="fma", num_warps=2),
                 dict(kernel="mma", num_warps=2),
                 dict(kernel="mma", num_warps=4), dict(kernel="mma", num_warps=4, num_stages=3)]

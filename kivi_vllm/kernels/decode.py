@@ -339,9 +339,12 @@ def _reduce_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, seq_lens_ptr, 
 ONE_F32_BITS = 0x3F800000  # the bits of 1.0f: see _word_codes
 
 
-def fma_constexprs(layout: PageLayout, qpk: int, num_splits: int, num_stages: int = 1, lane_rows: int = 1) -> dict:
+def fma_constexprs(layout: PageLayout, qpk: int, num_splits: int, num_stages: int = 1,
+                   lane_rows: int | None = None) -> dict:
     """The constexprs :func:`decode` launches :func:`_decode_fma_kernel` with (``num_splits`` splits, then the open
-    group's slot); ``benchmarks/kernel_resources.py`` compiles the kernel with the same."""
+    group's slot); ``benchmarks/kernel_resources.py`` compiles the kernel with the same. ``lane_rows`` None:
+    :func:`default_lane_rows`."""
+    lane_rows = default_lane_rows(qpk, layout.group_size) if lane_rows is None else lane_rows
     return dict(QPK=qpk, QPK_PAD=triton.next_power_of_2(qpk), NUM_SPLITS=num_splits, SLOTS=num_splits + 1,
                 NUM_STAGES=num_stages, LANE_ROWS=lane_rows, **layout_args(layout))
 
@@ -371,6 +374,14 @@ def default_num_splits(kernel: str, num_reqs: int, num_kv_heads: int) -> int:
     return num_splits_for(num_reqs, num_kv_heads, target_programs=16384, max_splits=32)
 
 
+def default_lane_rows(qpk: int, group_size: int) -> int:
+    """``lane_rows`` of the FMA decode kernel when the caller gives none: 4 at 1 query head per KV head (MHA), 2 with
+    more (GQA), never more than the group size. Measured on the H200 (2026-11-30, ``benchmarks/decode_attention.py
+    --lane-rows N``, batches 64/256 x contexts 4k/16k): against 1, lane_rows 4 took 3-6% less time at the Llama-2-7B
+    shape and 0-2% more at 4 query heads per KV head, where 2 took 6% less."""
+    return min(4 if qpk == 1 else 2, group_size)
+
+
 def kernel_for(qpk: int, group_size: int = 32, head_size: int = 128) -> str:
     """The decode kernel for ``qpk`` query heads per KV head: "fma" (CUDA cores) while one warp's tile of a group,
     ``qpk x G x head_pad`` multiply-adds, is at most that of 4 query heads at G=32 and head size 128, "mma" (tensor
@@ -397,7 +408,7 @@ def decode(
     num_splits: int | None = None,
     num_stages: int = 1,
     num_warps: int | None = None,
-    lane_rows: int = 1,
+    lane_rows: int | None = None,
     kernel: str | None = None,
 ) -> torch.Tensor:
     """Attention of every one-token request of the batch over its KIVI pages (before this step's store).
@@ -417,8 +428,8 @@ def decode(
             docs/benchmarks.md; FMA kernel: not timed yet).
         lane_rows: FMA kernel only: the value sums over a group's rows keep ``lane_rows`` partial sums (the rows
             spread over lanes) and add them once after the loop instead of per group; a power of two dividing the
-            group size. 4 saves 3% of the SASS per group at 1 query head per KV head and 9% at 4, for 128 instead of
-            96 registers at 1 (``benchmarks/kernel_resources.py``); not timed yet, hence default 1.
+            group size; default :func:`default_lane_rows` (4 at 1 query head per KV head, 2 above: the fastest
+            on the H200, docs/benchmarks.md).
         num_warps: warps per program of the split kernel (default 1 for "fma", 2 for "mma"; the FMA path's
             open-group launch always uses 4).
         kernel: "fma" (CUDA cores, codes in their word layout: :func:`_decode_fma_kernel`) or "mma" (tensor cores,
@@ -436,6 +447,8 @@ def decode(
     kernel = kernel or kernel_for(HQ // H, layout.group_size, layout.head_size)
     if kernel not in ("fma", "mma"):
         raise ValueError(f"KIVI decode: kernel must be 'fma' or 'mma', got {kernel!r}")
+    if lane_rows is None:
+        lane_rows = default_lane_rows(HQ // H, layout.group_size)
     if lane_rows < 1 or lane_rows & (lane_rows - 1) or layout.group_size % lane_rows:
         raise ValueError(f"KIVI decode: lane_rows must be a power of two dividing the group size "
                          f"{layout.group_size}, got {lane_rows}")
