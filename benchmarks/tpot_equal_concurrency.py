@@ -2,8 +2,12 @@
 the decode-only steps (every running request got a token, so no prefill chunk shared the step) whose number of
 running requests falls in each bin, per workload and configuration. Answers issue 6's "TPOT at equal concurrency no
 worse than bf16", which the per-request TPOT of the table cannot: there each cache runs at its own batch size.
+Then, per run whose step trace is complete, how the wall time splits between steps in which some running request
+got no token (a prompt chunk that does not finish the prompt shared the step: with vLLM's 16,384-token budget,
+steps that are full of prefill) and the others (decode, possibly with prompts' last chunks), seconds from one
+step's timestamp to the next: where a cache loses time.
 
-    python benchmarks/tpot_equal_concurrency.py docs/measurements/2026-11-30-h200-kivi-bench-fma/results.json
+    python benchmarks/tpot_equal_concurrency.py docs/measurements/2026-11-30-h200-kivi-bench-all/results.json
     python benchmarks/tpot_equal_concurrency.py results.json --bins 20-24 55-63 200-219
 """
 
@@ -19,6 +23,22 @@ def decode_only_steps(run: dict) -> list[tuple[int, float]]:
     trace (``run["steps"]``: lists ``running``, ``generation_tokens``, ``itl_s``)."""
     s = run["steps"]
     return [(n, t) for n, r, t in zip(s["generation_tokens"], s["running"], s["itl_s"]) if t is not None and n == r > 0]
+
+
+def time_split(run: dict) -> dict | None:
+    """Seconds of the run in steps where a running request got no token (an unfinished prompt chunk ran: "partial
+    prefill") and in the other steps (a step's time: from its timestamp ``t_s`` to the next one's), their counts
+    and median step time in ms; None when kivi-bench kept only every k-th step of a long trace (``steps_recorded``
+    above the trace's length: the gaps then span several steps)."""
+    s = run["steps"]
+    if run.get("steps_recorded", len(s["t_s"])) != len(s["t_s"]):
+        return None
+    split: dict[str, list[float]] = {"other": [], "partial prefill": []}
+    for i in range(1, len(s["t_s"])):
+        kind = "partial prefill" if s["generation_tokens"][i] < s["running"][i] else "other"
+        split[kind].append(s["t_s"][i] - s["t_s"][i - 1])
+    return {k: dict(steps=len(v), seconds=round(sum(v), 1),
+                    median_ms=round(1000 * statistics.median(v), 1) if v else None) for k, v in split.items()}
 
 
 def main() -> None:
@@ -40,6 +60,11 @@ def main() -> None:
                 cells.append(f"{config} {1000 * statistics.median(times):.1f} ms ({len(times)} steps)" if times
                              else f"{config} -")
             print(f"{w}, {lo}-{hi} running: " + "; ".join(cells))
+    for r in runs:
+        split = time_split(r)
+        print(f"{r['workload']['name']} / {r['config']}, {r['elapsed_s']:.1f} s: " + (
+            "; ".join(f"{k} steps {v['steps']}, {v['seconds']} s, median {v['median_ms']} ms" for k, v in split.items())
+            if split else "trace strided (kivi-bench kept every k-th step), no split"))
 
 
 if __name__ == "__main__":
