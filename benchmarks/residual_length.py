@@ -1,0 +1,120 @@
+"""Would the KIVI paper's residual length close KIVI-2's quality gap on SmolLM2? Cache-read perplexity, simulated.
+
+kivi-vllm keeps exact only the open group of each page (0-31 newest tokens at G = 32, docs/design.md section 3).
+The paper (Liu et al. 2024, section 3.3 and Algorithm 1) keeps a residual of R = 128 tokens: keys stay exact until R
+of them have accumulated, then are quantized R at a time (per channel, groups of G tokens), so 0-127 newest keys are
+exact; values stay exact for exactly the last R tokens (quantized one token at a time as they leave the window).
+This script runs the Hugging Face model in float32 with the attention function of ``layer_sensitivity.py`` (the
+independent float64 oracle's quantizer, every layer KIVI-2), but with the rule "key/value j is read quantized by a
+query at p" given per variant:
+
+* ``open group (kivi-vllm)``: key and value j quantized iff its group of G completed before p;
+* ``paper R``: keys quantized iff their block of R tokens completed before p, values iff j <= p - R;
+* ``keys open group, values last R``: only the value window of the paper;
+* ``last R, group-aligned``: keys quantized iff their group of G completed before p - R + G, values iff j <= p - R.
+
+    python benchmarks/residual_length.py --windows 2 --out residual_length.json
+
+Simulation, not the engine: the ``open group`` row reproduces the engine's KIVI-2 figure (docs/quality.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import layer_sensitivity as ls  # noqa: E402
+
+RULE: dict = {}  # "k", "v": callables (j [1, T], p [T, 1]) -> bool [T, T], True where j is read quantized by p
+
+
+def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: [B, Hq, T, D] query, [B, Hkv, T, D] key/value (post-RoPE) -> [B, T, Hq, D];
+    quantized keys/values where ``RULE`` says so, exact ones elsewhere (causal)."""
+    rep = query.shape[1] // key.shape[1]
+    k, v = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
+    pos = torch.arange(query.shape[2])
+    causal = pos[None, :] <= pos[:, None]
+    s_exact = (query @ k.transpose(-1, -2)) * scaling
+    spec = ls.POLICY.get(module.layer_idx)
+    if spec is None:
+        p = torch.softmax(s_exact.masked_fill(~causal, float("-inf")), -1)
+        return (p @ v).transpose(1, 2).contiguous(), None
+    kv = [ls.fake_quant_kv(key[i].transpose(0, 1), value[i].transpose(0, 1), spec) for i in range(key.shape[0])]
+    kq = torch.stack([x[0] for x in kv]).transpose(1, 2).to(query.dtype).repeat_interleave(rep, 1)
+    vq = torch.stack([x[1] for x in kv]).transpose(1, 2).to(query.dtype).repeat_interleave(rep, 1)
+    qk, qv = RULE["k"](pos[None, :], pos[:, None]), RULE["v"](pos[None, :], pos[:, None])
+    s = torch.where(qk, (query @ kq.transpose(-1, -2)) * scaling, s_exact).masked_fill(~causal, float("-inf"))
+    p = torch.softmax(s, -1)
+    return ((p * qv) @ vq + (p * ~qv) @ v).transpose(1, 2).contiguous(), None
+
+
+def blocks(r: int):
+    """Quantized iff the block of ``r`` tokens holding j completed before p."""
+    return lambda j, p: (j // r + 1) * r <= p
+
+
+def window(r: int):
+    """Quantized iff j is older than the last ``r`` tokens up to p."""
+    return lambda j, p: j <= p - r
+
+
+def variants(g: int, r: int) -> dict:
+    return {f"open group (kivi-vllm, G={g})": (blocks(g), blocks(g)),
+            f"paper R={r}": (blocks(r), window(r)),
+            f"paper R={r // 2}": (blocks(r // 2), window(r // 2)),
+            f"keys open group, values last {r}": (blocks(g), window(r)),
+            f"last {r}, group-aligned": (lambda j, p: (j // g + 1) * g <= p - r + g, window(r))}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", help="HF model folder (default: SmolLM2-135M-Instruct)")
+    ap.add_argument("--windows", type=int, default=2)
+    ap.add_argument("--window-tokens", type=int, default=1024)
+    ap.add_argument("--residual", type=int, default=128, help="the paper's R")
+    ap.add_argument("--bits", type=int, nargs=2, default=[2, 2], metavar=("K", "V"))
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
+
+    from kivi_vllm.eval.perplexity import reference_text, windows
+    from kivi_vllm.models import default_model_path
+
+    AttentionInterface.register("kivi_residual_sim", attention)
+    path = a.model or str(default_model_path())
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="kivi_residual_sim")
+    model.eval()
+    w = torch.tensor(windows(tok(reference_text(), add_special_tokens=False)["input_ids"], a.windows,
+                             a.window_tokens))
+
+    def ppl(quantized: bool) -> float:
+        ls.POLICY.clear()
+        if quantized:
+            ls.POLICY.update({i: tuple(a.bits) for i in range(model.config.num_hidden_layers)})
+        with torch.no_grad():
+            return math.exp(model(w, labels=w).loss.item())
+
+    res = {"exact": ppl(False)}
+    print(f"exact {res['exact']:.3f}", flush=True)
+    for name, (krule, vrule) in variants(ls.GROUP, a.residual).items():
+        RULE.update(k=krule, v=vrule)
+        t0 = time.time()
+        res[name] = ppl(True)
+        print(f"k{a.bits[0]}v{a.bits[1]}, {name}: {res[name]:.3f} ({100 * (res[name] / res['exact'] - 1):+.1f}%)"
+              f" ({time.time() - t0:.0f} s)", flush=True)
+    if a.out:
+        Path(a.out).write_text(json.dumps(dict(argv=sys.argv[1:], windows=a.windows, window_tokens=a.window_tokens,
+                                               bits=a.bits, perplexity=res), indent=1))
+
+
+if __name__ == "__main__":
+    main()
