@@ -205,6 +205,11 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(a, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be at least 1")
 
+    # the client first: a missing dependency of openai's HTTP stack (on 2026-11-30 the H200 bundle lacked
+    # truststore, which httpcore2 imports when a client is built) fails here, not after a server start
+    from openai import AsyncOpenAI
+
+    AsyncOpenAI(base_url="http://127.0.0.1:9/v1", api_key="unused", max_retries=0)
     proc = None
     if a.launch:
         proc, a.base_url, log = launch(server_flags, a.start_timeout)

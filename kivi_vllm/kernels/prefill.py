@@ -179,6 +179,7 @@ def prefill(
     phase: int,
     exact: bool = False,
     block_q: int | None = None,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """Attention of the multi-token requests' query rows of one phase (module docstring) over their KIVI pages.
 
@@ -192,6 +193,7 @@ def prefill(
         phase: 0 = rows in each request's first group, 1 = the rest (order: :func:`kivi_vllm.kernels.forward`).
             With ``exact`` (prefill="exact") every row is phase 0.
         block_q: query tokens per tile (default :func:`block_q_for`).
+        num_warps: warps per program (``benchmarks/prefill_attention.py --prefill-warps`` times others).
 
     Returns:
         ``out``.
@@ -211,6 +213,6 @@ def prefill(
         out.stride(0), out.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
         QPK=qpk, QPK_PAD=triton.next_power_of_2(qpk), BLOCK_Q=bq, PHASE=phase, EXACT=exact,
         STAGE_DTYPE=stage_dtype(layout), **dot_args(query),
-        num_warps=4, **layout_args(layout),
+        num_warps=num_warps, **layout_args(layout),
     )
     return out

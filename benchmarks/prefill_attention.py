@@ -1,0 +1,228 @@
+"""Prefill attention time per layer on one GPU: KIVI-2/4's Triton prefill step against vLLM 0.26's FlashAttention 3
+on bf16 and fp8 caches, for the prompt chunks a prefill-heavy engine step carries.
+
+    python benchmarks/prefill_attention.py --out prefill_attention.json                 # H200: default cases, both shapes
+    python benchmarks/prefill_attention.py --configs kivi2 --block-q 128 --prefill-warps 8   # KIVI options
+
+Why: on kivi-bench's `long` workload (256 x (3584 + 512), Llama-2-7B shape) steps full of prompt chunks took
+672-816 ms with KIVI against 401 ms with fp8 (docs/benchmarks.md), although a decode step is faster. With KIVI's
+default streaming prefill every prompt token reads the groups completed before it dequantized, so all prompt
+attention runs in ``kivi_vllm.kernels.prefill`` (one program per 64 query rows and KV head, walking the context one
+group at a time: dequantize the group's keys and values into registers, TF32 dots). This script times that path
+in isolation.
+
+A case ``BxC`` is B requests whose chunk is C prompt tokens with nothing cached before (a first chunk);
+``BxC+P`` has P tokens cached before the chunk (a continuation chunk; P a multiple of 32, the cache bytes random).
+One layer, bf16 activations, shapes "llama2-7b" (32 query / 32 KV heads) and "gqa" (32 / 8), head size 128.
+
+* kivi2 / kivi4: ``kivi_vllm.kernels.forward`` for the whole step (stores of the chunk's tokens and both prefill
+  phases, as the engine runs it) over ``PageLayout(512, 128, b, b, 32, "kv", bf16)``; its store part is timed
+  alone too (``store_us``: phase 0 + phase 1). ``--exact`` runs prefill="exact" instead (a chunk's own tokens
+  exact; only groups cached before it dequantized), the KIVI paper's prefill.
+* fa3-bf16 / fa3-fp8: ``flash_attn_varlen_func(fa_version=3)`` as vLLM's FlashAttentionImpl calls it for a prefill
+  batch (paged NHD cache of block size 16, causal, ``max_seqlen_q`` C, ``seqused_k`` P + C, descales 1.0; fp8: the
+  query cast to e4m3 first, untimed). vLLM writes the chunk's K/V into the cache with a separate op
+  (``reshape_and_cache_flash``), not timed here; KIVI's figure includes its store.
+
+Timing as in ``decode_attention.py``: median of ``triton.testing.do_bench`` over a CUDA-graph replay (L2 flushed
+between repetitions); the first call compiles and is not timed. TFLOP/s counts the causal attention's
+multiply-adds: 4 x B x query heads x 128 x (C x P + C x (C + 1) / 2). ``--device cpu`` (hidden) checks the script
+under the Triton interpreter on tiny shapes: ``--device cpu --cases 1x48+32 --shapes gqa --configs kivi2``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from decode_attention import FA_BLOCK, GIB, SHAPES, bench, free, load_fa3, log, random_bytes  # noqa: E402
+
+CONFIGS = ("kivi2", "kivi4", "fa3-bf16", "fa3-fp8")
+GROUP, KIVI_BLOCK = 32, 512
+DEFAULT_CASES = ["4x4096", "16x1024", "4x2048+2048"]  # a 16k-token step of first chunks; a continuation chunk
+
+
+def parse_case(text: str) -> tuple[int, int, int]:
+    """``BxC`` or ``BxC+P`` -> (B, C, P); raises ValueError for other forms or P not a multiple of 32."""
+    try:
+        b, rest = text.split("x")
+        c, p = (rest.split("+") + ["0"])[:2]
+        b, c, p = int(b), int(c), int(p)
+    except ValueError:
+        raise ValueError(f"case {text!r}: expected BxC or BxC+P, e.g. 4x4096 or 4x2048+2048") from None
+    if b < 1 or c < 2 or p < 0 or p % GROUP:
+        raise ValueError(f"case {text!r}: need B >= 1, C >= 2 and P a multiple of {GROUP}")
+    return b, c, p
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", nargs="+", default=DEFAULT_CASES, help="BxC or BxC+P (module docstring)")
+    p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS))
+    p.add_argument("--out", default="docs/measurements/prefill_attention.json")
+    p.add_argument("--exact", action="store_true", help="KIVI prefill=\"exact\" instead of the streaming rule")
+    p.add_argument("--block-q", type=int, default=None, help="KIVI prefill: query tokens per tile (default block_q_for)")
+    p.add_argument("--prefill-warps", type=int, default=4, help="KIVI prefill: warps per program")
+    p.add_argument("--eager", action="store_true", help="time the Python call, not a CUDA-graph replay")
+    p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
+    a = p.parse_args()
+    a.cases = [parse_case(c) for c in a.cases]
+    return a
+
+
+def io_tensors(B, C, P, hq, h, d, device):
+    """Query/key/value/output rows of the step, query_start_loc (device and host) and seq_lens."""
+    T = B * C
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(T, hq, d, generator=g, device=device).to(torch.bfloat16)
+    key = torch.randn(T, h, d, generator=g, device=device).to(torch.bfloat16)
+    value = torch.randn(T, h, d, generator=g, device=device).to(torch.bfloat16)
+    out = torch.empty_like(q)
+    qsl_host = torch.arange(B + 1, dtype=torch.int32) * C
+    seq_lens = torch.full((B,), P + C, dtype=torch.int32, device=device)
+    return q, key, value, out, qsl_host.to(device), qsl_host, seq_lens
+
+
+def kivi_cell(bits, B, C, P, hq, h, d, io, device, args):
+    from kivi_vllm.kernels import forward, store
+    from kivi_vllm.kernels.prefill import block_q_for, prefill, prefill_tiles
+    from kivi_vllm.layout import PageLayout
+
+    q, key, value, out, qsl, qsl_host, seq_lens = io
+    lay = PageLayout(block_size=KIVI_BLOCK, head_size=d, k_bits=bits, v_bits=bits, group_size=GROUP, residual="kv",
+                     residual_dtype=torch.bfloat16)
+    nblk = math.ceil((P + C) / KIVI_BLOCK)
+    cache_bytes = B * nblk * h * lay.page_bytes
+    kv_cache = random_bytes(cache_bytes, device).view(B * nblk, h, lay.page_bytes)
+    block_table = torch.randperm(B * nblk, device=device).to(torch.int32).view(B, nblk)
+    pos = P + torch.arange(C, device=device)  # positions of the chunk's tokens, every request
+    blk = block_table[:, (pos // KIVI_BLOCK)].to(torch.int64)  # [B, C]
+    slot = (blk * KIVI_BLOCK + pos % KIVI_BLOCK).reshape(-1).contiguous()
+    bq = args.block_q or block_q_for(hq, h)
+    tiles = tuple(torch.from_numpy(t).to(device) for t in prefill_tiles(qsl_host.numpy(), bq))
+    scale = d**-0.5
+    streaming = not args.exact
+
+    def step():
+        if args.prefill_warps == 4:  # forward() as the engine calls it
+            forward(q, key, value, kv_cache, block_table, qsl, seq_lens, slot, lay, scale, out, tiles,
+                    streaming=streaming, block_q=bq)
+            return
+        # the same launches as forward() for residual "kv" with multi-token requests only, other warps
+        pre = lambda ph: prefill(q, key, value, kv_cache, block_table, qsl, seq_lens, *tiles, lay, scale, out, ph,  # noqa: E731
+                                 exact=not streaming, block_q=bq, num_warps=args.prefill_warps)
+        pre(0)
+        store(kv_cache, key, value, slot, qsl, seq_lens, lay, 0)
+        store(kv_cache, key, value, slot, qsl, seq_lens, lay, 1)
+        pre(1)
+
+    def stores():
+        store(kv_cache, key, value, slot, qsl, seq_lens, lay, 0)
+        store(kv_cache, key, value, slot, qsl, seq_lens, lay, 1)
+
+    ms, mode = bench(step, device, args.eager)
+    sms, _ = bench(stores, device, args.eager)
+    return dict(status="ok", time_us=ms * 1e3, store_us=sms * 1e3, timing=mode, block_q=bq,
+                prefill_warps=args.prefill_warps, cache_gib=cache_bytes / GIB, exact=args.exact)
+
+
+def fa3_cell(fp8, B, C, P, hq, h, d, io, device, args, fa):
+    varlen, scheduler_metadata = fa
+    q, _, _, out, qsl, _, seq_lens = io
+    dt, isz = (torch.float8_e4m3fn, 1) if fp8 else (torch.bfloat16, 2)
+    nblk = math.ceil((P + C) / FA_BLOCK)
+    cache_bytes = B * nblk * FA_BLOCK * h * 2 * d * isz
+    kv = random_bytes(cache_bytes, device).view(B * nblk, FA_BLOCK, h, 2 * d * isz).view(dt)
+    k_cache, v_cache = kv[..., :d], kv[..., d:]
+    block_table = torch.randperm(B * nblk, device=device).to(torch.int32).view(B, nblk)
+    one = torch.ones((), dtype=torch.float32, device=device)
+    descale = one.expand(B, h)
+    qq = q.float().clamp(-448.0, 448.0).to(dt) if fp8 else q
+    meta = scheduler_metadata(
+        batch_size=B, max_seqlen_q=C, max_seqlen_k=P + C, num_heads_q=hq, num_heads_kv=h, headdim=d,
+        cache_seqlens=seq_lens, qkv_dtype=dt, cu_seqlens_q=qsl, page_size=FA_BLOCK, causal=True,
+        window_size=(-1, -1), num_splits=0)
+
+    def fn():
+        varlen(q=qq, k=k_cache, v=v_cache, out=out, cu_seqlens_q=qsl, max_seqlen_q=C, seqused_k=seq_lens,
+               max_seqlen_k=P + C, softmax_scale=d**-0.5, causal=True, alibi_slopes=None, window_size=[-1, -1],
+               block_table=block_table, softcap=0, scheduler_metadata=meta, fa_version=3, q_descale=descale,
+               k_descale=descale, v_descale=descale, num_splits=0)
+
+    ms, mode = bench(fn, device, args.eager)
+    return dict(status="ok", time_us=ms * 1e3, timing=mode, cache_gib=cache_bytes / GIB)
+
+
+def main():
+    args = parse_args()
+    device = args.device
+    if device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo, if not installed
+    import triton
+
+    try:
+        from vllm.version import __version__ as vllm_version
+    except Exception:  # noqa: BLE001
+        vllm_version = None
+    meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), device=device, argv=sys.argv[1:],
+                gpu=torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)",
+                torch=torch.__version__, triton=triton.__version__, vllm=vllm_version)
+    fa = None
+    if any(c.startswith("fa3") for c in args.configs):
+        try:
+            *fa, meta["vllm_default_fa_version"] = load_fa3()
+        except Exception as e:  # noqa: BLE001 - the KIVI rows must still be produced
+            log(f"FA3 unavailable: {type(e).__name__}: {e}")
+    rows = []
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    t_start = time.time()
+    for config in args.configs:
+        for shape in args.shapes:
+            hq, h, d = SHAPES[shape]
+            for B, C, P in args.cases:
+                row = dict(config=config, shape=shape, batch=B, chunk=C, cached=P,
+                           tflop=4 * B * hq * d * (C * P + C * (C + 1) / 2) / 1e12)
+                try:
+                    io = io_tensors(B, C, P, hq, h, d, device)
+                    if config.startswith("kivi"):
+                        row.update(kivi_cell(int(config[-1]), B, C, P, hq, h, d, io, device, args))
+                    elif fa is None:
+                        row.update(status="skipped (FA3 unavailable)")
+                    else:
+                        row.update(fa3_cell(config == "fa3-fp8", B, C, P, hq, h, d, io, device, args, fa))
+                except Exception as e:  # noqa: BLE001 - record and go on
+                    row.update(status=f"error: {type(e).__name__}: {e}", trace=traceback.format_exc()[-2000:])
+                free(device)
+                if row.get("status") == "ok":
+                    row["tflops"] = row["tflop"] / (row["time_us"] * 1e-6)
+                rows.append(row)
+                log(f"{shape:<10} {B:>3}x{C:<6}+{P:<6} {config:<9} "
+                    + (f"{row['time_us']:>10.1f} us {row['tflops']:>7.1f} TFLOP/s"
+                       + (f"  store {row['store_us']:.1f} us" if "store_us" in row else "")
+                       if row.get("status") == "ok" else row["status"]))
+                with open(args.out, "w") as fh:
+                    json.dump(dict(meta, elapsed_s=time.time() - t_start, rows=rows), fh, indent=1)
+    by = {(r["shape"], r["batch"], r["chunk"], r["cached"], r["config"]): r for r in rows if r.get("status") == "ok"}
+    for r in rows:
+        ref = by.get((r["shape"], r["batch"], r["chunk"], r["cached"], "fa3-fp8"))
+        if r.get("status") == "ok" and ref:
+            r["x_fp8_time"] = r["time_us"] / ref["time_us"]
+            log(f"{r['shape']:<10} {r['batch']}x{r['chunk']}+{r['cached']} {r['config']}: "
+                f"{r['x_fp8_time']:.2f}x the fp8 FA3 time")
+    with open(args.out, "w") as fh:
+        json.dump(dict(meta, elapsed_s=time.time() - t_start, rows=rows), fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Helpers of the GPU scripts and benchmarks that decide what a measurement means, checked on small inputs:
+``scripts/tp_check.py``'s one-ulp weight perturbation (the noise bound of the TP comparison) and
+``benchmarks/tpot_equal_concurrency.py``'s split of a run's time into prefill-heavy and other steps."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(path: str):
+    spec = importlib.util.spec_from_file_location(Path(path).stem, ROOT / path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_perturbed_model_moves_tp_reduced_weights_by_at_most_one_ulp(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tp_check = load("scripts/tp_check.py")
+    g = torch.Generator().manual_seed(0)
+    o = torch.randn(64, 96, generator=g).to(torch.bfloat16)
+    o[0, :8] = 0.0
+    o[1, :8] = -0.0
+    down = (torch.randn(32, 128, generator=g) * 1e-3).to(torch.bfloat16)
+    q = torch.randn(96, 64, generator=g).to(torch.bfloat16)
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file({"model.layers.0.self_attn.o_proj.weight": o, "model.layers.0.mlp.down_proj.weight": down,
+               "model.layers.0.self_attn.q_proj.weight": q}, str(src / "model.safetensors"))
+    (src / "config.json").write_text(json.dumps({"num_hidden_layers": 1}))
+    (src / "tokenizer.json").write_text("{}")
+
+    dst = tp_check.perturbed_model(src, tmp_path / "dst", seed=1)
+    out = load_file(str(dst / "model.safetensors"))
+    assert (dst / "tokenizer.json").read_text() == "{}" and (dst / "config.json").is_file()
+    assert torch.equal(out["model.layers.0.self_attn.q_proj.weight"].view(torch.int16), q.view(torch.int16))
+    for name, before in (("model.layers.0.self_attn.o_proj.weight", o), ("model.layers.0.mlp.down_proj.weight", down)):
+        after = out[name]
+        assert torch.isfinite(after.float()).all()
+        x, y = before.double(), after.double()
+        nz = x != 0
+        assert torch.equal(y[~nz], x[~nz])  # zeros stay zero (a step there would make a NaN or a denormal)
+        # one unit in the last place of bf16 (8 significant bits) is at most 2^-7 of the value, in float64
+        assert ((y - x).abs()[nz] <= x.abs()[nz] * 2.0**-7).all()
+        assert (torch.sign(y[nz]) == torch.sign(x[nz])).all()
+        moved = (y != x)[nz].double().mean().item()
+        assert 0.55 < moved < 0.78  # two thirds of the non-zero elements move (up or down), one third stays
+    again = load_file(str(tp_check.perturbed_model(src, tmp_path / "dst2", seed=1) / "model.safetensors"))
+    assert all(torch.equal(again[k].view(torch.int16), out[k].view(torch.int16)) for k in out)  # seeded
+    other = load_file(str(tp_check.perturbed_model(src, tmp_path / "dst3", seed=2) / "model.safetensors"))
+    assert not torch.equal(other["model.layers.0.self_attn.o_proj.weight"], out["model.layers.0.self_attn.o_proj.weight"])
+
+
+def test_perturbed_model_refuses_other_dtypes(tmp_path):
+    from safetensors.torch import save_file
+
+    tp_check = load("scripts/tp_check.py")
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file({"model.layers.0.self_attn.o_proj.weight": torch.ones(4, 4)}, str(src / "model.safetensors"))
+    with pytest.raises(ValueError, match="expected bfloat16"):
+        tp_check.perturbed_model(src, tmp_path / "dst", seed=1)
+
+
+def test_time_split_counts_steps_where_a_running_request_got_no_token():
+    tpot = load("benchmarks/tpot_equal_concurrency.py")
+    # 5 steps at t = 0, 0.5, 0.55, 1.55, 1.6: step i's time runs from t[i-1] to t[i]
+    steps = dict(t_s=[0.0, 0.5, 0.55, 1.55, 1.6], running=[4, 4, 4, 6, 6], generation_tokens=[4, 2, 4, 5, 7],
+                 itl_s=[None] * 5)
+    split = tpot.time_split(dict(steps=steps, steps_recorded=5))
+    # steps 1 (2 < 4) and 3 (5 < 6) carried unfinished prompt chunks: 0.5 s + 1.0 s; steps 2 and 4 (7 >= 6: a
+    # request finished): 0.05 s each
+    assert split["partial prefill"]["steps"] == 2 and split["partial prefill"]["seconds"] == pytest.approx(1.5)
+    assert split["partial prefill"]["median_ms"] == pytest.approx(750.0)
+    assert split["other"]["steps"] == 2 and split["other"]["seconds"] == pytest.approx(0.1)
+    assert tpot.time_split(dict(steps=steps, steps_recorded=9)) is None  # a strided trace has no step times
