@@ -15,8 +15,8 @@ A case ``BxC`` is B requests whose chunk is C prompt tokens with nothing cached 
 ``BxC+P`` has P tokens cached before the chunk (a continuation chunk; P a multiple of 32, the cache bytes random).
 One layer, bf16 activations, shapes "llama2-7b" (32 query / 32 KV heads) and "gqa" (32 / 8), head size 128.
 
-* kivi2 / kivi4: ``kivi_vllm.kernels.forward`` for the whole step (stores of the chunk's tokens and both prefill
-  phases, as the engine runs it) over ``PageLayout(512, 128, b, b, 32, "kv", bf16)``; its store part is timed
+* kivi2 / kivi4: the launches of ``kivi_vllm.kernels.forward`` for the whole step (prefill phase 0, the stores of
+  the chunk's tokens, prefill phase 1, as the engine runs them; not its decode launches, which exit at once here) over ``PageLayout(512, 128, b, b, 32, "kv", bf16)``; its store part is timed
   alone too (``store_us``: phase 0 + phase 1). ``--exact`` runs prefill="exact" instead (a chunk's own tokens
   exact; only groups cached before it dequantized), the KIVI paper's prefill.
 * fa3-bf16 / fa3-fp8: ``flash_attn_varlen_func(fa_version=3)`` as vLLM's FlashAttentionImpl calls it for a prefill
@@ -81,7 +81,8 @@ def parse_args():
 
 
 def io_tensors(B, C, P, hq, h, d, device):
-    """Query/key/value/output rows of the step, query_start_loc (device and host) and seq_lens."""
+    """The step's tensors: query [B*C, hq, d], key and value [B*C, h, d] (bf16, seeded normal), output like the
+    query, query_start_loc [B + 1] int32 on the device and on the host, seq_lens [B] int32 (P + C)."""
     T = B * C
     g = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(T, hq, d, generator=g, device=device).to(torch.bfloat16)
@@ -94,7 +95,9 @@ def io_tensors(B, C, P, hq, h, d, device):
 
 
 def kivi_cell(bits, B, C, P, hq, h, d, io, device, args):
-    from kivi_vllm.kernels import forward, store
+    """Time KIVI-``bits``' prefill step and its stores alone over a random-byte cache (B requests own ceil((P + C) /
+    512) shuffled blocks each); returns the row's fields (times in µs)."""
+    from kivi_vllm.kernels import store
     from kivi_vllm.kernels.prefill import block_q_for, prefill, prefill_tiles
     from kivi_vllm.layout import PageLayout
 
@@ -113,14 +116,13 @@ def kivi_cell(bits, B, C, P, hq, h, d, io, device, args):
     scale = d**-0.5
     streaming = not args.exact
 
+    def pre(phase):
+        prefill(q, key, value, kv_cache, block_table, qsl, seq_lens, *tiles, lay, scale, out, phase,
+                exact=not streaming, block_q=bq, num_warps=args.prefill_warps)
+
     def step():
-        if args.prefill_warps == 4:  # forward() as the engine calls it
-            forward(q, key, value, kv_cache, block_table, qsl, seq_lens, slot, lay, scale, out, tiles,
-                    streaming=streaming, block_q=bq)
-            return
-        # the same launches as forward() for residual "kv" with multi-token requests only, other warps
-        pre = lambda ph: prefill(q, key, value, kv_cache, block_table, qsl, seq_lens, *tiles, lay, scale, out, ph,  # noqa: E731
-                                 exact=not streaming, block_q=bq, num_warps=args.prefill_warps)
+        # kivi_vllm.kernels.forward's launches for a batch of multi-token requests with residual "kv", minus its
+        # decode() launches (they find no one-token request and exit at once)
         pre(0)
         store(kv_cache, key, value, slot, qsl, seq_lens, lay, 0)
         store(kv_cache, key, value, slot, qsl, seq_lens, lay, 1)
@@ -137,6 +139,8 @@ def kivi_cell(bits, B, C, P, hq, h, d, io, device, args):
 
 
 def fa3_cell(fp8, B, C, P, hq, h, d, io, device, args, fa):
+    """Time FA3's varlen call on a paged bf16 or fp8 (e4m3) cache of random finite bytes, as vLLM 0.26's
+    FlashAttentionImpl makes it for a prefill batch; returns the row's fields (time in µs)."""
     varlen, scheduler_metadata = fa
     q, _, _, out, qsl, _, seq_lens = io
     dt, isz = (torch.float8_e4m3fn, 1) if fp8 else (torch.bfloat16, 2)

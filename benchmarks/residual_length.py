@@ -15,7 +15,10 @@ query at p" given per variant:
 
     python benchmarks/residual_length.py --windows 2 --out residual_length.json
 
-Simulation, not the engine: the ``open group`` row reproduces the engine's KIVI-2 figure (docs/quality.md).
+Simulation, not the engine: the ``open group`` row reproduces the engine's KIVI-2 figure (docs/quality.md). Two
+caveats on "the paper": its code attends to R + 1 exact values in a step (it appends the new value, attends, then
+quantizes the oldest), one more than simulated here; and its prefill attends on exact K/V, whereas this is a
+cache-read perplexity (every token reads earlier ones as a decode step would), which is what the cache costs.
 """
 
 from __future__ import annotations

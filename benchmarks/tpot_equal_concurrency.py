@@ -3,8 +3,9 @@ the decode-only steps (every running request got a token, so no prefill chunk sh
 running requests falls in each bin, per workload and configuration. Answers issue 6's "TPOT at equal concurrency no
 worse than bf16", which the per-request TPOT of the table cannot: there each cache runs at its own batch size.
 Then, per run whose step trace is complete, how the wall time splits between steps in which some running request
-got no token (a prompt chunk that does not finish the prompt shared the step: with vLLM's 16,384-token budget,
-steps that are full of prefill) and the others (decode, possibly with prompts' last chunks), seconds from one
+got no token (a prompt chunk that does not finish the prompt shared the step: on `long`, with vLLM's 16,384-token
+budget, steps full of prefill; a heuristic, since a prompt's last chunk is invisible in the trace and on other
+workloads such steps can be light) and the others (decode, possibly with prompts' last chunks), seconds from one
 step's timestamp to the next: where a cache loses time.
 
     python benchmarks/tpot_equal_concurrency.py docs/measurements/2026-11-30-h200-kivi-bench-all/results.json

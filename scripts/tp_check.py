@@ -86,7 +86,10 @@ def perturbed_model(src: Path, dst: Path, seed: int) -> Path:
     last place, up, down or not at all (a third each, seeded): the size of change that a different summation order
     of those products' tensor-parallel all-reduce makes to their outputs. How far the prompt NLL moves under such
     perturbations is the noise a TP comparison must be judged against (a 2-bit code flips when a key moves by one
-    last bit across a rounding boundary). Written once per seed."""
+    last bit across a rounding boundary). Written once per seed.
+
+    Raises:
+        ValueError: such a weight is not bfloat16. ``src`` must hold a single ``model.safetensors``."""
     if (dst / "config.json").is_file():
         return dst
     import torch

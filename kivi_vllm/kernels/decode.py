@@ -377,8 +377,9 @@ def default_num_splits(kernel: str, num_reqs: int, num_kv_heads: int) -> int:
 def default_lane_rows(qpk: int, group_size: int) -> int:
     """``lane_rows`` of the FMA decode kernel when the caller gives none: 4 at 1 query head per KV head (MHA), 2 with
     more (GQA), never more than the group size. Measured on the H200 (2026-11-30, ``benchmarks/decode_attention.py
-    --lane-rows N``, batches 64/256 x contexts 4k/16k): against 1, lane_rows 4 took 3-6% less time at the Llama-2-7B
-    shape and 0-2% more at 4 query heads per KV head, where 2 took 6% less."""
+    --lane-rows N``, batches 64/256 x contexts 4k/16k, KIVI-2): against 1, lane_rows 4 took 5.3-6.0% less time at
+    the Llama-2-7B shape and -1% to +2% at 4 query heads per KV head, where 2 took 5.8-6.5% less (docs/benchmarks.md;
+    ``num_stages`` 2 with lane_rows 4 was faster still in one GQA cell of four)."""
     return min(4 if qpk == 1 else 2, group_size)
 
 
@@ -425,7 +426,7 @@ def decode(
         num_reqs: requests of the batch (default ``len(seq_lens)``); num_splits: default :func:`default_num_splits`.
         num_stages: Triton software-pipelining depth of the split kernel's group loop: with more than 1, Triton
             stages the next groups' loads with ``cp.async`` through shared memory (MMA kernel: measured slower,
-            docs/benchmarks.md; FMA kernel: not timed yet).
+            docs/benchmarks.md; FMA kernel: 7-20% slower at 1 query head per KV head, about 6% faster at 4, H200).
         lane_rows: FMA kernel only: the value sums over a group's rows keep ``lane_rows`` partial sums (the rows
             spread over lanes) and add them once after the loop instead of per group; a power of two dividing the
             group size; default :func:`default_lane_rows` (4 at 1 query head per KV head, 2 above: the fastest
@@ -440,7 +441,8 @@ def decode(
 
     Raises:
         ValueError: shapes that do not match the layout, num_heads not a multiple of num_kv_heads, tensors not
-            contiguous in head_size, num_splits not a power of 2, or an unknown kernel.
+            contiguous in head_size, num_splits not a power of 2, lane_rows not a power of 2 dividing the group
+            size, or an unknown kernel.
     """
     HQ, H = check_attention("decode", query, key, value, out, kv_cache, layout)
     R = len(seq_lens) if num_reqs is None else num_reqs
