@@ -1,4 +1,4 @@
-"""Compile the KIVI decode kernel for Hopper (sm_90) without a GPU and report its resources: registers per thread,
+"""Compile the KIVI decode (or prefill) kernel for Hopper (sm_90) without a GPU and report its resources: registers per thread,
 spills, shared memory, programs per SM, the memory/barrier/MMA instructions of the PTX, and the SASS of each loop
 (instructions per warp per iteration, by opcode). The first thing to read
 when the decode kernel is slower than its bytes (docs/benchmarks.md): occupancy and the number of barriers per loop
@@ -6,6 +6,7 @@ iteration decide how many record loads are in flight.
 
     python benchmarks/kernel_resources.py                      # default variants, bf16 model, head size 128
     python benchmarks/kernel_resources.py --bits 4 --qpk 4
+    python benchmarks/kernel_resources.py --prefill             # the prefill kernel at its tile options
 
 Uses triton's bundled ptxas (``ptxas -v``); no CUDA device is needed.
 """
@@ -29,7 +30,8 @@ from kivi_vllm.layout import PageLayout
 
 POINTERS = {"q_ptr": "*bf16", "key_ptr": "*bf16", "value_ptr": "*bf16", "kv_ptr": "*u8", "block_table_ptr": "*i32",
             "seq_lens_ptr": "*i32", "qsl_ptr": "*i32", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32",
-            "part_acc_ptr": "*fp32", "sm_scale": "fp32"}
+            "part_acc_ptr": "*fp32", "sm_scale": "fp32", "out_ptr": "*bf16", "tile_req_ptr": "*i32",
+            "tile_start_ptr": "*i32"}
 REGS_PER_SM, SMEM_PER_SM, MAX_WARPS = 65536, 228 * 1024, 64  # H100/H200 (sm_90)
 
 
@@ -46,6 +48,23 @@ def resources(bits: int, qpk: int, kernel: str, num_warps: int, num_stages: int 
         fn = mod._decode_split_kernel
         consts = dict(NUM_SPLITS=8, SLOTS=8, DO_GROUPS=True, SPLIT_OFFSET=0,
                       **mod.mma_constexprs(lay, qpk, num_stages, dict(DOT_DTYPE=tl.float32, DOT_PRECISION="tf32")))
+    return compiled_resources(fn, consts, num_warps)
+
+
+def prefill_resources(bits: int, qpk: int, block_q: int, num_warps: int, phase: int = 1, group_size: int = 32,
+                      head_size: int = 128, unpack: str = "bytes") -> dict:
+    """The same figures for ``kivi_vllm.kernels.prefill._prefill_kernel`` as prefill() launches it for a bf16 model
+    on a GPU (TF32 dots, streaming rule), phase 1 (the rows after each request's first group) by default."""
+    mod = importlib.import_module("kivi_vllm.kernels.prefill")
+    lay = PageLayout(512, head_size, bits, bits, group_size, "kv", torch.bfloat16)
+    consts = dict(QPK=qpk, QPK_PAD=triton.next_power_of_2(qpk), BLOCK_Q=block_q, PHASE=phase, EXACT=False,
+                  STAGE_DTYPE=tl.bfloat16, DOT_DTYPE=tl.float32, DOT_PRECISION="tf32", UNPACK_WORDS=unpack == "words",
+                  **mod.layout_args(lay))
+    return compiled_resources(mod._prefill_kernel, consts, num_warps)
+
+
+def compiled_resources(fn, consts: dict, num_warps: int) -> dict:
+    """Compile ``fn`` for sm_90 with ``consts`` and ``num_warps``; ptxas' figures, PTX counts, SASS loops."""
     names = fn.arg_names
     sig = {n: "constexpr" if n in consts else POINTERS.get(n, "i32") for n in names}
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
@@ -107,7 +126,21 @@ def main() -> None:
     ap.add_argument("--qpk", type=int, default=1, help="query heads per KV head")
     ap.add_argument("--group-size", type=int, default=32)
     ap.add_argument("--head-size", type=int, default=128)
+    ap.add_argument("--prefill", action="store_true", help="the prefill kernel instead (block_q x warps variants)")
     a = ap.parse_args()
+    if a.prefill:
+        print(f"prefill kernel, KIVI-{a.bits}, head size {a.head_size}, group size {a.group_size}, {a.qpk} query "
+              "head(s) per KV head, sm_90, TF32 dots, phase 1")
+        for bq, w, unpack in ((64 // a.qpk, 4, "bytes"), (64 // a.qpk, 4, "words"), (128 // a.qpk, 8, "bytes"),
+                              (128 // a.qpk, 8, "words"), (32 // a.qpk, 4, "words")):
+            r = prefill_resources(a.bits, a.qpk, max(1, bq), w, group_size=a.group_size, head_size=a.head_size,
+                                  unpack=unpack)
+            print(f"block_q {max(1, bq)}, {w} warps, unpack {unpack}: {r['registers']} registers, {r['spill_bytes']} B spilled, "
+                  f"{r['shared_bytes']} B shared, {r['programs_per_sm']} programs/SM; PTX {r['ptx_ops']}", flush=True)
+            for loop in r["loops"]:
+                print(f"    loop: {loop['instructions']} SASS instructions per warp per iteration (all branches); "
+                      f"{loop['top']}", flush=True)
+        return
     variants = [dict(kernel="fma", num_warps=1), dict(kernel="fma", num_warps=1, lane_rows=1),
                 dict(kernel="fma", num_warps=1, num_stages=2),
                 dict(kernel="fma", num_warps=1, num_stages=3), dict(kernel="fma", num_warps=2),

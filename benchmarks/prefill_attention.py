@@ -3,6 +3,7 @@ on bf16 and fp8 caches, for the prompt chunks a prefill-heavy engine step carrie
 
     python benchmarks/prefill_attention.py --out prefill_attention.json                 # H200: default cases, both shapes
     python benchmarks/prefill_attention.py --configs kivi2 --block-q 128 --prefill-warps 8   # KIVI options
+    python benchmarks/prefill_attention.py --configs kivi2 --prefill-unpack words
 
 Why: on kivi-bench's `long` workload (256 x (3584 + 512), Llama-2-7B shape) steps full of prompt chunks took
 672-816 ms with KIVI against 401 ms with fp8 (docs/benchmarks.md), although a decode step is faster. With KIVI's
@@ -73,6 +74,8 @@ def parse_args():
     p.add_argument("--exact", action="store_true", help="KIVI prefill=\"exact\" instead of the streaming rule")
     p.add_argument("--block-q", type=int, default=None, help="KIVI prefill: query tokens per tile (default block_q_for)")
     p.add_argument("--prefill-warps", type=int, default=4, help="KIVI prefill: warps per program")
+    p.add_argument("--prefill-unpack", choices=["bytes", "words"], default="bytes",
+                   help="KIVI prefill: code unpacking (kivi_vllm.kernels.prefill.prefill's unpack)")
     p.add_argument("--eager", action="store_true", help="time the Python call, not a CUDA-graph replay")
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -118,7 +121,7 @@ def kivi_cell(bits, B, C, P, hq, h, d, io, device, args):
 
     def pre(phase):
         prefill(q, key, value, kv_cache, block_table, qsl, seq_lens, *tiles, lay, scale, out, phase,
-                exact=not streaming, block_q=bq, num_warps=args.prefill_warps)
+                exact=not streaming, block_q=bq, num_warps=args.prefill_warps, unpack=args.prefill_unpack)
 
     def step():
         # kivi_vllm.kernels.forward's launches for a batch of multi-token requests with residual "kv", minus its
@@ -135,7 +138,7 @@ def kivi_cell(bits, B, C, P, hq, h, d, io, device, args):
     ms, mode = bench(step, device, args.eager)
     sms, _ = bench(stores, device, args.eager)
     return dict(status="ok", time_us=ms * 1e3, store_us=sms * 1e3, timing=mode, block_q=bq,
-                prefill_warps=args.prefill_warps, cache_gib=cache_bytes / GIB, exact=args.exact)
+                prefill_warps=args.prefill_warps, prefill_unpack=args.prefill_unpack, cache_gib=cache_bytes / GIB, exact=args.exact)
 
 
 def fa3_cell(fp8, B, C, P, hq, h, d, io, device, args, fa):

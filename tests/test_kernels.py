@@ -127,7 +127,7 @@ class Batch:
         return out.cpu(), cache.cpu()
 
     def kernels(self, streaming=True, block_q=None, num_splits=None, decode_stages=1, decode_kernel=None,
-                decode_lane_rows=1):
+                decode_lane_rows=None, prefill_unpack="bytes"):
         d = lambda x: x.to(DEV)  # noqa: E731
         cache = d(self.cache.clone())
         out = torch.full_like(d(self.q), float("nan"), dtype=self.out_dtype)  # poisoned: real rows must be written
@@ -138,7 +138,7 @@ class Batch:
         K.forward(d(self.q), d(self.k), d(self.v), cache, d(self.block_table), d(self.qsl), d(self.seq_lens),
                   d(self.slot_mapping), self.layout, self.layout.head_size ** -0.5, out, tiles,
                   streaming=streaming, block_q=bq, num_splits=num_splits, decode_stages=decode_stages,
-                  decode_kernel=decode_kernel, decode_lane_rows=decode_lane_rows)
+                  decode_kernel=decode_kernel, decode_lane_rows=decode_lane_rows, prefill_unpack=prefill_unpack)
         return out.cpu(), cache.cpu()
 
 
@@ -214,6 +214,22 @@ def test_attention_fp32_shapes(case):
     assert rel_err(out, out_ref) < TOL
 
 
+@pytest.mark.parametrize("case", [
+    dict(head=64, group=32, bits=(2, 2), gqa=1, residual="kv", mix="continuations", streaming=True),
+    dict(head=80, group=16, bits=(4, 2), gqa=2, residual="k", mix="mixed", streaming=True),
+    dict(head=128, group=32, bits=(2, 4), gqa=2, residual="kv", mix="continuations", streaming=False),
+])
+def test_prefill_unpack_words(case):
+    """prefill(unpack="words") (32-bit word loads, exponent trick) gives the reference's attention, like "bytes":
+    head sizes whose words are padded (80), 2- and 4-bit codes for keys and values, both residuals and rules."""
+    lay = PageLayout(64, case["head"], *case["bits"], case["group"], case["residual"], torch.float32)
+    b = Batch(lay, MIXES[case["mix"]], 2 * case["gqa"], 2, torch.float32, seed_of("words", case))
+    out_ref, cache_ref = b.reference(streaming=case["streaming"])
+    out, cache = b.kernels(streaming=case["streaming"], prefill_unpack="words")
+    assert torch.equal(cache, cache_ref)
+    assert rel_err(out, out_ref) < TOL
+
+
 @pytest.mark.parametrize("residual", ["kv", "k"])
 def test_exact_prefill_mode(residual):
     lay = PageLayout(64, 64, 2, 2, 32, residual, torch.bfloat16)
@@ -229,11 +245,13 @@ def test_exact_prefill_mode(residual):
 
 @pytest.mark.parametrize("num_splits", [1, 2, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kernel,decode_stages,lane_rows", [("fma", 1, 1), ("fma", 2, 4), ("mma", 1, 1), ("mma", 3, 1)])
+@pytest.mark.parametrize("kernel,decode_stages,lane_rows",
+                         [("fma", 1, 1), ("fma", 1, 4), ("fma", 2, 4), ("mma", 1, 1), ("mma", 3, 1)])
 @pytest.mark.parametrize("residual", ["kv", "k"])
 def test_decode_variants_agree(num_splits, dtype, kernel, decode_stages, lane_rows, residual):
     """Both decode kernels (CUDA-core FMA, tensor-core MMA), split counts, pipelining depths and the FMA kernel's
-    per-lane partial value sums change only the summation order and the schedule: all give the reference's answer."""
+    per-lane partial value sums change only the summation order and the schedule: all give the reference's answer.
+    (Every other test runs decode()'s defaults: lane_rows 4 at 1 query head per KV head, 2 above.)"""
     lay = PageLayout(64, 64, 2, 2, 16, residual, dtype)
     b = Batch(lay, [(200, 1), (17, 1), (0, 1), (129, 1)], 4, 2, dtype, seed_of("splits", dtype),
               out_dtype=torch.float32, pad_reqs=1)

@@ -44,6 +44,7 @@ def forward(
     decode_warps: int | None = None,
     decode_kernel: str | None = None,
     decode_lane_rows: int | None = None,
+    prefill_unpack: str = "bytes",
 ) -> torch.Tensor:
     """One layer step on the GPU: the same result as :func:`kivi_vllm.reference.forward` (store, then attention
     with the streaming visibility rule), as a fixed sequence of launches::
@@ -72,7 +73,8 @@ def forward(
         streaming: False selects prefill="exact" (every prefill row in phase 0: before the store with residual
             "kv", after store phase 0 with "k", before store phase 1 either way).
         block_q: the ``block_q`` the tiles were made with; num_splits, decode_stages (``num_stages``), decode_warps (``num_warps``),
-            decode_kernel (``kernel``), decode_lane_rows (``lane_rows``): see :func:`.decode.decode`.
+            decode_kernel (``kernel``), decode_lane_rows (``lane_rows``): see :func:`.decode.decode`;
+            prefill_unpack (``unpack``): see :func:`.prefill.prefill`.
 
     Returns:
         ``out``.
@@ -85,7 +87,8 @@ def forward(
     if tiles is None:
         store_phase(0)
         return out
-    prefill_phase = partial(prefill, *args, *tiles, layout, scale, out, block_q=block_q, exact=not streaming)
+    prefill_phase = partial(prefill, *args, *tiles, layout, scale, out, block_q=block_q, exact=not streaming,
+                            unpack=prefill_unpack)
     if layout.residual == "kv":
         prefill_phase(0)
         store_phase(0)

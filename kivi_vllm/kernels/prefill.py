@@ -27,13 +27,15 @@ import triton
 import triton.language as tl
 
 from ..layout import PageLayout
-from .common import LOG2E, check_attention, dot_args, gather_codes, layout_args, load_value_scales, stage_dtype
+from .decode import ONE_F32_BITS
+from .common import (LOG2E, check_attention, dot_args, gather_codes, layout_args, load_value_scales, stage_dtype,
+                     unit_codes)
 
 
 @triton.jit
 def _prefill_kernel(
     q_ptr, key_ptr, value_ptr, out_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr, tile_req_ptr,
-    tile_start_ptr, sm_scale,
+    tile_start_ptr, sm_scale, one_bits,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     stride_cache_block, stride_cache_head, stride_bt,
     QPK: tl.constexpr, QPK_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, PHASE: tl.constexpr, EXACT: tl.constexpr,
@@ -42,7 +44,7 @@ def _prefill_kernel(
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr, RECORD_BYTES: tl.constexpr,
     OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KM: tl.constexpr, OFF_VC: tl.constexpr,
     OFF_VS: tl.constexpr, OFF_VM: tl.constexpr, OFF_KSTAGE: tl.constexpr, OFF_VSTAGE: tl.constexpr,
-    RESIDUAL_KV: tl.constexpr,
+    RESIDUAL_KV: tl.constexpr, UNPACK_WORDS: tl.constexpr = False,
 ):
     G: tl.constexpr = GROUP_SIZE
     M: tl.constexpr = BLOCK_Q * QPK_PAD
@@ -95,11 +97,17 @@ def _prefill_kernel(
             # dequantized version, where some row reads it
             s_q = tl.zeros((M, G), tl.float32)
             if g < k_lim_max:
-                k_codes = gather_codes(rec + OFF_KC, i[:, None], (i < G)[:, None], d[None, :], HEAD_SIZE * K_BITS // 8,
-                                       K_BITS, HEAD_SIZE).to(tl.float32)
                 k_scale = tl.load((rec + OFF_KS).to(tl.pointer_type(tl.float16)) + d, mask=dmask, other=0.0)
                 k_min = tl.load((rec + OFF_KM).to(tl.pointer_type(tl.float16)) + d, mask=dmask, other=0.0)
-                k_deq = k_codes * k_scale.to(tl.float32)[None, :] + k_min.to(tl.float32)[None, :]
+                if UNPACK_WORDS:  # f = 1 + code / 2^K_BITS: code * s + m = f * (s 2^K_BITS) + (m - s 2^K_BITS)
+                    k_f = unit_codes(rec + OFF_KC, i, i < G, one_bits, G, HEAD_SIZE * K_BITS // 8, K_BITS,
+                                     HEAD_SIZE, HEAD_PAD)
+                    k_s = k_scale.to(tl.float32) * (1 << K_BITS)
+                    k_deq = k_f * k_s[None, :] + (k_min.to(tl.float32) - k_s)[None, :]
+                else:
+                    k_codes = gather_codes(rec + OFF_KC, i[:, None], (i < G)[:, None], d[None, :],
+                                           HEAD_SIZE * K_BITS // 8, K_BITS, HEAD_SIZE).to(tl.float32)
+                    k_deq = k_codes * k_scale.to(tl.float32)[None, :] + k_min.to(tl.float32)[None, :]
                 s_q = tl.dot(q.to(DOT_DTYPE), tl.trans(k_deq.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
             # exact version, for rows whose own group this is: earlier steps' tokens from the stage
             s_e = tl.zeros((M, G), tl.float32)
@@ -124,11 +132,17 @@ def _prefill_kernel(
             acc = acc * alpha[:, None]
             v_quant = j[None, :] < v_lim[:, None]
             if g * G < v_lim_max:
-                v_codes = gather_codes(rec + OFF_VC, i[:, None], (j < v_lim_max)[:, None], d[None, :],
-                                       HEAD_SIZE * V_BITS // 8, V_BITS, HEAD_SIZE).to(tl.float32)
                 v_scale = load_value_scales(rec + OFF_VS, i, j < v_lim_max, G, HEAD_PAD, HEAD_SIZE, V_GROUP)
                 v_min = load_value_scales(rec + OFF_VM, i, j < v_lim_max, G, HEAD_PAD, HEAD_SIZE, V_GROUP)
-                v_deq = v_codes * v_scale + v_min
+                if UNPACK_WORDS:
+                    v_f = unit_codes(rec + OFF_VC, i, j < v_lim_max, one_bits, G, HEAD_SIZE * V_BITS // 8, V_BITS,
+                                     HEAD_SIZE, HEAD_PAD)
+                    v_s = v_scale * (1 << V_BITS)
+                    v_deq = v_f * v_s + (v_min - v_s)
+                else:
+                    v_codes = gather_codes(rec + OFF_VC, i[:, None], (j < v_lim_max)[:, None], d[None, :],
+                                           HEAD_SIZE * V_BITS // 8, V_BITS, HEAD_SIZE).to(tl.float32)
+                    v_deq = v_codes * v_scale + v_min
                 acc += tl.dot(tl.where(v_quant, prob, 0.0).to(DOT_DTYPE), v_deq.to(DOT_DTYPE), input_precision=DOT_PRECISION)
             if g * G + G > tl.min(tl.where(rvalid, v_lim, big), axis=0):
                 ex = (j <= p_max)[:, None] & m2
@@ -180,6 +194,7 @@ def prefill(
     exact: bool = False,
     block_q: int | None = None,
     num_warps: int = 4,
+    unpack: str = "bytes",
 ) -> torch.Tensor:
     """Attention of the multi-token requests' query rows of one phase (module docstring) over their KIVI pages.
 
@@ -194,14 +209,21 @@ def prefill(
             With ``exact`` (prefill="exact") every row is phase 0.
         block_q: query tokens per tile (default :func:`block_q_for`).
         num_warps: warps per program (``benchmarks/prefill_attention.py --prefill-warps`` times others).
+        unpack: how a group's codes become floats: "bytes" (one byte load per code, shift, integer-to-float) or
+            "words" (one 32-bit load per word, exponent trick: :func:`.common.unit_codes`). Offline sm_90 compile,
+            default tile, iterations without exact rows: 69 -> 37 global loads, 1,087 -> 1,042 SASS per warp
+            (``benchmarks/kernel_resources.py --prefill`` counts every branch: 3,556 -> 3,513); not timed on a GPU.
 
     Returns:
         ``out``.
 
     Raises:
-        ValueError: shapes that do not match the layout, or tensors not contiguous in head_size.
+        ValueError: shapes that do not match the layout, tensors not contiguous in head_size, or an unknown
+            ``unpack``.
     """
     HQ, H = check_attention("prefill", query, key, value, out, kv_cache, layout)
+    if unpack not in ("bytes", "words"):
+        raise ValueError(f"KIVI prefill: unpack must be 'bytes' or 'words', got {unpack!r}")
     n = tile_req.numel()
     if n == 0 or (exact and phase == 1):
         return out
@@ -209,10 +231,10 @@ def prefill(
     bq = block_q or block_q_for(HQ, H)
     _prefill_kernel[(n, H)](
         query, key, value, out, kv_cache, block_table, seq_lens, query_start_loc, tile_req, tile_start, scale,
-        query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        ONE_F32_BITS, query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         out.stride(0), out.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
         QPK=qpk, QPK_PAD=triton.next_power_of_2(qpk), BLOCK_Q=bq, PHASE=phase, EXACT=exact,
         STAGE_DTYPE=stage_dtype(layout), **dot_args(query),
-        num_warps=num_warps, **layout_args(layout),
+        num_warps=num_warps, UNPACK_WORDS=unpack == "words", **layout_args(layout),
     )
     return out
