@@ -426,7 +426,7 @@ def decode(
         num_reqs: requests of the batch (default ``len(seq_lens)``); num_splits: default :func:`default_num_splits`.
         num_stages: Triton software-pipelining depth of the split kernel's group loop: with more than 1, Triton
             stages the next groups' loads with ``cp.async`` through shared memory (MMA kernel: measured slower,
-            docs/benchmarks.md; FMA kernel: 7-20% slower at 1 query head per KV head, about 6% faster at 4, H200).
+            docs/benchmarks.md; FMA kernel: 7-20% slower at 1 query head per KV head, 4-7% faster at 4, H200).
         lane_rows: FMA kernel only: the value sums over a group's rows keep ``lane_rows`` partial sums (the rows
             spread over lanes) and add them once after the loop instead of per group; a power of two dividing the
             group size; default :func:`default_lane_rows` (4 at 1 query head per KV head, 2 above: the fastest

@@ -27,9 +27,9 @@ import triton
 import triton.language as tl
 
 from ..layout import PageLayout
-from .decode import ONE_F32_BITS
 from .common import (LOG2E, check_attention, dot_args, gather_codes, layout_args, load_value_scales, stage_dtype,
                      unit_codes)
+from .decode import ONE_F32_BITS
 
 
 @triton.jit
