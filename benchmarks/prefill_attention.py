@@ -3,7 +3,7 @@ on bf16 and fp8 caches, for the prompt chunks a prefill-heavy engine step carrie
 
     python benchmarks/prefill_attention.py --out prefill_attention.json                 # H200: default cases, both shapes
     python benchmarks/prefill_attention.py --configs kivi2 --block-q 128 --prefill-warps 8   # KIVI options
-    python benchmarks/prefill_attention.py --configs kivi2 --prefill-unpack words
+    python benchmarks/prefill_attention.py --configs kivi2 --prefill-unpack bytes       # the previous unpacking
 
 Why: on kivi-bench's `long` workload (256 x (3584 + 512), Llama-2-7B shape) steps full of prompt chunks took
 672-816 ms with KIVI against 401 ms with fp8 (docs/benchmarks.md), although a decode step is faster. With KIVI's
@@ -45,7 +45,7 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from decode_attention import FA_BLOCK, GIB, SHAPES, bench, free, load_fa3, log, random_bytes  # noqa: E402
+from decode_attention import FA_BLOCK, GIB, SHAPES, bench, free, load_fa3, log, random_bytes
 
 CONFIGS = ("kivi2", "kivi4", "fa3-bf16", "fa3-fp8")
 GROUP, KIVI_BLOCK = 32, 512
@@ -74,7 +74,7 @@ def parse_args():
     p.add_argument("--exact", action="store_true", help="KIVI prefill=\"exact\" instead of the streaming rule")
     p.add_argument("--block-q", type=int, default=None, help="KIVI prefill: query tokens per tile (default block_q_for)")
     p.add_argument("--prefill-warps", type=int, default=4, help="KIVI prefill: warps per program")
-    p.add_argument("--prefill-unpack", choices=["bytes", "words"], default="bytes",
+    p.add_argument("--prefill-unpack", choices=["bytes", "words"], default="words",
                    help="KIVI prefill: code unpacking (kivi_vllm.kernels.prefill.prefill's unpack)")
     p.add_argument("--eager", action="store_true", help="time the Python call, not a CUDA-graph replay")
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import layer_sensitivity as ls  # noqa: E402
+import layer_sensitivity as ls
 
 RULE: dict = {}  # "k", "v": callables (j [1, T], p [T, 1]) -> bool [T, T], True where j is read quantized by p
 

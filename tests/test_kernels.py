@@ -127,7 +127,7 @@ class Batch:
         return out.cpu(), cache.cpu()
 
     def kernels(self, streaming=True, block_q=None, num_splits=None, decode_stages=1, decode_kernel=None,
-                decode_lane_rows=None, prefill_unpack="bytes"):
+                decode_lane_rows=None, prefill_unpack="words"):
         d = lambda x: x.to(DEV)  # noqa: E731
         cache = d(self.cache.clone())
         out = torch.full_like(d(self.q), float("nan"), dtype=self.out_dtype)  # poisoned: real rows must be written
@@ -219,13 +219,14 @@ def test_attention_fp32_shapes(case):
     dict(head=80, group=16, bits=(4, 2), gqa=2, residual="k", mix="mixed", streaming=True),
     dict(head=128, group=32, bits=(2, 4), gqa=2, residual="kv", mix="continuations", streaming=False),
 ])
-def test_prefill_unpack_words(case):
-    """prefill(unpack="words") (32-bit word loads, exponent trick) gives the reference's attention, like "bytes":
-    head sizes whose words are padded (80), 2- and 4-bit codes for keys and values, both residuals and rules."""
+def test_prefill_unpack_bytes(case):
+    """prefill(unpack="bytes") (one byte load per code; every other test runs the default, "words") gives the
+    reference's attention too: head sizes whose words are padded (80), 2- and 4-bit codes for keys and values, both
+    residuals and rules."""
     lay = PageLayout(64, case["head"], *case["bits"], case["group"], case["residual"], torch.float32)
     b = Batch(lay, MIXES[case["mix"]], 2 * case["gqa"], 2, torch.float32, seed_of("words", case))
     out_ref, cache_ref = b.reference(streaming=case["streaming"])
-    out, cache = b.kernels(streaming=case["streaming"], prefill_unpack="words")
+    out, cache = b.kernels(streaming=case["streaming"], prefill_unpack="bytes")
     assert torch.equal(cache, cache_ref)
     assert rel_err(out, out_ref) < TOL
 

@@ -44,7 +44,7 @@ def forward(
     decode_warps: int | None = None,
     decode_kernel: str | None = None,
     decode_lane_rows: int | None = None,
-    prefill_unpack: str = "bytes",
+    prefill_unpack: str = "words",
 ) -> torch.Tensor:
     """One layer step on the GPU: the same result as :func:`kivi_vllm.reference.forward` (store, then attention
     with the streaming visibility rule), as a fixed sequence of launches::
