@@ -57,9 +57,8 @@ def prefill_resources(bits: int, qpk: int, block_q: int, num_warps: int, phase: 
     on a GPU (TF32 dots, streaming rule), phase 1 (the rows after each request's first group) by default."""
     mod = importlib.import_module("kivi_vllm.kernels.prefill")
     lay = PageLayout(512, head_size, bits, bits, group_size, "kv", torch.bfloat16)
-    consts = dict(QPK=qpk, QPK_PAD=triton.next_power_of_2(qpk), BLOCK_Q=block_q, PHASE=phase, EXACT=False,
-                  STAGE_DTYPE=tl.bfloat16, DOT_DTYPE=tl.float32, DOT_PRECISION="tf32", UNPACK_WORDS=unpack == "words",
-                  **mod.layout_args(lay))
+    consts = mod.prefill_constexprs(lay, qpk, block_q, phase, False, dict(DOT_DTYPE=tl.float32, DOT_PRECISION="tf32"),
+                                    unpack)
     return compiled_resources(mod._prefill_kernel, consts, num_warps)
 
 

@@ -42,6 +42,16 @@ GROUP = 32
 KEY_MODES = ("channel", "channel-fp32-meta", "token", "fp8")
 
 
+def group_complete(j: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """KIVI's streaming rule: key/value j is read quantized by the query at p iff j's group completed before p."""
+    return (j // GROUP + 1) * GROUP <= p
+
+
+#: Which keys ("k") and values ("v") a query reads quantized: callables (j [1, T], p [T, 1]) -> bool [T, T].
+#: kivi-vllm's rule for both; ``residual_length.py`` swaps in the paper's residual rules.
+RULE = {"k": group_complete, "v": group_complete}
+
+
 def _fp8(x: torch.Tensor) -> torch.Tensor:
     return x.clamp(-448, 448).to(torch.float8_e4m3fn).to(torch.float64)
 
@@ -81,10 +91,10 @@ def kivi_attention(module, query, key, value, attention_mask, scaling=None, drop
     kv = [fake_quant_kv(key[i].transpose(0, 1), value[i].transpose(0, 1), spec) for i in range(b)]
     kq = torch.stack([x[0] for x in kv]).transpose(1, 2).to(query.dtype).repeat_interleave(rep, dim=1)  # [B,Hq,T,D]
     vq = torch.stack([x[1] for x in kv]).transpose(1, 2).to(query.dtype).repeat_interleave(rep, dim=1)
-    quant = (pos[None, :] // GROUP + 1) * GROUP <= pos[:, None]  # key j's group complete before query p
-    s = torch.where(quant, (query @ kq.transpose(-1, -2)) * scaling, s_e).masked_fill(~causal, float("-inf"))
+    qk, qv = RULE["k"](pos[None, :], pos[:, None]), RULE["v"](pos[None, :], pos[:, None])
+    s = torch.where(qk, (query @ kq.transpose(-1, -2)) * scaling, s_e).masked_fill(~causal, float("-inf"))
     p = torch.softmax(s, -1)
-    out = (p * quant) @ vq + (p * ~quant) @ v
+    out = (p * qv) @ vq + (p * ~qv) @ v
     return out.transpose(1, 2).contiguous(), None
 
 

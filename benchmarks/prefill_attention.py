@@ -16,8 +16,8 @@ A case ``BxC`` is B requests whose chunk is C prompt tokens with nothing cached 
 ``BxC+P`` has P tokens cached before the chunk (a continuation chunk; P a multiple of 32, the cache bytes random).
 One layer, bf16 activations, shapes "llama2-7b" (32 query / 32 KV heads) and "gqa" (32 / 8), head size 128.
 
-* kivi2 / kivi4: the launches of ``kivi_vllm.kernels.forward`` for the whole step (prefill phase 0, the stores of
-  the chunk's tokens, prefill phase 1, as the engine runs them; not its decode launches, which exit at once here) over ``PageLayout(512, 128, b, b, 32, "kv", bf16)``; its store part is timed
+* kivi2 / kivi4: ``kivi_vllm.kernels.forward`` for the whole step (prefill phase 0, the stores of the chunk's
+  tokens, prefill phase 1, as the engine runs them, and its decode launches, which exit at once here) over ``PageLayout(512, 128, b, b, 32, "kv", bf16)``; its store part is timed
   alone too (``store_us``: phase 0 + phase 1). ``--exact`` runs prefill="exact" instead (a chunk's own tokens
   exact; only groups cached before it dequantized), the KIVI paper's prefill.
 * fa3-bf16 / fa3-fp8: ``flash_attn_varlen_func(fa_version=3)`` as vLLM's FlashAttentionImpl calls it for a prefill
@@ -97,39 +97,39 @@ def io_tensors(B, C, P, hq, h, d, device):
     return q, key, value, out, qsl_host.to(device), qsl_host, seq_lens
 
 
-def kivi_cell(bits, B, C, P, hq, h, d, io, device, args):
-    """Time KIVI-``bits``' prefill step and its stores alone over a random-byte cache (B requests own ceil((P + C) /
-    512) shuffled blocks each); returns the row's fields (times in µs)."""
-    from kivi_vllm.kernels import store
-    from kivi_vllm.kernels.prefill import block_q_for, prefill, prefill_tiles
+def kivi_inputs(bits, B, C, P, h, d, qsl_host, device, block_q):
+    """The KIVI side of a case: page layout, a cache of random bytes [B * ceil((P + C) / 512), h, page_bytes] uint8
+    (each request owns its blocks, shuffled), block table [B, blocks] int32, the chunk tokens' slots [B * C] int64,
+    and the prefill tiles for ``block_q`` query tokens (on ``device``)."""
+    from kivi_vllm.kernels.prefill import prefill_tiles
     from kivi_vllm.layout import PageLayout
 
-    q, key, value, out, qsl, qsl_host, seq_lens = io
     lay = PageLayout(block_size=KIVI_BLOCK, head_size=d, k_bits=bits, v_bits=bits, group_size=GROUP, residual="kv",
                      residual_dtype=torch.bfloat16)
     nblk = math.ceil((P + C) / KIVI_BLOCK)
-    cache_bytes = B * nblk * h * lay.page_bytes
-    kv_cache = random_bytes(cache_bytes, device).view(B * nblk, h, lay.page_bytes)
+    kv_cache = random_bytes(B * nblk * h * lay.page_bytes, device).view(B * nblk, h, lay.page_bytes)
     block_table = torch.randperm(B * nblk, device=device).to(torch.int32).view(B, nblk)
     pos = P + torch.arange(C, device=device)  # positions of the chunk's tokens, every request
     blk = block_table[:, (pos // KIVI_BLOCK)].to(torch.int64)  # [B, C]
     slot = (blk * KIVI_BLOCK + pos % KIVI_BLOCK).reshape(-1).contiguous()
-    bq = args.block_q or block_q_for(hq, h)
-    tiles = tuple(torch.from_numpy(t).to(device) for t in prefill_tiles(qsl_host.numpy(), bq))
-    scale = d**-0.5
-    streaming = not args.exact
+    tiles = tuple(torch.from_numpy(t).to(device) for t in prefill_tiles(qsl_host.numpy(), block_q))
+    return lay, kv_cache, block_table, slot, tiles
 
-    def pre(phase):
-        prefill(q, key, value, kv_cache, block_table, qsl, seq_lens, *tiles, lay, scale, out, phase,
-                exact=not streaming, block_q=bq, num_warps=args.prefill_warps, unpack=args.prefill_unpack)
+
+def kivi_cell(bits, B, C, P, hq, h, d, io, device, args):
+    """Time KIVI-``bits``' prefill step (``kivi_vllm.kernels.forward``) and its stores alone over a random-byte
+    cache (:func:`kivi_inputs`); returns the row's fields (times in µs)."""
+    from kivi_vllm.kernels import forward, store
+    from kivi_vllm.kernels.prefill import block_q_for
+
+    q, key, value, out, qsl, qsl_host, seq_lens = io
+    bq = args.block_q or block_q_for(hq, h)
+    lay, kv_cache, block_table, slot, tiles = kivi_inputs(bits, B, C, P, h, d, qsl_host, device, bq)
 
     def step():
-        # kivi_vllm.kernels.forward's launches for a batch of multi-token requests with residual "kv", minus its
-        # decode() launches (they find no one-token request and exit at once)
-        pre(0)
-        store(kv_cache, key, value, slot, qsl, seq_lens, lay, 0)
-        store(kv_cache, key, value, slot, qsl, seq_lens, lay, 1)
-        pre(1)
+        forward(q, key, value, kv_cache, block_table, qsl, seq_lens, slot, lay, d**-0.5, out, tiles,
+                streaming=not args.exact, block_q=bq, prefill_unpack=args.prefill_unpack,
+                prefill_warps=args.prefill_warps)
 
     def stores():
         store(kv_cache, key, value, slot, qsl, seq_lens, lay, 0)
@@ -138,7 +138,8 @@ def kivi_cell(bits, B, C, P, hq, h, d, io, device, args):
     ms, mode = bench(step, device, args.eager)
     sms, _ = bench(stores, device, args.eager)
     return dict(status="ok", time_us=ms * 1e3, store_us=sms * 1e3, timing=mode, block_q=bq,
-                prefill_warps=args.prefill_warps, prefill_unpack=args.prefill_unpack, cache_gib=cache_bytes / GIB, exact=args.exact)
+                prefill_warps=args.prefill_warps, prefill_unpack=args.prefill_unpack,
+                cache_gib=kv_cache.numel() / GIB, exact=args.exact)
 
 
 def fa3_cell(fp8, B, C, P, hq, h, d, io, device, args, fa):

@@ -5,8 +5,8 @@ The paper (Liu et al. 2024, section 3.3 and Algorithm 1) keeps a residual of R =
 of them have accumulated, then are quantized R at a time (per channel, groups of G tokens), so 0-127 newest keys are
 exact; values stay exact for exactly the last R tokens (quantized one token at a time as they leave the window).
 This script runs the Hugging Face model in float32 with the attention function of ``layer_sensitivity.py`` (the
-independent float64 oracle's quantizer, every layer KIVI-2), but with the rule "key/value j is read quantized by a
-query at p" given per variant:
+independent float64 oracle's quantizer, every layer KIVI-2), with its rule "key/value j is read quantized by a
+query at p" (``layer_sensitivity.RULE``) set per variant:
 
 * ``open group (kivi-vllm)``: key and value j quantized iff its group of G completed before p;
 * ``paper R``: keys quantized iff their block of R tokens completed before p, values iff j <= p - R;
@@ -34,29 +34,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import layer_sensitivity as ls
-
-RULE: dict = {}  # "k", "v": callables (j [1, T], p [T, 1]) -> bool [T, T], True where j is read quantized by p
-
-
-def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention function: [B, Hq, T, D] query, [B, Hkv, T, D] key/value (post-RoPE) -> [B, T, Hq, D];
-    quantized keys/values where ``RULE`` says so, exact ones elsewhere (causal)."""
-    rep = query.shape[1] // key.shape[1]
-    k, v = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
-    pos = torch.arange(query.shape[2])
-    causal = pos[None, :] <= pos[:, None]
-    s_exact = (query @ k.transpose(-1, -2)) * scaling
-    spec = ls.POLICY.get(module.layer_idx)
-    if spec is None:
-        p = torch.softmax(s_exact.masked_fill(~causal, float("-inf")), -1)
-        return (p @ v).transpose(1, 2).contiguous(), None
-    kv = [ls.fake_quant_kv(key[i].transpose(0, 1), value[i].transpose(0, 1), spec) for i in range(key.shape[0])]
-    kq = torch.stack([x[0] for x in kv]).transpose(1, 2).to(query.dtype).repeat_interleave(rep, 1)
-    vq = torch.stack([x[1] for x in kv]).transpose(1, 2).to(query.dtype).repeat_interleave(rep, 1)
-    qk, qv = RULE["k"](pos[None, :], pos[:, None]), RULE["v"](pos[None, :], pos[:, None])
-    s = torch.where(qk, (query @ kq.transpose(-1, -2)) * scaling, s_exact).masked_fill(~causal, float("-inf"))
-    p = torch.softmax(s, -1)
-    return ((p * qv) @ vq + (p * ~qv) @ v).transpose(1, 2).contiguous(), None
 
 
 def blocks(r: int):
@@ -91,7 +68,7 @@ def main() -> None:
     from kivi_vllm.eval.perplexity import reference_text, windows
     from kivi_vllm.models import default_model_path
 
-    AttentionInterface.register("kivi_residual_sim", attention)
+    AttentionInterface.register("kivi_residual_sim", ls.kivi_attention)
     path = a.model or str(default_model_path())
     tok = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="kivi_residual_sim")
@@ -109,7 +86,7 @@ def main() -> None:
     res = {"exact": ppl(False)}
     print(f"exact {res['exact']:.3f}", flush=True)
     for name, (krule, vrule) in variants(ls.GROUP, a.residual).items():
-        RULE.update(k=krule, v=vrule)
+        ls.RULE.update(k=krule, v=vrule)
         t0 = time.time()
         res[name] = ppl(True)
         print(f"k{a.bits[0]}v{a.bits[1]}, {name}: {res[name]:.3f} ({100 * (res[name] / res['exact'] - 1):+.1f}%)"

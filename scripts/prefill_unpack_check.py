@@ -14,11 +14,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 sys.path.insert(0, ROOT)
-from decode_attention import random_bytes
+from prefill_attention import kivi_inputs
 
 from kivi_vllm.kernels import forward
-from kivi_vllm.kernels.prefill import block_q_for, prefill_tiles
-from kivi_vllm.layout import PageLayout
+from kivi_vllm.kernels.prefill import block_q_for
 
 CASES = [  # bits, query heads, KV heads, head size, (requests, chunk, cached before the chunk)
     (2, 32, 32, 128, (3, 700, 320)),
@@ -30,20 +29,14 @@ CASES = [  # bits, query heads, KV heads, head size, (requests, chunk, cached be
 
 def main() -> None:
     for bits, hq, h, D, (B, C, P) in CASES:
-        lay = PageLayout(512, D, bits, bits, 32, "kv", torch.bfloat16)
-        nblk = (P + C + 511) // 512
-        base = random_bytes(B * nblk * h * lay.page_bytes, "cuda").view(B * nblk, h, lay.page_bytes)
-        bt = torch.randperm(B * nblk, device="cuda").to(torch.int32).view(B, nblk)
+        qslh = torch.arange(B + 1, dtype=torch.int32) * C
+        bq = block_q_for(hq, h)
+        lay, base, bt, slot, tiles = kivi_inputs(bits, B, C, P, h, D, qslh, "cuda", bq)
         g = torch.Generator(device="cuda").manual_seed(0)
         q = torch.randn(B * C, hq, D, generator=g, device="cuda").bfloat16()
         k = torch.randn(B * C, h, D, generator=g, device="cuda").bfloat16()
         v = torch.randn_like(k)
-        qslh = torch.arange(B + 1, dtype=torch.int32) * C
         qsl, sl = qslh.cuda(), torch.full((B,), P + C, dtype=torch.int32, device="cuda")
-        pos = P + torch.arange(C, device="cuda")
-        slot = (bt[:, pos // 512].long() * 512 + pos % 512).reshape(-1)
-        bq = block_q_for(hq, h)
-        tiles = tuple(torch.from_numpy(t).cuda() for t in prefill_tiles(qslh.numpy(), bq))
         outs = {}
         for u in ("bytes", "words"):
             cache = base.clone()

@@ -109,29 +109,41 @@ def gather_codes(ptr, rows, row_mask, chans, ROW_BYTES: tl.constexpr, BITS: tl.c
     return (b.to(tl.int32) >> ((chans % PER) * BITS)) & ((1 << BITS) - 1)
 
 
+#: The bits of 1.0f, passed to the kernels at run time so that the exponent trick's AND and OR stay one LOP3 (as two
+#: compile-time constants they take two instructions): :func:`unit_floats`.
+ONE_F32_BITS = 0x3F800000
+
+
+@triton.jit
+def unit_floats(words, sh, one_bits, BITS: tl.constexpr):
+    """float32 ``1 + code / 2**BITS`` of the ``BITS``-bit code that starts at bit ``sh`` of each int32 in ``words``
+    (``words`` and ``sh`` broadcast to the result's shape). The code is moved to the top of a float32 mantissa (one
+    shift: left or right, the other is 0) and given the exponent of 1.0 (one AND-OR, a LOP3 with ``one_bits`` =
+    :data:`ONE_F32_BITS`), so no integer-to-float conversion runs; the caller folds the 1 into the minimum:
+    ``code * s + m = f * (s * 2**BITS) + (m - s * 2**BITS)`` (the same trick as the "fast int-to-float" dequantizers
+    of FasterTransformer and Marlin, in float32)."""
+    MANT: tl.constexpr = 23 - BITS  # lowest bit of the code in the float32 mantissa
+    x = (words << tl.maximum(MANT - sh, 0)) >> tl.maximum(sh - MANT, 0)
+    return ((x & (((1 << BITS) - 1) << MANT)) | one_bits).to(tl.float32, bitcast=True)
+
+
 @triton.jit
 def unit_codes(ptr, rows, row_mask, one_bits, R: tl.constexpr, ROW_BYTES: tl.constexpr, BITS: tl.constexpr,
                HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr):
     """float32 ``1 + code / 2**BITS`` [R, HEAD_PAD] of the packed rows ``rows`` ([R] int) at ``ptr``, channels in
     their natural order. One 32-bit load per word of a row ([R, words]); each of the word's ``32 / BITS`` codes is
-    moved to the top of a float32 mantissa (one shift) and given the exponent of 1.0 (one AND-OR), giving a
-    [R, words, codes per word] tile whose row-major order is the channel order (channel ``w * 32 / BITS + b`` is code
-    b of word w: the page's bit order). The caller turns it into ``code * scale + min`` as
-    ``f * (scale * 2**BITS) + (min - scale * 2**BITS)``, one multiply-add that equals the direct form before its
-    single rounding. Masked rows and channels past the head size give 1.0 (code 0). ``one_bits``: 0x3F800000 (see
-    ``decode._word_codes``, the same trick in the decode kernel's word layout). Rows must be 4-byte aligned: they are
-    (``ROW_BYTES`` = head size x bits / 8 with the head size a multiple of 16, record regions multiples of 16 bytes)."""
+    turned into a float by :func:`unit_floats`, giving a [R, words, codes per word] tile whose row-major order is the
+    channel order (channel ``w * 32 / BITS + b`` is code b of word w: the page's bit order). The caller turns it into
+    ``code * scale + min`` as ``f * (scale * 2**BITS) + (min - scale * 2**BITS)``, one multiply-add that equals the
+    direct form before its single rounding. Masked rows and channels past the head size give 1.0 (code 0). Rows must
+    be 4-byte aligned: they are (``ROW_BYTES`` = head size x bits / 8 with the head size a multiple of 16, record
+    regions multiples of 16 bytes)."""
     PW: tl.constexpr = 32 // BITS
     W: tl.constexpr = HEAD_PAD // PW
-    MANT: tl.constexpr = 23 - BITS
     w = tl.arange(0, W)
     words = tl.load((ptr + rows[:, None] * ROW_BYTES).to(tl.pointer_type(tl.int32)) + w[None, :],
                     mask=row_mask[:, None] & (w[None, :] < HEAD_SIZE * BITS // 32), other=0)
-    sh = tl.arange(0, PW) * BITS
-    left = tl.maximum(MANT - sh, 0)[None, None, :]
-    right = tl.maximum(sh - MANT, 0)[None, None, :]
-    x = (words[:, :, None] << left) >> right
-    f = ((x & (((1 << BITS) - 1) << MANT)) | one_bits).to(tl.float32, bitcast=True)
+    f = unit_floats(words[:, :, None], (tl.arange(0, PW) * BITS)[None, None, :], one_bits, BITS)
     return tl.reshape(f, (R, HEAD_PAD))
 
 

@@ -38,7 +38,8 @@ import triton
 import triton.language as tl
 
 from ..layout import PageLayout
-from .common import LOG2E, check_attention, dot_args, gather_codes, layout_args, load_value_scales, stage_dtype
+from .common import (LOG2E, ONE_F32_BITS, check_attention, dot_args, gather_codes, layout_args, load_value_scales,
+                     stage_dtype, unit_floats)
 
 
 @triton.jit
@@ -180,22 +181,16 @@ def _word_codes(ptr, rows, row_mask, one_bits, ROW_BYTES: tl.constexpr, BITS: tl
                 HEAD_SIZE: tl.constexpr):
     """float32 ``1 + code / 2**BITS`` [1, 32 // BITS, RA, RB, W_PAD] of the packed rows ``rows`` ([RA, RB]) at
     ``ptr``: element (0, b, ja, jb, w) is channel ``w * (32 // BITS) + b`` of row ``rows[ja, jb]``. One 32-bit load
-    per word; each code is moved to the top of a float32 mantissa (one shift) and given the exponent of 1.0 (one
-    AND-OR, a LOP3), so no integer-to-float conversion runs (I2FP was 256 of the loop's 1,348 SASS instructions,
-    SGXT another 224). The caller subtracts the 1: ``sum_c x_c code_c = 2**BITS * (sum_c x_c f_c - sum_c x_c)``
-    (the same exponent trick as the "fast int-to-float" dequantizers of FasterTransformer and Marlin, here in
-    float32). Rows that are masked and words past the head size give 1.0 (code 0). ``one_bits`` is 0x3F800000, the
-    bits of 1.0f, passed at run time so that the AND and the OR stay one LOP3 (as two constants they take two)."""
+    per word; each code becomes a float by the exponent trick of :func:`.common.unit_floats` (a shift and a LOP3), so
+    no integer-to-float conversion runs (I2FP was 256 of the loop's 1,348 SASS instructions, SGXT another 224). The
+    caller subtracts the 1: ``sum_c x_c code_c = 2**BITS * (sum_c x_c f_c - sum_c x_c)``. Rows that are masked and
+    words past the head size give 1.0 (code 0). ``one_bits``: :data:`.common.ONE_F32_BITS`."""
     PW: tl.constexpr = 32 // BITS
-    MANT: tl.constexpr = 23 - BITS  # lowest bit of the code in the float32 mantissa
     w = tl.arange(0, W_PAD)
     words = tl.load((ptr + rows[:, :, None] * ROW_BYTES).to(tl.pointer_type(tl.int32)) + w[None, None, :],
                     mask=row_mask[:, :, None] & (w[None, None, :] < HEAD_SIZE * BITS // 32), other=0)
-    sh = tl.arange(0, PW) * BITS  # where code b starts in its word; one of the two shifts below is 0
-    left = tl.maximum(MANT - sh, 0)[None, :, None, None, None]
-    right = tl.maximum(sh - MANT, 0)[None, :, None, None, None]
-    x = (words[None, None, :, :, :] << left) >> right
-    return ((x & (((1 << BITS) - 1) << MANT)) | one_bits).to(tl.float32, bitcast=True)
+    sh = tl.arange(0, PW) * BITS  # where code b starts in its word
+    return unit_floats(words[None, None, :, :, :], sh[None, :, None, None, None], one_bits, BITS)
 
 
 @triton.jit
@@ -335,8 +330,6 @@ def _reduce_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, seq_lens_ptr, 
         tl.store(out_ptr + q_start * stride_ot + hq * stride_oh + d, o.to(out_ptr.dtype.element_ty),
                  mask=d < HEAD_SIZE)
 
-
-ONE_F32_BITS = 0x3F800000  # the bits of 1.0f: see _word_codes
 
 
 def fma_constexprs(layout: PageLayout, qpk: int, num_splits: int, num_stages: int = 1,

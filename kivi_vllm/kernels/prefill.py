@@ -27,9 +27,8 @@ import triton
 import triton.language as tl
 
 from ..layout import PageLayout
-from .common import (LOG2E, check_attention, dot_args, gather_codes, layout_args, load_value_scales, stage_dtype,
-                     unit_codes)
-from .decode import ONE_F32_BITS
+from .common import (LOG2E, ONE_F32_BITS, check_attention, dot_args, gather_codes, layout_args, load_value_scales,
+                     stage_dtype, unit_codes)
 
 
 @triton.jit
@@ -159,6 +158,14 @@ def _prefill_kernel(
                  o.to(out_ptr.dtype.element_ty), mask=rvalid[:, None] & dmask[None, :])
 
 
+def prefill_constexprs(layout: PageLayout, qpk: int, block_q: int, phase: int, exact: bool, dot: dict,
+                       unpack: str) -> dict:
+    """The constexprs :func:`prefill` launches :func:`_prefill_kernel` with; ``dot``: :func:`.common.dot_args` of the
+    query. ``benchmarks/kernel_resources.py --prefill`` compiles the kernel with the same."""
+    return dict(QPK=qpk, QPK_PAD=triton.next_power_of_2(qpk), BLOCK_Q=block_q, PHASE=phase, EXACT=exact,
+                STAGE_DTYPE=stage_dtype(layout), UNPACK_WORDS=unpack == "words", **dot, **layout_args(layout))
+
+
 def block_q_for(num_heads: int, num_kv_heads: int, rows: int = 64) -> int:
     """Query tokens per tile: ``rows`` tile rows shared by the query heads of one KV head (at least 1)."""
     return max(1, rows // triton.next_power_of_2(num_heads // num_kv_heads))
@@ -235,8 +242,6 @@ def prefill(
         query, key, value, out, kv_cache, block_table, seq_lens, query_start_loc, tile_req, tile_start, scale,
         ONE_F32_BITS, query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         out.stride(0), out.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
-        QPK=qpk, QPK_PAD=triton.next_power_of_2(qpk), BLOCK_Q=bq, PHASE=phase, EXACT=exact,
-        STAGE_DTYPE=stage_dtype(layout), **dot_args(query),
-        num_warps=num_warps, UNPACK_WORDS=unpack == "words", **layout_args(layout),
+        num_warps=num_warps, **prefill_constexprs(layout, qpk, bq, phase, exact, dot_args(query), unpack),
     )
     return out
