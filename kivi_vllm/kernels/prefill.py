@@ -221,7 +221,8 @@ def prefill(
             (2026-11-30, ``benchmarks/prefill_attention.py --prefill-unpack``, 4 x 4096-token first chunks) "words"
             took 31% less time than "bytes" at the Llama-2-7B shape (8.6 vs 12.5 ms per layer) and 37% less at 4
             query heads per KV head, with the same cache bytes and outputs within 2.2e-7
-            (``scripts/prefill_unpack_check.py``); it issues 37 instead of 69 global loads per iteration.
+            (``scripts/prefill_unpack_check.py``); its loop issues 137 instead of 197 global loads
+            (``benchmarks/kernel_resources.py --prefill``).
 
     Returns:
         ``out``.
