@@ -3,7 +3,8 @@ on bf16 and fp8 caches, for the prompt chunks a prefill-heavy engine step carrie
 
     python benchmarks/prefill_attention.py --out prefill_attention.json                 # H200: default cases, both shapes
     python benchmarks/prefill_attention.py --configs kivi2 --block-q 128 --prefill-warps 8   # KIVI options
-    python benchmarks/prefill_attention.py --configs kivi2 --prefill-unpack bytes       # the previous unpacking
+    python benchmarks/prefill_attention.py --configs kivi2 --prefill-unpack bytes --bulk-groups 0   # previous kernel
+    python benchmarks/prefill_attention.py --configs kivi2 --bulk-groups 4 --bulk-dot 16   # the bulk loop's options
 
 Why: on kivi-bench's `long` workload (256 x (3584 + 512), Llama-2-7B shape) steps full of prompt chunks took
 672-816 ms with KIVI against 401 ms with fp8 (docs/benchmarks.md), although a decode step is faster. With KIVI's
@@ -76,6 +77,10 @@ def parse_args():
     p.add_argument("--prefill-warps", type=int, default=4, help="KIVI prefill: warps per program")
     p.add_argument("--prefill-unpack", choices=["bytes", "words"], default="words",
                    help="KIVI prefill: code unpacking (kivi_vllm.kernels.prefill.prefill's unpack)")
+    p.add_argument("--bulk-groups", type=int, default=None,
+                   help="KIVI prefill: groups per step of the bulk loop (prefill's bulk_groups; 0 = none)")
+    p.add_argument("--bulk-dot", choices=["fp32", "16"], default="fp32",
+                   help="KIVI prefill: the bulk loop's dot operands (prefill's bulk_dot)")
     p.add_argument("--eager", action="store_true", help="time the Python call, not a CUDA-graph replay")
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -120,7 +125,7 @@ def kivi_cell(bits, B, C, P, hq, h, d, io, device, args):
     """Time KIVI-``bits``' prefill step (``kivi_vllm.kernels.forward``) and its stores alone over a random-byte
     cache (:func:`kivi_inputs`); returns the row's fields (times in µs)."""
     from kivi_vllm.kernels import forward, store
-    from kivi_vllm.kernels.prefill import block_q_for
+    from kivi_vllm.kernels.prefill import block_q_for, default_bulk_groups
 
     q, key, value, out, qsl, qsl_host, seq_lens = io
     bq = args.block_q or block_q_for(hq, h)
@@ -129,7 +134,8 @@ def kivi_cell(bits, B, C, P, hq, h, d, io, device, args):
     def step():
         forward(q, key, value, kv_cache, block_table, qsl, seq_lens, slot, lay, d**-0.5, out, tiles,
                 streaming=not args.exact, block_q=bq, prefill_unpack=args.prefill_unpack,
-                prefill_warps=args.prefill_warps)
+                prefill_warps=args.prefill_warps, prefill_bulk_groups=args.bulk_groups,
+                prefill_bulk_dot=args.bulk_dot)
 
     def stores():
         store(kv_cache, key, value, slot, qsl, seq_lens, lay, 0)
@@ -139,6 +145,9 @@ def kivi_cell(bits, B, C, P, hq, h, d, io, device, args):
     sms, _ = bench(stores, device, args.eager)
     return dict(status="ok", time_us=ms * 1e3, store_us=sms * 1e3, timing=mode, block_q=bq,
                 prefill_warps=args.prefill_warps, prefill_unpack=args.prefill_unpack,
+                bulk_groups=((default_bulk_groups(lay) if args.prefill_unpack == "words" else 0)
+                             if args.bulk_groups is None else args.bulk_groups),
+                bulk_dot=args.bulk_dot,
                 cache_gib=kv_cache.numel() / GIB, exact=args.exact)
 
 

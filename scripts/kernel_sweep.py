@@ -52,6 +52,8 @@ def main() -> None:
     ap.add_argument("--out", default="kernel_sweep.json")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=8, help="requests per case")
+    ap.add_argument("--prefill-bulk-groups", type=int, default=None, help="prefill's bulk_groups (default: its own)")
+    ap.add_argument("--prefill-bulk-dot", choices=["fp32", "16"], default="fp32", help="prefill's bulk_dot")
     a = ap.parse_args()
     if DEV != "cuda":
         raise SystemExit("kernel_sweep.py needs a CUDA device (the CPU tests cover small shapes)")
@@ -71,7 +73,7 @@ def main() -> None:
             seed = rng.randrange(2**31)
             b = Batch(lay, reqs, hkv * gqa, hkv, torch.bfloat16, seed, pad_tokens=2)
             out_ref, cache_ref = b.reference(device=DEV)
-            out, cache = b.kernels()
+            out, cache = b.kernels(prefill_bulk_groups=a.prefill_bulk_groups, prefill_bulk_dot=a.prefill_bulk_dot)
             n = b.qsl_host[-1]
             row = dict(head=head, gqa=gqa, bits=bits, residual=residual, group=group, case=case, reqs=reqs,
                        cache_equal=bool(torch.equal(cache, cache_ref)),

@@ -46,6 +46,8 @@ def forward(
     decode_lane_rows: int | None = None,
     prefill_unpack: str = "words",
     prefill_warps: int = 4,
+    prefill_bulk_groups: int | None = None,
+    prefill_bulk_dot: str = "fp32",
 ) -> torch.Tensor:
     """One layer step on the GPU: the same result as :func:`kivi_vllm.reference.forward` (store, then attention
     with the streaming visibility rule), as a fixed sequence of launches::
@@ -75,7 +77,8 @@ def forward(
             "kv", after store phase 0 with "k", before store phase 1 either way).
         block_q: the ``block_q`` the tiles were made with; num_splits, decode_stages (``num_stages``), decode_warps (``num_warps``),
             decode_kernel (``kernel``), decode_lane_rows (``lane_rows``): see :func:`.decode.decode`;
-            prefill_unpack (``unpack``), prefill_warps (``num_warps``): see :func:`.prefill.prefill`.
+            prefill_unpack (``unpack``), prefill_warps (``num_warps``), prefill_bulk_groups (``bulk_groups``),
+            prefill_bulk_dot (``bulk_dot``): see :func:`.prefill.prefill`.
 
     Returns:
         ``out``.
@@ -89,7 +92,8 @@ def forward(
         store_phase(0)
         return out
     prefill_phase = partial(prefill, *args, *tiles, layout, scale, out, block_q=block_q, exact=not streaming,
-                            unpack=prefill_unpack, num_warps=prefill_warps)
+                            unpack=prefill_unpack, num_warps=prefill_warps, bulk_groups=prefill_bulk_groups,
+                            bulk_dot=prefill_bulk_dot)
     if layout.residual == "kv":
         prefill_phase(0)
         store_phase(0)

@@ -131,17 +131,26 @@ def unit_floats(words, sh, one_bits, BITS: tl.constexpr):
 def unit_codes(ptr, rows, row_mask, one_bits, R: tl.constexpr, ROW_BYTES: tl.constexpr, BITS: tl.constexpr,
                HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr):
     """float32 ``1 + code / 2**BITS`` [R, HEAD_PAD] of the packed rows ``rows`` ([R] int) at ``ptr``, channels in
-    their natural order. One 32-bit load per word of a row ([R, words]); each of the word's ``32 / BITS`` codes is
-    turned into a float by :func:`unit_floats`, giving a [R, words, codes per word] tile whose row-major order is the
-    channel order (channel ``w * 32 / BITS + b`` is code b of word w: the page's bit order). The caller turns it into
-    ``code * scale + min`` as ``f * (scale * 2**BITS) + (min - scale * 2**BITS)``, one multiply-add that equals the
-    direct form before its single rounding. Masked rows and channels past the head size give 1.0 (code 0). Rows must
-    be 4-byte aligned: they are (``ROW_BYTES`` = head size x bits / 8 with the head size a multiple of 16, record
-    regions multiples of 16 bytes)."""
+    their natural order: :func:`unit_codes_at` of the rows' addresses ``ptr + rows * ROW_BYTES``."""
+    return unit_codes_at(ptr + rows * ROW_BYTES, row_mask, one_bits, R, BITS, HEAD_SIZE, HEAD_PAD)
+
+
+@triton.jit
+def unit_codes_at(row_ptrs, row_mask, one_bits, R: tl.constexpr, BITS: tl.constexpr, HEAD_SIZE: tl.constexpr,
+                  HEAD_PAD: tl.constexpr):
+    """float32 ``1 + code / 2**BITS`` [R, HEAD_PAD] of R packed rows whose first bytes are at ``row_ptrs`` ([R] uint8
+    pointers; the rows may lie in different records), channels in their natural order. One 32-bit load per word
+    of a row ([R, words]); each of the word's ``32 / BITS`` codes is turned into a float by :func:`unit_floats`,
+    giving a [R, words, codes per word] tile whose row-major order is the channel order (channel ``w * 32 / BITS +
+    b`` is code b of word w: the page's bit order). The caller turns it into ``code * scale + min`` as ``f * (scale
+    * 2**BITS) + (min - scale * 2**BITS)``, one multiply-add that equals the direct form before its single
+    rounding. Masked rows and channels past the head size give 1.0 (code 0). Rows must be 4-byte aligned: they are
+    (a row is head size x bits / 8 bytes with the head size a multiple of 16, record regions multiples of 16
+    bytes)."""
     PW: tl.constexpr = 32 // BITS
     W: tl.constexpr = HEAD_PAD // PW
     w = tl.arange(0, W)
-    words = tl.load((ptr + rows[:, None] * ROW_BYTES).to(tl.pointer_type(tl.int32)) + w[None, :],
+    words = tl.load(row_ptrs[:, None].to(tl.pointer_type(tl.int32)) + w[None, :],
                     mask=row_mask[:, None] & (w[None, :] < HEAD_SIZE * BITS // 32), other=0)
     f = unit_floats(words[:, :, None], (tl.arange(0, PW) * BITS)[None, None, :], one_bits, BITS)
     return tl.reshape(f, (R, HEAD_PAD))
@@ -151,12 +160,22 @@ def unit_codes(ptr, rows, row_mask, one_bits, R: tl.constexpr, ROW_BYTES: tl.con
 def load_value_scales(ptr, rows, row_mask, G: tl.constexpr, HEAD_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr,
                       V_GROUP: tl.constexpr):
     """Per-token fp16 value scales (or minima) at ``ptr`` ([G, HEAD_SIZE / V_GROUP] in the record), expanded to one
-    float32 per channel [G, HEAD_PAD]: one load per token and channel group, broadcast in registers."""
+    float32 per channel [G, HEAD_PAD]: :func:`value_scales_at` of the rows ``rows``."""
+    return value_scales_at(ptr.to(tl.pointer_type(tl.float16)) + rows * (HEAD_SIZE // V_GROUP), row_mask, G,
+                           HEAD_PAD, HEAD_SIZE, V_GROUP)
+
+
+@triton.jit
+def value_scales_at(row_ptrs, row_mask, R: tl.constexpr, HEAD_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr,
+                    V_GROUP: tl.constexpr):
+    """fp16 per-token value scales (or minima) of R tokens, ``HEAD_SIZE / V_GROUP`` each starting at ``row_ptrs``
+    ([R] fp16 pointers), expanded to one float32 per channel [R, HEAD_PAD]: one load per token and channel group,
+    broadcast in registers."""
     NVG: tl.constexpr = HEAD_PAD // V_GROUP
     ci = tl.arange(0, NVG)
-    x = tl.load(ptr.to(tl.pointer_type(tl.float16)) + rows[:, None] * (HEAD_SIZE // V_GROUP) + ci[None, :],
-                mask=row_mask[:, None] & (ci[None, :] < HEAD_SIZE // V_GROUP), other=0.0).to(tl.float32)
-    return tl.reshape(tl.broadcast_to(x[:, :, None], (G, NVG, V_GROUP)), (G, HEAD_PAD))
+    x = tl.load(row_ptrs[:, None] + ci[None, :], mask=row_mask[:, None] & (ci[None, :] < HEAD_SIZE // V_GROUP),
+                other=0.0).to(tl.float32)
+    return tl.reshape(tl.broadcast_to(x[:, :, None], (R, NVG, V_GROUP)), (R, HEAD_PAD))
 
 
 @triton.jit

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from ..layout import PageLayout
 from .common import (LOG2E, ONE_F32_BITS, check_attention, dot_args, gather_codes, layout_args, load_value_scales,
-                     stage_dtype, unit_codes)
+                     stage_dtype, unit_codes, unit_codes_at, value_scales_at)
 
 
 @triton.jit
@@ -43,7 +43,8 @@ def _prefill_kernel(
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr, RECORD_BYTES: tl.constexpr,
     OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KM: tl.constexpr, OFF_VC: tl.constexpr,
     OFF_VS: tl.constexpr, OFF_VM: tl.constexpr, OFF_KSTAGE: tl.constexpr, OFF_VSTAGE: tl.constexpr,
-    RESIDUAL_KV: tl.constexpr, UNPACK_WORDS: tl.constexpr = False,
+    RESIDUAL_KV: tl.constexpr, UNPACK_WORDS: tl.constexpr = False, BULK_GROUPS: tl.constexpr = 0,
+    BULK_16: tl.constexpr = False,
 ):
     G: tl.constexpr = GROUP_SIZE
     M: tl.constexpr = BLOCK_Q * QPK_PAD
@@ -76,8 +77,9 @@ def _prefill_kernel(
         d = tl.arange(0, HEAD_PAD)
         dmask = d < HEAD_SIZE
         i = tl.arange(0, G)
-        q = tl.load(q_ptr + (q_start + tok[:, None]) * stride_qt + head[:, None] * stride_qh + d[None, :],
-                    mask=rvalid[:, None] & dmask[None, :], other=0.0).to(tl.float32) * (sm_scale * LOG2E)
+        q_raw = tl.load(q_ptr + (q_start + tok[:, None]) * stride_qt + head[:, None] * stride_qh + d[None, :],
+                        mask=rvalid[:, None] & dmask[None, :], other=0.0)
+        q = q_raw.to(tl.float32) * (sm_scale * LOG2E)
         big = 1 << 30
         p_max = tl.max(tl.where(rvalid, pos, -1), axis=0)
         k_lim_min = tl.min(tl.where(rvalid, k_lim, big), axis=0)
@@ -88,7 +90,54 @@ def _prefill_kernel(
         acc = tl.zeros((M, HEAD_PAD), tl.float32)
         bt_row = block_table_ptr + r * stride_bt
         m2 = dmask[None, :]
-        for g in range(0, p_max // G + 1):
+        g_first = 0
+        if BULK_GROUPS > 0:
+            # Groups below every row's own group: all rows read their keys and values dequantized and every key
+            # is causal for every row, so BULK_GROUPS groups (one page's consecutive records) go through one
+            # branch-free step with BULK_GROUPS * G keys.
+            NB: tl.constexpr = BULK_GROUPS * G
+            nb = tl.arange(0, NB)
+            nb_rec = (nb // G) * RECORD_BYTES
+            nb_tok = nb % G
+            gi = tl.arange(0, BULK_GROUPS)
+            all_n = nb < NB
+            n_bulk = k_lim_min // BULK_GROUPS
+            for gb in range(0, n_bulk):
+                gf = gb * BULK_GROUPS
+                blk = tl.load(bt_row + gf // GROUPS_PER_PAGE).to(tl.int64)
+                recs0 = kv_ptr + blk * stride_cache_block + h * stride_cache_head + (gf % GROUPS_PER_PAGE) * RECORD_BYTES
+                ks_ptr = (recs0 + gi * RECORD_BYTES)[:, None]
+                k_scale = tl.load((ks_ptr + OFF_KS).to(tl.pointer_type(tl.float16)) + d[None, :], mask=m2,
+                                  other=0.0).to(tl.float32) * (1 << K_BITS)
+                k_min = tl.load((ks_ptr + OFF_KM).to(tl.pointer_type(tl.float16)) + d[None, :], mask=m2,
+                                other=0.0).to(tl.float32) - k_scale
+                k_s = tl.reshape(tl.broadcast_to(k_scale[:, None, :], (BULK_GROUPS, G, HEAD_PAD)), (NB, HEAD_PAD))
+                k_m = tl.reshape(tl.broadcast_to(k_min[:, None, :], (BULK_GROUPS, G, HEAD_PAD)), (NB, HEAD_PAD))
+                recs = recs0 + nb_rec
+                k_deq = unit_codes_at(recs + OFF_KC + nb_tok * (HEAD_SIZE * K_BITS // 8), all_n, one_bits, NB,
+                                      K_BITS, HEAD_SIZE, HEAD_PAD) * k_s + k_m
+                if BULK_16:  # the model's own query and 16-bit keys, the scores scaled in float32
+                    s = tl.dot(q_raw, tl.trans(k_deq.to(q_raw.dtype))) * (sm_scale * LOG2E)
+                else:
+                    s = tl.dot(q.to(DOT_DTYPE), tl.trans(k_deq.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
+                m_new = tl.maximum(m_i, tl.max(s, axis=1))
+                alpha = tl.exp2(m_i - m_new)
+                prob = tl.exp2(s - m_new[:, None])
+                l_i = l_i * alpha + tl.sum(prob, axis=1)
+                acc = acc * alpha[:, None]
+                v_s = value_scales_at((recs + OFF_VS).to(tl.pointer_type(tl.float16)) + nb_tok * (HEAD_SIZE // V_GROUP),
+                                      all_n, NB, HEAD_PAD, HEAD_SIZE, V_GROUP) * (1 << V_BITS)
+                v_m = value_scales_at((recs + OFF_VM).to(tl.pointer_type(tl.float16)) + nb_tok * (HEAD_SIZE // V_GROUP),
+                                      all_n, NB, HEAD_PAD, HEAD_SIZE, V_GROUP) - v_s
+                v_deq = unit_codes_at(recs + OFF_VC + nb_tok * (HEAD_SIZE * V_BITS // 8), all_n, one_bits, NB,
+                                      V_BITS, HEAD_SIZE, HEAD_PAD) * v_s + v_m
+                if BULK_16:
+                    acc += tl.dot(prob.to(q_raw.dtype), v_deq.to(q_raw.dtype))
+                else:
+                    acc += tl.dot(prob.to(DOT_DTYPE), v_deq.to(DOT_DTYPE), input_precision=DOT_PRECISION)
+                m_i = m_new
+            g_first = n_bulk * BULK_GROUPS
+        for g in range(g_first, p_max // G + 1):
             blk = tl.load(bt_row + g // GROUPS_PER_PAGE).to(tl.int64)
             page = kv_ptr + blk * stride_cache_block + h * stride_cache_head
             rec = page + (g % GROUPS_PER_PAGE) * RECORD_BYTES
@@ -159,11 +208,38 @@ def _prefill_kernel(
 
 
 def prefill_constexprs(layout: PageLayout, qpk: int, block_q: int, phase: int, exact: bool, dot: dict,
-                       unpack: str) -> dict:
+                       unpack: str, bulk_groups: int = 0, bulk_16: bool = False) -> dict:
     """The constexprs :func:`prefill` launches :func:`_prefill_kernel` with; ``dot``: :func:`.common.dot_args` of the
     query. ``benchmarks/kernel_resources.py --prefill`` compiles the kernel with the same."""
     return dict(QPK=qpk, QPK_PAD=triton.next_power_of_2(qpk), BLOCK_Q=block_q, PHASE=phase, EXACT=exact,
-                STAGE_DTYPE=stage_dtype(layout), UNPACK_WORDS=unpack == "words", **dot, **layout_args(layout))
+                STAGE_DTYPE=stage_dtype(layout), UNPACK_WORDS=unpack == "words", BULK_GROUPS=bulk_groups,
+                BULK_16=bulk_16, **dot, **layout_args(layout))
+
+
+#: Groups per step of the bulk loop when the page allows it (:func:`default_bulk_groups`).
+BULK_GROUPS = 2
+
+
+def default_bulk_groups(layout: PageLayout) -> int:
+    """:data:`BULK_GROUPS`, or the largest power of two below it that divides the groups of a page."""
+    per_page = layout.block_size // layout.group_size
+    n = BULK_GROUPS
+    while per_page % n:
+        n //= 2
+    return n
+
+
+def check_bulk(layout: PageLayout, bulk_groups: int, bulk_dot: str, unpack: str) -> None:
+    """Raise ValueError unless ``bulk_groups`` is 0 or a power of two dividing the groups of a page, ``bulk_dot``
+    is "fp32" or "16", and a bulk loop comes with ``unpack="words"`` (the only unpacking it has)."""
+    per_page = layout.block_size // layout.group_size
+    if bulk_groups < 0 or (bulk_groups and (bulk_groups & (bulk_groups - 1) or per_page % bulk_groups)):
+        raise ValueError(f"KIVI prefill: bulk_groups must be 0 or a power of two dividing the {per_page} groups of "
+                         f"a page, got {bulk_groups}")
+    if bulk_dot not in ("fp32", "16"):
+        raise ValueError(f"KIVI prefill: bulk_dot must be 'fp32' or '16', got {bulk_dot!r}")
+    if bulk_groups and unpack != "words":
+        raise ValueError("KIVI prefill: bulk_groups > 0 needs unpack='words'")
 
 
 def block_q_for(num_heads: int, num_kv_heads: int, rows: int = 64) -> int:
@@ -202,6 +278,8 @@ def prefill(
     block_q: int | None = None,
     num_warps: int = 4,
     unpack: str = "words",
+    bulk_groups: int | None = None,
+    bulk_dot: str = "fp32",
 ) -> torch.Tensor:
     """Attention of the multi-token requests' query rows of one phase (module docstring) over their KIVI pages.
 
@@ -223,17 +301,27 @@ def prefill(
             query heads per KV head, with the same cache bytes and outputs within 2.2e-7
             (``scripts/prefill_unpack_check.py``); its loop issues 137 instead of 197 global loads
             (``benchmarks/kernel_resources.py --prefill``).
+        bulk_groups: the groups every row of a tile reads dequantized (below the tile's first own group) are
+            walked ``bulk_groups`` groups (one page's consecutive records) per step in a branch-free loop; 0 walks
+            them one group at a time in the general loop, as the kernel did before. Default
+            :func:`default_bulk_groups`.
+        bulk_dot: operands of that loop's two dots: "fp32" (:func:`.common.dot_args`: TF32 on the GPU for 16-bit
+            models) or "16" (the model's 16-bit query, keys and values dequantized to the model dtype, the
+            probabilities in it too, float32 accumulation: FlashAttention's operands; float32 models keep "fp32").
 
     Returns:
         ``out``.
 
     Raises:
-        ValueError: shapes that do not match the layout, tensors not contiguous in head_size, or an unknown
-            ``unpack``.
+        ValueError: shapes that do not match the layout, tensors not contiguous in head_size, an unknown
+            ``unpack`` or ``bulk_dot``, or a ``bulk_groups`` :func:`check_bulk` refuses.
     """
     HQ, H = check_attention("prefill", query, key, value, out, kv_cache, layout)
     if unpack not in ("bytes", "words"):
         raise ValueError(f"KIVI prefill: unpack must be 'bytes' or 'words', got {unpack!r}")
+    if bulk_groups is None:
+        bulk_groups = default_bulk_groups(layout) if unpack == "words" else 0
+    check_bulk(layout, bulk_groups, bulk_dot, unpack)
     n = tile_req.numel()
     if n == 0 or (exact and phase == 1):
         return out
@@ -243,6 +331,7 @@ def prefill(
         query, key, value, out, kv_cache, block_table, seq_lens, query_start_loc, tile_req, tile_start, scale,
         ONE_F32_BITS, query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         out.stride(0), out.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
-        num_warps=num_warps, **prefill_constexprs(layout, qpk, bq, phase, exact, dot_args(query), unpack),
+        num_warps=num_warps, **prefill_constexprs(layout, qpk, bq, phase, exact, dot_args(query), unpack,
+                                                  bulk_groups, bulk_dot == "16" and query.dtype != torch.float32),
     )
     return out
