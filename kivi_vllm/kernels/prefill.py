@@ -14,9 +14,11 @@ stage), before store phase 0 too (``kivi_vllm.kernels.store``; the order is in :
 Hence ``phase``: 0 = rows in each request's first group, 1 = the other rows (after both store phases).
 
 One program per (query tile, KV head): ``BLOCK_Q`` query tokens x all query heads of the KV head (GQA) form the
-rows of one tile; the loop walks the context one group (``G`` keys) at a time. Groups wholly below every row's
-limit are only dequantized; the few groups around the rows' own groups compute both versions and pick per element.
-No scratch memory: everything stays in registers.
+rows of one tile. The groups below every row's own group (all of a continuation chunk's cached prefix, and the
+chunk's groups before the tile) are read dequantized by every row and are all causal: a branch-free "bulk" loop
+takes them ``bulk_groups`` groups (one page's consecutive records) per step. A second loop walks the rest one group
+(``G`` keys) at a time: groups around the rows' own groups compute both versions (dequantized, exact) and pick per
+element. No scratch memory: everything stays in registers.
 """
 
 from __future__ import annotations
@@ -102,10 +104,11 @@ def _prefill_kernel(
             gi = tl.arange(0, BULK_GROUPS)
             all_n = nb < NB
             n_bulk = k_lim_min // BULK_GROUPS
-            for gb in range(0, n_bulk):
+            for gb in range(n_bulk):
                 gf = gb * BULK_GROUPS
                 blk = tl.load(bt_row + gf // GROUPS_PER_PAGE).to(tl.int64)
-                recs0 = kv_ptr + blk * stride_cache_block + h * stride_cache_head + (gf % GROUPS_PER_PAGE) * RECORD_BYTES
+                recs0 = (kv_ptr + blk * stride_cache_block + h * stride_cache_head
+                         + (gf % GROUPS_PER_PAGE) * RECORD_BYTES)
                 ks_ptr = (recs0 + gi * RECORD_BYTES)[:, None]
                 k_scale = tl.load((ks_ptr + OFF_KS).to(tl.pointer_type(tl.float16)) + d[None, :], mask=m2,
                                   other=0.0).to(tl.float32) * (1 << K_BITS)
@@ -216,8 +219,12 @@ def prefill_constexprs(layout: PageLayout, qpk: int, block_q: int, phase: int, e
                 BULK_16=bulk_16, **dot, **layout_args(layout))
 
 
-#: Groups per step of the bulk loop when the page allows it (:func:`default_bulk_groups`).
-BULK_GROUPS = 2
+#: Groups per step of the bulk loop when the page allows it (:func:`default_bulk_groups`). Measured on the H200
+#: (2026-11-30, ``benchmarks/prefill_attention.py --configs kivi2 --shapes llama2-7b gqa --cases 4x4096
+#: 4x2048+2048 --bulk-groups N``, docs/measurements/2026-11-30-h200-prefill-bulk.json), ms per layer, stores
+#: included: 0 (no bulk loop) 8.59 / 6.52 (MHA first / continuation chunks), 7.13 / 5.58 (GQA); 1: 7.06 / 5.28,
+#: 5.57 / 4.30; 2: 7.07 / 5.11, 5.89 / 4.46; 4: 6.43 / 4.53, 5.32 / 3.95.
+BULK_GROUPS = 4
 
 
 def default_bulk_groups(layout: PageLayout) -> int:
@@ -305,9 +312,19 @@ def prefill(
             walked ``bulk_groups`` groups (one page's consecutive records) per step in a branch-free loop; 0 walks
             them one group at a time in the general loop, as the kernel did before. Default
             :func:`default_bulk_groups`.
-        bulk_dot: operands of that loop's two dots: "fp32" (:func:`.common.dot_args`: TF32 on the GPU for 16-bit
-            models) or "16" (the model's 16-bit query, keys and values dequantized to the model dtype, the
-            probabilities in it too, float32 accumulation: FlashAttention's operands; float32 models keep "fp32").
+        bulk_dot: operands of that loop's two dots: "fp32" (the default; :func:`.common.dot_args`: TF32 on the GPU for
+            16-bit models) or "16" (the model's 16-bit query, keys and values dequantized to the model dtype, the
+            probabilities in it too, float32 accumulation: FlashAttention's operands; float32 models keep "fp32"). On
+            the H200 (MHA, 4 x 4096, stores included) "16" took 18% (4 groups) to 30% (2 groups) less time than "fp32"
+            at the same group count; its best, 4.92 ms per layer at 2 groups, is 23% below "fp32"'s best (6.43 at 4).
+            But with bf16 it broke the issue's 1e-2 bound on 1 of the 48 cases ``scripts/kernel_sweep.py
+            --prefill-bulk-groups 2 --prefill-bulk-dot 16 --batch 4`` reached in its time limit (1.37e-2 at head size
+            128, 8 query heads per KV head, KIVI-4; docs/measurements/2026-11-30-h200-kernel-sweep-bulk16.log): that
+            batch was not re-run with "fp32" operands (earlier sweeps with them stayed at or below 6.1e-3 on other
+            random batches); a likely cause is that a dequantized key is not a bf16 number and its 8-bit rounding moves
+            sharp scores (not analysed further). Hence not the default. The default ("fp32", 4 groups) has the old
+            loop's arithmetic per element; it is tested under the interpreter (tests/test_kernels.py), not yet swept on
+            the GPU.
 
     Returns:
         ``out``.
