@@ -9,9 +9,9 @@ on bf16 and fp8 caches, for the prompt chunks a prefill-heavy engine step carrie
 Why: on kivi-bench's `long` workload (256 x (3584 + 512), Llama-2-7B shape) steps full of prompt chunks took
 672-816 ms with KIVI against 401 ms with fp8 (docs/benchmarks.md), although a decode step is faster. With KIVI's
 default streaming prefill every prompt token reads the groups completed before it dequantized, so all prompt
-attention runs in ``kivi_vllm.kernels.prefill`` (one program per 64 query rows and KV head, walking the context one
-group at a time: dequantize the group's keys and values into registers, TF32 dots). This script times that path
-in isolation.
+attention runs in ``kivi_vllm.kernels.prefill`` (one program per 64 query rows and KV head: the groups every row
+reads dequantized ``bulk_groups`` at a time in a branch-free loop, the few groups around the rows' own one at a time;
+keys and values dequantized in registers, TF32 dots). This script times that path in isolation.
 
 A case ``BxC`` is B requests whose chunk is C prompt tokens with nothing cached before (a first chunk);
 ``BxC+P`` has P tokens cached before the chunk (a continuation chunk; P a multiple of 32, the cache bytes random).

@@ -216,12 +216,38 @@ def test_decode_reads_the_quantized_codes(prefix_cached_run):
     assert r["after_flip"] != r["round2"][:2], "flipping every stored code did not change the output"
 
 
+def record_step_mix(worker) -> int:
+    """Wrap the KIVI metadata builders' ``build`` in the worker so that each engine step appends (one-token
+    requests, multi-token chunks) of its batch to ``worker._kivi_step_mix``; returns the builders wrapped."""
+    mix = worker.__dict__.setdefault("_kivi_step_mix", [])
+    builders = {id(b): b for gs in worker.model_runner.attn_groups for g in gs
+                for b in [g.get_metadata_builder(0)] if hasattr(b, "layout")}
+    for k, b in enumerate(builders.values()):
+        def build(*args, _orig=b.build, _first=k == 0, **kwargs):
+            if _first:  # one entry per step, not per builder
+                cm = kwargs["common_attn_metadata"] if "common_attn_metadata" in kwargs else args[1]
+                lens = cm.query_start_loc_cpu[1 : cm.num_reqs + 1] - cm.query_start_loc_cpu[: cm.num_reqs]
+                mix.append((int((lens == 1).sum()), int((lens > 1).sum())))
+            return _orig(*args, **kwargs)
+        b.build = build
+    return len(builders)
+
+
+def step_mix(worker) -> list:
+    return worker._kivi_step_mix
+
+
 def test_prefix_caching_off_and_small_chunks_give_the_same_tokens(model_path, prefix_cached_run):
-    # 48-token chunks end inside 32-token groups and 64-token pages
+    # 48-token chunks end inside 32-token groups and 64-token pages; the steps mix decode tokens and prompt chunks
     llm = make_llm(model_path, **KIVI2_SMALL_PAGES, enable_prefix_caching=False, max_num_batched_tokens=48,
                    max_num_seqs=4)
+    assert sum(llm.collective_rpc(record_step_mix)) >= 1
     ids = generate_ids(llm, SHARED_PROMPTS)
+    mix = llm.collective_rpc(step_mix)[0]
     close_llm(llm)
+    mixed = sum(1 for d, p in mix if d and p)
+    print(f"\nsteps: {len(mix)}, mixing decode tokens and prompt chunks: {mixed}")
+    assert mixed > 0, "no step mixed decode tokens with prompt chunks"
     assert ids == prefix_cached_run["round1"]
 
 

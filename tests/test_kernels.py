@@ -232,26 +232,29 @@ def test_prefill_unpack_bytes(case):
     assert rel_err(out, out_ref) < TOL
 
 
-@pytest.mark.parametrize("bulk_groups,bulk_dot,dtype,residual,streaming", [
-    (0, "fp32", torch.float32, "kv", True),
-    (1, "fp32", torch.float32, "k", True),
-    (4, "fp32", torch.float32, "kv", True),
-    (4, "fp32", torch.float32, "kv", False),
-    (2, "16", torch.float16, "kv", True),
-    (4, "16", torch.float16, "k", True),
+@pytest.mark.parametrize("bulk_groups,bulk_dot,dtype,residual,streaming,head", [
+    (0, "fp32", torch.float32, "kv", True, 64),
+    (1, "fp32", torch.float32, "k", True, 64),
+    (2, "fp32", torch.float32, "k", False, 64),
+    (4, "fp32", torch.float32, "kv", True, 64),
+    (4, "fp32", torch.float32, "kv", False, 80),  # head size 80: padded channels
+    (2, "16", torch.float16, "kv", True, 64),
+    (4, "16", torch.float16, "k", True, 80),
 ])
-def test_prefill_bulk_loop(bulk_groups, bulk_dot, dtype, residual, streaming):
+def test_prefill_bulk_loop(bulk_groups, bulk_dot, dtype, residual, streaming, head):
     """The groups below a tile's own groups go 1, 2 or 4 at a time through the bulk loop (or, with 0, one at a
     time through the general loop): contexts of several pages (128 tokens, 4 groups), tiles with and without such
-    groups, both residuals and rules. With 16-bit operands ("16": the model's query, keys, values and
+    groups, both residuals and rules, head sizes 64 and 80 (padded channels). One group per step must give the
+    general loop's output bit for bit; 2 and 4 must not (their longer dots sum in another order: proof that the bulk
+    loop ran). With 16-bit operands ("16": the model's query, keys, values and
     probabilities rounded to bf16/fp16, float32 accumulation, as FlashAttention) the bound is the issue's bf16
     bound, 1e-2; the float32 bulk loop keeps the float32 bound. fp16 models only here: the Triton 3.6 interpreter's
     tl.dot of two bf16 tensors returns garbage (errors ~1e10 on a 16 x 16 product; fp16 and float32 are right), so
     the bf16 "16" path is checked on the GPU (``scripts/kernel_sweep.py --prefill-bulk-dot 16``); its code is the
     fp16 path's with another dtype."""
-    lay = PageLayout(128, 64, 2, 2, 32, residual, dtype)
-    b = Batch(lay, [(200, 70), (130, 3), (0, 150), (96, 1), (33, 64)], 4, 2, dtype,
-              seed_of("bulk", bulk_groups, bulk_dot, residual), out_dtype=torch.float32)
+    lay = PageLayout(128, head, 2, 2, 32, residual, dtype)
+    b = Batch(lay, [(200, 70), (130, 3), (0, 150), (96, 1), (33, 64), (256, 200)], 4, 2, dtype,
+              seed_of("bulk", bulk_groups, bulk_dot, residual, head), out_dtype=torch.float32)
     out_ref, cache_ref = b.reference(streaming=streaming)
     out, cache = b.kernels(streaming=streaming, prefill_bulk_groups=bulk_groups, prefill_bulk_dot=bulk_dot)
     assert torch.equal(cache, cache_ref)
@@ -259,6 +262,12 @@ def test_prefill_bulk_loop(bulk_groups, bulk_dot, dtype, residual, streaming):
     assert err < (TOL if bulk_dot == "fp32" else 1e-2)
     if bulk_dot == "16" and DEV == "cpu":  # the 16-bit rounding is really there (the interpreter emulates it)
         assert err > 1e-4
+    if bulk_groups and bulk_dot == "fp32":
+        out0, _ = b.kernels(streaming=streaming, prefill_bulk_groups=0)
+        if bulk_groups == 1:  # one group per step is the general loop's arithmetic, bit for bit
+            assert torch.equal(out, out0)
+        else:  # the bulk loop ran: longer dots, another summation order than without it
+            assert not torch.equal(out, out0)
 
 
 def test_prefill_bulk_groups_checked():

@@ -213,7 +213,13 @@ def _prefill_kernel(
 def prefill_constexprs(layout: PageLayout, qpk: int, block_q: int, phase: int, exact: bool, dot: dict,
                        unpack: str, bulk_groups: int = 0, bulk_16: bool = False) -> dict:
     """The constexprs :func:`prefill` launches :func:`_prefill_kernel` with; ``dot``: :func:`.common.dot_args` of the
-    query. ``benchmarks/kernel_resources.py --prefill`` compiles the kernel with the same."""
+    query; ``bulk_groups``, ``bulk_16``: the bulk loop's groups per step (0: none) and 16-bit operands.
+    ``benchmarks/kernel_resources.py --prefill`` compiles the kernel with the same.
+
+    Raises:
+        ValueError: what :func:`check_bulk` refuses (a bulk step must stay inside one page).
+    """
+    check_bulk(layout, bulk_groups, "16" if bulk_16 else "fp32", unpack)
     return dict(QPK=qpk, QPK_PAD=triton.next_power_of_2(qpk), BLOCK_Q=block_q, PHASE=phase, EXACT=exact,
                 STAGE_DTYPE=stage_dtype(layout), UNPACK_WORDS=unpack == "words", BULK_GROUPS=bulk_groups,
                 BULK_16=bulk_16, **dot, **layout_args(layout))
@@ -228,7 +234,8 @@ BULK_GROUPS = 4
 
 
 def default_bulk_groups(layout: PageLayout) -> int:
-    """:data:`BULK_GROUPS`, or the largest power of two below it that divides the groups of a page."""
+    """The largest power of two of at most :data:`BULK_GROUPS` that divides the groups of a ``layout`` page (1 when
+    the page holds an odd number of groups)."""
     per_page = layout.block_size // layout.group_size
     n = BULK_GROUPS
     while per_page % n:
