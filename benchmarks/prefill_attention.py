@@ -79,7 +79,7 @@ def parse_args():
                    help="KIVI prefill: code unpacking (kivi_vllm.kernels.prefill.prefill's unpack)")
     p.add_argument("--bulk-groups", type=int, default=None,
                    help="KIVI prefill: groups per step of the bulk loop (prefill's bulk_groups; 0 = none)")
-    p.add_argument("--bulk-dot", choices=["fp32", "16"], default="fp32",
+    p.add_argument("--bulk-dot", choices=["fp32", "16", "f16"], default="fp32",
                    help="KIVI prefill: the bulk loop's dot operands (prefill's bulk_dot)")
     p.add_argument("--eager", action="store_true", help="time the Python call, not a CUDA-graph replay")
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)

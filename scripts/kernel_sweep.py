@@ -53,7 +53,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=8, help="requests per case")
     ap.add_argument("--prefill-bulk-groups", type=int, default=None, help="prefill's bulk_groups (default: its own)")
-    ap.add_argument("--prefill-bulk-dot", choices=["fp32", "16"], default="fp32", help="prefill's bulk_dot")
+    ap.add_argument("--prefill-bulk-dot", choices=["fp32", "16", "f16"], default="fp32", help="prefill's bulk_dot")
     a = ap.parse_args()
     if DEV != "cuda":
         raise SystemExit("kernel_sweep.py needs a CUDA device (the CPU tests cover small shapes)")

@@ -46,7 +46,7 @@ def _prefill_kernel(
     OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KM: tl.constexpr, OFF_VC: tl.constexpr,
     OFF_VS: tl.constexpr, OFF_VM: tl.constexpr, OFF_KSTAGE: tl.constexpr, OFF_VSTAGE: tl.constexpr,
     RESIDUAL_KV: tl.constexpr, UNPACK_WORDS: tl.constexpr = False, BULK_GROUPS: tl.constexpr = 0,
-    BULK_16: tl.constexpr = False,
+    BULK_16: tl.constexpr = False, BULK_F16: tl.constexpr = False,
 ):
     G: tl.constexpr = GROUP_SIZE
     M: tl.constexpr = BLOCK_Q * QPK_PAD
@@ -104,6 +104,11 @@ def _prefill_kernel(
             gi = tl.arange(0, BULK_GROUPS)
             all_n = nb < NB
             n_bulk = k_lim_min // BULK_GROUPS
+            if BULK_16:
+                if BULK_F16:  # fp16 operands whatever the model dtype (a bf16 query clamped to fp16's range)
+                    q16 = tl.clamp(q_raw.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
+                else:  # the model's own 16-bit query
+                    q16 = q_raw
             for gb in range(n_bulk):
                 gf = gb * BULK_GROUPS
                 blk = tl.load(bt_row + gf // GROUPS_PER_PAGE).to(tl.int64)
@@ -119,8 +124,8 @@ def _prefill_kernel(
                 recs = recs0 + nb_rec
                 k_deq = unit_codes_at(recs + OFF_KC + nb_tok * (HEAD_SIZE * K_BITS // 8), all_n, one_bits, NB,
                                       K_BITS, HEAD_SIZE, HEAD_PAD) * k_s + k_m
-                if BULK_16:  # the model's own query and 16-bit keys, the scores scaled in float32
-                    s = tl.dot(q_raw, tl.trans(k_deq.to(q_raw.dtype))) * (sm_scale * LOG2E)
+                if BULK_16:  # 16-bit query and keys, the scores scaled in float32
+                    s = tl.dot(q16, tl.trans(k_deq.to(q16.dtype))) * (sm_scale * LOG2E)
                 else:
                     s = tl.dot(q.to(DOT_DTYPE), tl.trans(k_deq.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
                 m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -135,7 +140,7 @@ def _prefill_kernel(
                 v_deq = unit_codes_at(recs + OFF_VC + nb_tok * (HEAD_SIZE * V_BITS // 8), all_n, one_bits, NB,
                                       V_BITS, HEAD_SIZE, HEAD_PAD) * v_s + v_m
                 if BULK_16:
-                    acc += tl.dot(prob.to(q_raw.dtype), v_deq.to(q_raw.dtype))
+                    acc += tl.dot(prob.to(q16.dtype), v_deq.to(q16.dtype))
                 else:
                     acc += tl.dot(prob.to(DOT_DTYPE), v_deq.to(DOT_DTYPE), input_precision=DOT_PRECISION)
                 m_i = m_new
@@ -211,18 +216,19 @@ def _prefill_kernel(
 
 
 def prefill_constexprs(layout: PageLayout, qpk: int, block_q: int, phase: int, exact: bool, dot: dict,
-                       unpack: str, bulk_groups: int = 0, bulk_16: bool = False) -> dict:
+                       unpack: str, bulk_groups: int = 0, bulk_dot: str = "fp32") -> dict:
     """The constexprs :func:`prefill` launches :func:`_prefill_kernel` with; ``dot``: :func:`.common.dot_args` of the
-    query; ``bulk_groups``, ``bulk_16``: the bulk loop's groups per step (0: none) and 16-bit operands.
+    query; ``bulk_groups``, ``bulk_dot``: the bulk loop's groups per step (0: none) and operands (:func:`prefill`;
+    the caller turns "16" and "f16" into "fp32" for float32 models).
     ``benchmarks/kernel_resources.py --prefill`` compiles the kernel with the same.
 
     Raises:
         ValueError: what :func:`check_bulk` refuses (a bulk step must stay inside one page).
     """
-    check_bulk(layout, bulk_groups, "16" if bulk_16 else "fp32", unpack)
+    check_bulk(layout, bulk_groups, bulk_dot, unpack)
     return dict(QPK=qpk, QPK_PAD=triton.next_power_of_2(qpk), BLOCK_Q=block_q, PHASE=phase, EXACT=exact,
                 STAGE_DTYPE=stage_dtype(layout), UNPACK_WORDS=unpack == "words", BULK_GROUPS=bulk_groups,
-                BULK_16=bulk_16, **dot, **layout_args(layout))
+                BULK_16=bulk_dot in ("16", "f16"), BULK_F16=bulk_dot == "f16", **dot, **layout_args(layout))
 
 
 #: Groups per step of the bulk loop when the page allows it (:func:`default_bulk_groups`). Measured on the H200
@@ -245,13 +251,13 @@ def default_bulk_groups(layout: PageLayout) -> int:
 
 def check_bulk(layout: PageLayout, bulk_groups: int, bulk_dot: str, unpack: str) -> None:
     """Raise ValueError unless ``bulk_groups`` is 0 or a power of two dividing the groups of a page, ``bulk_dot``
-    is "fp32" or "16", and a bulk loop comes with ``unpack="words"`` (the only unpacking it has)."""
+    is "fp32", "16" or "f16", and a bulk loop comes with ``unpack="words"`` (the only unpacking it has)."""
     per_page = layout.block_size // layout.group_size
     if bulk_groups < 0 or (bulk_groups and (bulk_groups & (bulk_groups - 1) or per_page % bulk_groups)):
         raise ValueError(f"KIVI prefill: bulk_groups must be 0 or a power of two dividing the {per_page} groups of "
                          f"a page, got {bulk_groups}")
-    if bulk_dot not in ("fp32", "16"):
-        raise ValueError(f"KIVI prefill: bulk_dot must be 'fp32' or '16', got {bulk_dot!r}")
+    if bulk_dot not in ("fp32", "16", "f16"):
+        raise ValueError(f"KIVI prefill: bulk_dot must be 'fp32', '16' or 'f16', got {bulk_dot!r}")
     if bulk_groups and unpack != "words":
         raise ValueError("KIVI prefill: bulk_groups > 0 needs unpack='words'")
 
@@ -320,18 +326,20 @@ def prefill(
             them one group at a time in the general loop, as the kernel did before. Default
             :func:`default_bulk_groups`.
         bulk_dot: operands of that loop's two dots: "fp32" (the default; :func:`.common.dot_args`: TF32 on the GPU for
-            16-bit models) or "16" (the model's 16-bit query, keys and values dequantized to the model dtype, the
-            probabilities in it too, float32 accumulation: FlashAttention's operands; float32 models keep "fp32"). On
-            the H200 (MHA, 4 x 4096, stores included) "16" took 18% (4 groups) to 30% (2 groups) less time than "fp32"
-            at the same group count; its best, 4.92 ms per layer at 2 groups, is 23% below "fp32"'s best (6.43 at 4).
-            But with bf16 it broke the issue's 1e-2 bound on 1 of the 48 cases ``scripts/kernel_sweep.py
-            --prefill-bulk-groups 2 --prefill-bulk-dot 16 --batch 4`` reached in its time limit (1.37e-2 at head size
-            128, 8 query heads per KV head, KIVI-4; docs/measurements/2026-11-30-h200-kernel-sweep-bulk16.log): that
-            batch was not re-run with "fp32" operands (earlier sweeps with them stayed at or below 6.1e-3 on other
-            random batches); a likely cause is that a dequantized key is not a bf16 number and its 8-bit rounding moves
-            sharp scores (not analysed further). Hence not the default. The default ("fp32", 4 groups) has the old
-            loop's arithmetic per element; it is tested under the interpreter (tests/test_kernels.py), not yet swept on
-            the GPU.
+            16-bit models), "16" (the model's 16-bit query, keys and values dequantized to the model dtype, the
+            probabilities in it too, float32 accumulation: FlashAttention's operands) or "f16" (the same with fp16
+            whatever the model dtype: a bf16 query converted to fp16, clamped to its range; dequantized keys and values
+            keep 10 mantissa bits, as TF32 does, instead of bf16's 7). Float32 models keep "fp32". On the H200 (MHA, 4 x
+            4096, stores included) "16" took 18% (4 groups) to 30% (2 groups) less time than "fp32" at the same group
+            count; its best, 4.92 ms per layer at 2 groups, is 23% below "fp32"'s best (6.43 at 4). But with bf16 it
+            broke the issue's 1e-2 bound on 1 of the 48 cases ``scripts/kernel_sweep.py --prefill-bulk-groups 2
+            --prefill-bulk-dot 16 --batch 4`` reached in its time limit (1.37e-2 at head size 128, 8 query heads per KV
+            head, KIVI-4; docs/measurements/2026-11-30-h200-kernel-sweep-bulk16.log): that batch was not re-run with
+            "fp32" operands (earlier sweeps with them stayed at or below 6.1e-3 on other random batches); a likely cause
+            is that a dequantized key is not a bf16 number and its 8-bit rounding moves sharp scores (not analysed
+            further). Hence not the default. "f16" is tested under the interpreter only (its speed on the GPU should be
+            "16"'s, the same MMAs, but is not measured). The default ("fp32", 4 groups) has the old loop's arithmetic
+            per element; it is tested under the interpreter (tests/test_kernels.py), not yet swept on the GPU.
 
     Returns:
         ``out``.
@@ -356,6 +364,6 @@ def prefill(
         ONE_F32_BITS, query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         out.stride(0), out.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
         num_warps=num_warps, **prefill_constexprs(layout, qpk, bq, phase, exact, dot_args(query), unpack,
-                                                  bulk_groups, bulk_dot == "16" and query.dtype != torch.float32),
+                                                  bulk_groups, "fp32" if query.dtype == torch.float32 else bulk_dot),
     )
     return out
