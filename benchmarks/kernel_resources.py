@@ -134,7 +134,8 @@ def main() -> None:
                     help="prefill: operand type of the dots (prefill() uses tf32 for 16-bit models)")
     ap.add_argument("--bulk-groups", type=int, default=None,
                     help="prefill: the bulk loop's groups per step for the 'words' variants (default: prefill()'s)")
-    ap.add_argument("--bulk-dot", choices=["fp32", "16", "f16"], default="fp32", help="prefill: the bulk loop's operands")
+    ap.add_argument("--bulk-dot", choices=["fp32", "16", "f16"], default="fp32",
+                    help="prefill: the bulk loop's operands")
     a = ap.parse_args()
     if a.prefill:
         from kivi_vllm.kernels.prefill import BULK_GROUPS
