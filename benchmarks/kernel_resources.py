@@ -52,18 +52,20 @@ def resources(bits: int, qpk: int, kernel: str, num_warps: int, num_stages: int 
 
 
 def prefill_resources(bits: int, qpk: int, block_q: int, num_warps: int, phase: int = 1, group_size: int = 32,
-                      head_size: int = 128, unpack: str = "bytes", dot: str = "tf32", bulk_groups: int = 0,
+                      head_size: int = 128, unpack: str = "bytes", dot: str = "tf32", bulk_groups: int | None = 0,
                       bulk_dot: str = "fp32") -> dict:
     """The same figures for ``kivi_vllm.kernels.prefill._prefill_kernel`` as prefill() launches it for a bf16 model
     on a GPU (TF32 dots, streaming rule), phase 1 (the rows after each request's first group) by default; ``dot``
     "bf16" or "fp16" compiles the dots with 16-bit operands instead (not what prefill() launches); ``bulk_groups``
-    and ``bulk_dot``: prefill()'s (the bulk loop is the first loop listed)."""
+    and ``bulk_dot``: prefill()'s (None: its default; the bulk loop is the first loop listed; the groups per step
+    used are returned as ``bulk_groups``)."""
     mod = importlib.import_module("kivi_vllm.kernels.prefill")
     lay = PageLayout(512, head_size, bits, bits, group_size, "kv", torch.bfloat16)
     dots = {"tf32": dict(DOT_DTYPE=tl.float32, DOT_PRECISION="tf32"), "bf16": dict(DOT_DTYPE=tl.bfloat16,
             DOT_PRECISION="ieee"), "fp16": dict(DOT_DTYPE=tl.float16, DOT_PRECISION="ieee")}
+    bulk_groups = mod.resolve_bulk_groups(lay, bulk_groups, unpack)
     consts = mod.prefill_constexprs(lay, qpk, block_q, phase, False, dots[dot], unpack, bulk_groups, bulk_dot)
-    return compiled_resources(mod._prefill_kernel, consts, num_warps)
+    return dict(compiled_resources(mod._prefill_kernel, consts, num_warps), bulk_groups=bulk_groups)
 
 
 def compiled_resources(fn, consts: dict, num_warps: int) -> dict:
@@ -138,17 +140,16 @@ def main() -> None:
                     help="prefill: the bulk loop's operands")
     a = ap.parse_args()
     if a.prefill:
-        from kivi_vllm.kernels.prefill import BULK_GROUPS
-        nb = BULK_GROUPS if a.bulk_groups is None else a.bulk_groups
         print(f"prefill kernel, KIVI-{a.bits}, head size {a.head_size}, group size {a.group_size}, {a.qpk} query "
-              f"head(s) per KV head, sm_90, {a.dot} dots, phase 1; 'words' variants with bulk_groups {nb} "
-              f"({a.bulk_dot} operands), 'bytes' without a bulk loop")
+              f"head(s) per KV head, sm_90, {a.dot} dots, phase 1; 'words' variants with a bulk loop "
+              f"({a.bulk_dot} operands), 'bytes' without one")
         for bq, w, unpack in ((64 // a.qpk, 4, "bytes"), (64 // a.qpk, 4, "words"), (128 // a.qpk, 8, "bytes"),
                               (128 // a.qpk, 8, "words"), (32 // a.qpk, 4, "words")):
-            bulk = nb if unpack == "words" else 0
             r = prefill_resources(a.bits, a.qpk, max(1, bq), w, group_size=a.group_size, head_size=a.head_size,
-                                  unpack=unpack, dot=a.dot, bulk_groups=bulk, bulk_dot=a.bulk_dot)
-            print(f"block_q {max(1, bq)}, {w} warps, unpack {unpack}, bulk_groups {bulk}: {r['registers']} registers, "
+                                  unpack=unpack, dot=a.dot, bulk_groups=a.bulk_groups if unpack == "words" else 0,
+                                  bulk_dot=a.bulk_dot)
+            print(f"block_q {max(1, bq)}, {w} warps, unpack {unpack}, bulk_groups {r['bulk_groups']}: "
+                  f"{r['registers']} registers, "
                   f"{r['spill_bytes']} B spilled, {r['shared_bytes']} B shared, {r['programs_per_sm']} programs/SM; "
                   f"PTX {r['ptx_ops']}", flush=True)
             for loop in r["loops"]:

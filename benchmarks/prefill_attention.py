@@ -125,7 +125,7 @@ def kivi_cell(bits, B, C, P, hq, h, d, io, device, args):
     """Time KIVI-``bits``' prefill step (``kivi_vllm.kernels.forward``) and its stores alone over a random-byte
     cache (:func:`kivi_inputs`); returns the row's fields (times in µs)."""
     from kivi_vllm.kernels import forward, store
-    from kivi_vllm.kernels.prefill import block_q_for, default_bulk_groups
+    from kivi_vllm.kernels.prefill import block_q_for, resolve_bulk_groups
 
     q, key, value, out, qsl, qsl_host, seq_lens = io
     bq = args.block_q or block_q_for(hq, h)
@@ -145,8 +145,7 @@ def kivi_cell(bits, B, C, P, hq, h, d, io, device, args):
     sms, _ = bench(stores, device, args.eager)
     return dict(status="ok", time_us=ms * 1e3, store_us=sms * 1e3, timing=mode, block_q=bq,
                 prefill_warps=args.prefill_warps, prefill_unpack=args.prefill_unpack,
-                bulk_groups=((default_bulk_groups(lay) if args.prefill_unpack == "words" else 0)
-                             if args.bulk_groups is None else args.bulk_groups),
+                bulk_groups=resolve_bulk_groups(lay, args.bulk_groups, args.prefill_unpack),
                 bulk_dot=args.bulk_dot,
                 cache_gib=kv_cache.numel() / GIB, exact=args.exact)
 

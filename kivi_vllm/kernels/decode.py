@@ -331,7 +331,6 @@ def _reduce_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, seq_lens_ptr, 
                  mask=d < HEAD_SIZE)
 
 
-
 def fma_constexprs(layout: PageLayout, qpk: int, num_splits: int, num_stages: int = 1,
                    lane_rows: int | None = None) -> dict:
     """The constexprs :func:`decode` launches :func:`_decode_fma_kernel` with (``num_splits`` splits, then the open

@@ -249,6 +249,14 @@ def default_bulk_groups(layout: PageLayout) -> int:
     return n
 
 
+def resolve_bulk_groups(layout: PageLayout, bulk_groups: int | None, unpack: str) -> int:
+    """``bulk_groups`` as :func:`prefill` launches it: None is :func:`default_bulk_groups` with ``unpack="words"``
+    and 0 (no bulk loop) with "bytes"; a number is returned as given (:func:`check_bulk` judges it)."""
+    if bulk_groups is not None:
+        return bulk_groups
+    return default_bulk_groups(layout) if unpack == "words" else 0
+
+
 def check_bulk(layout: PageLayout, bulk_groups: int, bulk_dot: str, unpack: str) -> None:
     """Raise ValueError unless ``bulk_groups`` is 0 or a power of two dividing the groups of a page, ``bulk_dot``
     is "fp32", "16" or "f16", and a bulk loop comes with ``unpack="words"`` (the only unpacking it has)."""
@@ -324,7 +332,7 @@ def prefill(
         bulk_groups: the groups every row of a tile reads dequantized (below the tile's first own group) are
             walked ``bulk_groups`` groups (one page's consecutive records) per step in a branch-free loop; 0 walks
             them one group at a time in the general loop, as the kernel did before. Default
-            :func:`default_bulk_groups`.
+            (None): :func:`resolve_bulk_groups`.
         bulk_dot: operands of that loop's two dots: "fp32" (the default; :func:`.common.dot_args`: TF32 on the GPU for
             16-bit models), "16" (the model's 16-bit query, keys and values dequantized to the model dtype, the
             probabilities in it too, float32 accumulation: FlashAttention's operands) or "f16" (the same with fp16
@@ -351,8 +359,7 @@ def prefill(
     HQ, H = check_attention("prefill", query, key, value, out, kv_cache, layout)
     if unpack not in ("bytes", "words"):
         raise ValueError(f"KIVI prefill: unpack must be 'bytes' or 'words', got {unpack!r}")
-    if bulk_groups is None:
-        bulk_groups = default_bulk_groups(layout) if unpack == "words" else 0
+    bulk_groups = resolve_bulk_groups(layout, bulk_groups, unpack)
     check_bulk(layout, bulk_groups, bulk_dot, unpack)
     n = tile_req.numel()
     if n == 0 or (exact and phase == 1):
