@@ -306,7 +306,8 @@ def test_exact_prefill_mode(residual):
 def test_decode_variants_agree(num_splits, dtype, kernel, decode_stages, lane_rows, residual):
     """Both decode kernels (CUDA-core FMA, tensor-core MMA), split counts, pipelining depths and the FMA kernel's
     per-lane partial value sums change only the summation order and the schedule: all give the reference's answer.
-    (Every other test runs decode()'s defaults: lane_rows 4 at 1 query head per KV head, 2 above.)"""
+    (Every other test runs decode()'s defaults: with 2-bit values lane_rows 4 at 1 query head per KV head, 2 above;
+    with 4-bit values 1.)"""
     lay = PageLayout(64, 64, 2, 2, 16, residual, dtype)
     b = Batch(lay, [(200, 1), (17, 1), (0, 1), (129, 1)], 4, 2, dtype, seed_of("splits", dtype),
               out_dtype=torch.float32, pad_reqs=1)
@@ -314,6 +315,18 @@ def test_decode_variants_agree(num_splits, dtype, kernel, decode_stages, lane_ro
     out, _ = b.kernels(num_splits=num_splits, decode_stages=decode_stages, decode_kernel=kernel,
                        decode_lane_rows=lane_rows)
     assert rel_err(out[:4], out_ref[:4]) < TOL
+
+
+@pytest.mark.parametrize("lane_rows", [2, 4])
+def test_decode_lane_rows_with_4bit_values(lane_rows):
+    """With 4-bit values decode() defaults to lane_rows 1 (faster on the H200); the per-lane partial value sums still
+    give the reference's answer there (4-bit values pack 8 codes per word, a different value tile)."""
+    lay = PageLayout(64, 64, 4, 4, 16, "kv", torch.float32)
+    b = Batch(lay, [(200, 1), (17, 1), (129, 1)], 4, 2, torch.float32, seed_of("lane4", lane_rows),
+              out_dtype=torch.float32)
+    out_ref, _ = b.reference()
+    out, _ = b.kernels(decode_kernel="fma", decode_lane_rows=lane_rows)
+    assert rel_err(out[:3], out_ref[:3]) < TOL
 
 
 def test_kernels_read_codes():

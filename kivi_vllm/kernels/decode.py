@@ -336,7 +336,7 @@ def fma_constexprs(layout: PageLayout, qpk: int, num_splits: int, num_stages: in
     """The constexprs :func:`decode` launches :func:`_decode_fma_kernel` with (``num_splits`` splits, then the open
     group's slot); ``benchmarks/kernel_resources.py`` compiles the kernel with the same. ``lane_rows`` None:
     :func:`default_lane_rows`."""
-    lane_rows = default_lane_rows(qpk, layout.group_size) if lane_rows is None else lane_rows
+    lane_rows = default_lane_rows(qpk, layout.group_size, layout.v_bits) if lane_rows is None else lane_rows
     return dict(QPK=qpk, QPK_PAD=triton.next_power_of_2(qpk), NUM_SPLITS=num_splits, SLOTS=num_splits + 1,
                 NUM_STAGES=num_stages, LANE_ROWS=lane_rows, **layout_args(layout))
 
@@ -366,12 +366,17 @@ def default_num_splits(kernel: str, num_reqs: int, num_kv_heads: int) -> int:
     return num_splits_for(num_reqs, num_kv_heads, target_programs=16384, max_splits=32)
 
 
-def default_lane_rows(qpk: int, group_size: int) -> int:
-    """``lane_rows`` of the FMA decode kernel when the caller gives none: 4 at 1 query head per KV head (MHA), 2 with
-    more (GQA), never more than the group size. Measured on the H200 (2026-11-30, ``benchmarks/decode_attention.py
-    --lane-rows N``, batches 64/256 x contexts 4k/16k, KIVI-2): against 1, lane_rows 4 took 5.3-6.0% less time at
-    the Llama-2-7B shape and -1% to +2% at 4 query heads per KV head, where 2 took 5.8-6.5% less (docs/benchmarks.md;
-    ``num_stages`` 2 with lane_rows 4 was faster still in one GQA cell of four)."""
+def default_lane_rows(qpk: int, group_size: int, v_bits: int = 2) -> int:
+    """``lane_rows`` of the FMA decode kernel when the caller gives none: with 2-bit values 4 at 1 query head per KV
+    head (MHA) and 2 with more (GQA); with 4-bit values 1; never more than the group size. Measured on the H200
+    (``benchmarks/decode_attention.py --lane-rows N``, batches 64/256 x contexts 4k/16k, docs/benchmarks.md):
+    KIVI-2, against 1, lane_rows 4 took 5.3-6.0% less time at the Llama-2-7B shape and -1% to +2% at 4 query heads
+    per KV head, where 2 took 5.8-6.5% less (2026-11-30, third session); KIVI-4 is fastest at 1 in all 8 cells:
+    lane_rows 4 took 35-36% more time at the Llama-2-7B shape (688 vs 508 µs at 64 / 4k) and 2 took 1-2% more at 4
+    query heads per KV head (2026-11-30, fifth session; the 4-bit value tile is twice as many codes per word,
+    so per-lane partial sums cost registers instead of saving shuffles)."""
+    if v_bits != 2:
+        return 1
     return min(4 if qpk == 1 else 2, group_size)
 
 
@@ -421,8 +426,8 @@ def decode(
             docs/benchmarks.md; FMA kernel: 7-20% slower at 1 query head per KV head, 4-7% faster at 4, H200).
         lane_rows: FMA kernel only: the value sums over a group's rows keep ``lane_rows`` partial sums (the rows
             spread over lanes) and add them once after the loop instead of per group; a power of two dividing the
-            group size; default :func:`default_lane_rows` (4 at 1 query head per KV head, 2 above: the fastest
-            on the H200, docs/benchmarks.md).
+            group size; default :func:`default_lane_rows` (2-bit values: 4 at 1 query head per KV head, 2 above;
+            4-bit values: 1; the fastest on the H200, docs/benchmarks.md).
         num_warps: warps per program of the split kernel (default 1 for "fma", 2 for "mma"; the FMA path's
             open-group launch always uses 4).
         kernel: "fma" (CUDA cores, codes in their word layout: :func:`_decode_fma_kernel`) or "mma" (tensor cores,
@@ -442,7 +447,7 @@ def decode(
     if kernel not in ("fma", "mma"):
         raise ValueError(f"KIVI decode: kernel must be 'fma' or 'mma', got {kernel!r}")
     if lane_rows is None:
-        lane_rows = default_lane_rows(HQ // H, layout.group_size)
+        lane_rows = default_lane_rows(HQ // H, layout.group_size, layout.v_bits)
     if lane_rows < 1 or lane_rows & (lane_rows - 1) or layout.group_size % lane_rows:
         raise ValueError(f"KIVI decode: lane_rows must be a power of two dividing the group size "
                          f"{layout.group_size}, got {lane_rows}")
