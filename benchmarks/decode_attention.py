@@ -76,7 +76,8 @@ def parse_args():
     p.add_argument("--num-warps", type=int, default=None, help="KIVI decode: warps per program (default per kernel)")
     p.add_argument("--lane-rows", type=int, default=None,
                    help="KIVI fma decode: per-lane partial value sums (default decode()'s default_lane_rows)")
-    p.add_argument("--kernel", choices=["fma", "mma"], default=None, help="KIVI decode kernel (default kernel_for)")
+    p.add_argument("--kernel", choices=["fma", "mma", "tc"], default=None,
+                   help="KIVI decode kernel (default kernel_for)")
     p.add_argument("--num-splits", type=int, default=None, help="KIVI decode: splits (default default_num_splits)")
     p.add_argument("--eager", action="store_true", help="time the Python call, not a CUDA-graph replay")
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # "cpu": Triton-interpreter smoke run
@@ -157,7 +158,7 @@ def kivi_cell(bits, B, L, hq, h, d, io, device, args, kern):
     import triton  # imported by main() already, after the interpreter switch
 
     pad = triton.next_power_of_2(d)  # partials: m, l and a [HEAD_PAD] accumulator per (request, head, split), fp32
-    slots = splits + (kernel == "fma")  # the FMA path's open group has its own partial slot
+    slots = splits + (kernel != "mma")  # the FMA and TC paths' open group has its own partial slot
     row.update(kernel=kernel, num_splits=splits, aux_bytes=2 * B * hq * slots * (2 + pad) * 4)
     kv_cache = random_bytes(cache_bytes, device).view(B * nblk, h, lay.page_bytes)
     block_table = torch.randperm(B * nblk, device=device).to(torch.int32).view(B, nblk)

@@ -69,10 +69,18 @@ def prefill_resources(bits: int, qpk: int, block_q: int, num_warps: int, phase: 
 
 
 def compiled_resources(fn, consts: dict, num_warps: int) -> dict:
-    """Compile ``fn`` for sm_90 with ``consts`` and ``num_warps``; ptxas' figures, PTX counts, SASS loops."""
+    """Compile ``fn`` (a Triton or Gluon kernel) for sm_90 with ``consts`` and ``num_warps``; ptxas' figures, PTX
+    counts, SASS loops."""
+    from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
+
     names = fn.arg_names
     sig = {n: "constexpr" if n in consts else POINTERS.get(n, "i32") for n in names}
-    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()})
+    source = GluonASTSource if isinstance(fn, GluonJITFunction) else triton.compiler.ASTSource
+    # what the launcher's JIT specializes on an H200: 16-byte aligned tensors and strides divisible by 16 (vLLM's
+    # page, query and block-table strides are); without it the loads are not vectorized
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+               if n not in consts and (sig[n].startswith("*") or n.startswith("stride"))}
+    src = source(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=aligned)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
     ptx = k.asm["ptx"]
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")

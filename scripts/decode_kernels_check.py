@@ -1,7 +1,9 @@
-"""Both decode kernels ("fma": CUDA cores, "mma": tensor cores) against the float64 reference on one decode batch
-per shape, at several query heads per KV head. Needs a CUDA device (the CPU tests cover small shapes).
+"""The decode kernels ("fma": CUDA cores, "mma": tensor cores, "tc": tensor cores with register operands, Gluon)
+against the float64 reference on one decode batch per shape, at several query heads per KV head. Needs a CUDA device
+(the CPU tests cover small shapes of "fma" and "mma"; "tc" has no interpreter run, this is its test).
 
-    python scripts/decode_kernels_check.py        # the 2026-11-30 H200 run
+    python scripts/decode_kernels_check.py                    # the 2026-11-30 H200 runs (shapes of SHAPES)
+    python scripts/decode_kernels_check.py --kernels tc --wide  # every shape "tc" supports
 
 Prints one line per (shape, kernel): relative error of the attention output against
 ``kivi_vllm.reference.forward`` (float32 outputs) and whether any output is NaN.
@@ -22,6 +24,10 @@ from kivi_vllm.layout import PageLayout  # noqa: E402
 
 # (query heads, KV heads, (k_bits, v_bits), residual)
 SHAPES = [(8, 2, (2, 2), "kv"), (8, 2, (4, 2), "k"), (4, 2, (2, 2), "kv"), (16, 2, (2, 2), "kv")]
+# --wide: (query heads, KV heads, bits, residual, head size, group size)
+WIDE = [(hq, 2, bits, res, d, g) for hq in (2, 4, 8, 16, 32) for bits in ((2, 2), (4, 4), (4, 2), (2, 4))
+        for res, d, g in (("kv", 128, 32), ("k", 64, 32))]
+WIDE += [(8, 2, (2, 2), "kv", 128, g) for g in (16, 64, 128)] + [(8, 2, (4, 4), "kv", 32, 32)]
 
 
 def main() -> None:
@@ -29,19 +35,31 @@ def main() -> None:
     ap.add_argument("--contexts", type=int, nargs="+", default=[1043, 2048, 31, 4095, 0, 777],
                     help="context of each request before its one decode token")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--kernels", nargs="+", choices=["fma", "mma", "tc"], default=["fma", "mma", "tc"])
+    ap.add_argument("--wide", action="store_true", help="more GQA ratios, bits, head and group sizes (WIDE)")
     a = ap.parse_args()
     if DEV != "cuda":
         raise SystemExit("decode_kernels_check.py needs a CUDA device (the CPU tests cover small shapes)")
+    from kivi_vllm.kernels.decode_tc import supports
+
     reqs = [(c, 1) for c in a.contexts]
-    for hq, hkv, bits, residual in SHAPES:
-        lay = PageLayout(512, 128, *bits, 32, residual, torch.bfloat16)
+    shapes = WIDE if a.wide else [(*s, 128, 32) for s in SHAPES]
+    worst = 0.0
+    for hq, hkv, bits, residual, head, group in shapes:
+        lay = PageLayout(512, head, *bits, group, residual, torch.bfloat16)
         b = Batch(lay, reqs, hq, hkv, torch.bfloat16, a.seed, out_dtype=torch.float32)
         ref, _ = b.reference()
-        for kernel in ("fma", "mma"):
+        for kernel in a.kernels:
+            if kernel == "tc" and supports(lay, hq // hkv):
+                print(f"{hq // hkv} {bits} {residual} D={head} G={group} tc: not supported ({supports(lay, hq // hkv)})")
+                continue
             out, _ = b.kernels(decode_kernel=kernel)
-            print(f"{hq // hkv} {bits} {residual} {kernel} rel err {rel_err(out, ref):.2e} "
+            err = rel_err(out, ref)
+            worst = max(worst, err if not out.isnan().any() else float("inf"))
+            print(f"{hq // hkv} {bits} {residual} D={head} G={group} {kernel} rel err {err:.2e} "
                   f"nan {bool(out.isnan().any())}", flush=True)
-
+    print(f"worst rel err {worst:.2e} ({'ok' if worst < 1e-2 else 'FAIL'}: bound 1e-2)")
+    sys.exit(0 if worst < 1e-2 else 1)
 
 if __name__ == "__main__":
     main()

@@ -26,6 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_kernels import DEV, Batch, rel_err  # noqa: E402
 
+from kivi_vllm.kernels.decode_tc import supports  # noqa: E402
 from kivi_vllm.layout import PageLayout  # noqa: E402
 
 EDGES = [31, 32, 33, 511, 512, 513, 1023, 1024, 1025, 2047, 2048, 2049]
@@ -54,6 +55,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="requests per case")
     ap.add_argument("--prefill-bulk-groups", type=int, default=None, help="prefill's bulk_groups (default: its own)")
     ap.add_argument("--prefill-bulk-dot", choices=["fp32", "16", "f16"], default="fp32", help="prefill's bulk_dot")
+    ap.add_argument("--decode-kernel", choices=["fma", "mma", "tc"], default=None,
+                    help="decode kernel (default decode()'s kernel_for; 'tc' where decode_tc.supports the shape)")
     a = ap.parse_args()
     if DEV != "cuda":
         raise SystemExit("kernel_sweep.py needs a CUDA device (the CPU tests cover small shapes)")
@@ -73,15 +76,21 @@ def main() -> None:
             seed = rng.randrange(2**31)
             b = Batch(lay, reqs, hkv * gqa, hkv, torch.bfloat16, seed, pad_tokens=2)
             out_ref, cache_ref = b.reference(device=DEV)
-            out, cache = b.kernels(prefill_bulk_groups=a.prefill_bulk_groups, prefill_bulk_dot=a.prefill_bulk_dot)
+            kernel = a.decode_kernel
+            if kernel == "tc" and supports(lay, gqa):
+                kernel = None
+            out, cache = b.kernels(prefill_bulk_groups=a.prefill_bulk_groups, prefill_bulk_dot=a.prefill_bulk_dot,
+                                   decode_kernel=kernel)
             n = b.qsl_host[-1]
             row = dict(head=head, gqa=gqa, bits=bits, residual=residual, group=group, case=case, reqs=reqs,
+                       decode_kernel=kernel or "default",
                        cache_equal=bool(torch.equal(cache, cache_ref)),
                        nan=bool(out[:n].isnan().any()), rel_err=rel_err(out[:n], out_ref[:n]))
             row["ok"] = row["cache_equal"] and not row["nan"] and row["rel_err"] < 1e-2
             failures += not row["ok"]
             rows.append(row)
             print(f"{'ok  ' if row['ok'] else 'FAIL'} D={head} gqa={gqa} G={group} k{bits}v{bits} residual={residual} "
+                  f"decode={kernel or 'default'} "
                   f"case {case}: cache equal {row['cache_equal']}, NaN {row['nan']}, rel err {row['rel_err']:.2e} "
                   f"reqs {reqs}", flush=True)
     summary = dict(cases=len(rows), failures=failures, max_rel_err=max(r["rel_err"] for r in rows),

@@ -430,8 +430,9 @@ def decode(
             4-bit values: 1; the fastest on the H200, docs/benchmarks.md).
         num_warps: warps per program of the split kernel (default 1 for "fma", 2 for "mma"; the FMA path's
             open-group launch always uses 4).
-        kernel: "fma" (CUDA cores, codes in their word layout: :func:`_decode_fma_kernel`) or "mma" (tensor cores,
-            rows padded to 16 query heads: :func:`_decode_split_kernel`); default :func:`kernel_for`.
+        kernel: "fma" (CUDA cores, codes in their word layout: :func:`_decode_fma_kernel`), "mma" (tensor cores,
+            rows padded to 16 query heads: :func:`_decode_split_kernel`) or "tc" (tensor cores with operands built
+            in registers, Gluon, CUDA only: :mod:`.decode_tc`); default :func:`kernel_for`.
 
     Returns:
         ``out``.
@@ -439,13 +440,21 @@ def decode(
     Raises:
         ValueError: shapes that do not match the layout, num_heads not a multiple of num_kv_heads, tensors not
             contiguous in head_size, num_splits not a power of 2, lane_rows not a power of 2 dividing the group
-            size, or an unknown kernel.
+            size, an unknown kernel, or "tc" off CUDA or outside :func:`.decode_tc.supports`.
     """
     HQ, H = check_attention("decode", query, key, value, out, kv_cache, layout)
     R = len(seq_lens) if num_reqs is None else num_reqs
     kernel = kernel or kernel_for(HQ // H, layout.group_size, layout.head_size)
-    if kernel not in ("fma", "mma"):
-        raise ValueError(f"KIVI decode: kernel must be 'fma' or 'mma', got {kernel!r}")
+    if kernel not in ("fma", "mma", "tc"):
+        raise ValueError(f"KIVI decode: kernel must be 'fma', 'mma' or 'tc', got {kernel!r}")
+    if kernel == "tc":
+        from . import decode_tc
+
+        reason = decode_tc.supports(layout, HQ // H)
+        if reason:
+            raise ValueError(f"KIVI decode: the 'tc' kernel does not support {reason}")
+        if query.device.type != "cuda":
+            raise ValueError("KIVI decode: the 'tc' kernel (Gluon) runs on CUDA devices only")
     if lane_rows is None:
         lane_rows = default_lane_rows(HQ // H, layout.group_size, layout.v_bits)
     if lane_rows < 1 or lane_rows & (lane_rows - 1) or layout.group_size % lane_rows:
@@ -458,7 +467,7 @@ def decode(
         raise ValueError(f"KIVI decode: num_splits ({S}) must be a power of 2")
     qpk = HQ // H
     pad = triton.next_power_of_2(layout.head_size)
-    slots = S if kernel == "mma" else S + 1  # the FMA kernel's splits, then the open group's own slot
+    slots = S if kernel == "mma" else S + 1  # the FMA/TC kernel's splits, then the open group's own slot
     part_m = torch.empty(R * HQ * slots, dtype=torch.float32, device=query.device)
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty(R * HQ * slots * pad, dtype=torch.float32, device=query.device)
@@ -466,9 +475,15 @@ def decode(
             query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
             kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0))
     mma = mma_constexprs(layout, qpk, num_stages, dot_args(query))
-    if kernel == "fma":
-        _decode_fma_kernel[(R, H, S)](*args[:11], ONE_F32_BITS, *args[11:], num_warps=num_warps or 1,
-                                      **fma_constexprs(layout, qpk, S, num_stages, lane_rows))
+    if kernel in ("fma", "tc"):
+        if kernel == "fma":
+            _decode_fma_kernel[(R, H, S)](*args[:11], ONE_F32_BITS, *args[11:], num_warps=num_warps or 1,
+                                          **fma_constexprs(layout, qpk, S, num_stages, lane_rows))
+        else:
+            decode_tc.tc_kernel()[(R, H, S)](
+                query, kv_cache, block_table, seq_lens, query_start_loc, part_m, part_l, part_acc, scale,
+                ONE_F32_BITS, query.stride(0), query.stride(1), kv_cache.stride(0), kv_cache.stride(1),
+                block_table.stride(0), num_warps=num_warps or 1, **decode_tc.tc_constexprs(layout, qpk, S))
         # the open group (stage rows and this step's token) in slot S
         _decode_split_kernel[(R, H, 1)](*args, NUM_SPLITS=S, SLOTS=slots, DO_GROUPS=False, SPLIT_OFFSET=S,
                                         num_warps=4, **mma)
