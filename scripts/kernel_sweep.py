@@ -56,7 +56,8 @@ def main() -> None:
     ap.add_argument("--prefill-bulk-groups", type=int, default=None, help="prefill's bulk_groups (default: its own)")
     ap.add_argument("--prefill-bulk-dot", choices=["fp32", "16", "f16"], default="fp32", help="prefill's bulk_dot")
     ap.add_argument("--decode-kernel", choices=["fma", "mma", "tc"], default=None,
-                    help="decode kernel (default decode()'s kernel_for; 'tc' where decode_tc.supports the shape)")
+                    help="decode kernel (default decode()'s default_kernel; 'tc' where decode_tc.supports the shape)")
+    ap.add_argument("--first-shape", type=int, default=0, help="skip the grid's shapes before this index")
     a = ap.parse_args()
     if DEV != "cuda":
         raise SystemExit("kernel_sweep.py needs a CUDA device (the CPU tests cover small shapes)")
@@ -68,7 +69,7 @@ def main() -> None:
     grid += [(128, 1, 2, "kv", 16), (128, 2, 2, "kv", 64), (128, 1, 4, "k", 128), (128, 4, 2, "kv", 128),
              (80, 1, 2, "kv", 16), (96, 2, 4, "k", 32), (256, 1, 2, "kv", 32), (256, 2, 4, "kv", 64)]
     t_start = time.time()
-    for head, gqa, bits, residual, group in grid:
+    for head, gqa, bits, residual, group in grid[a.first_shape:]:
         hkv = 2
         lay = PageLayout(512, head, bits, bits, group, residual, torch.bfloat16)
         for case in range(3):

@@ -391,6 +391,21 @@ def kernel_for(qpk: int, group_size: int = 32, head_size: int = 128) -> str:
     return "fma" if qpk * group_size * triton.next_power_of_2(head_size) <= 4 * 32 * 128 else "mma"
 
 
+def default_kernel(layout: PageLayout, qpk: int, device_type: str) -> str:
+    """The decode kernel :func:`decode` runs when the caller names none: on CUDA, "tc" (:mod:`.decode_tc`, tensor
+    cores with register operands) from 4 query heads per KV head where it supports the shape; otherwise
+    :func:`kernel_for`. Measured on the H200 (2026-11-30, ``benchmarks/decode_attention.py --kernel tc``,
+    docs/benchmarks.md): at 4 query heads per KV head, KIVI-2 "tc" takes 0.51-0.70x the "fma" kernel's time and
+    0.79-1.14x vLLM's fp8 FA3 (2,259 vs 4,449 and 2,873 µs at batch 256, 16k context); at 1 it is slower than
+    "fma" (609 vs 462 µs at 64 / 4k); 2 and 3 were not timed, so they keep "fma"."""
+    if device_type == "cuda" and qpk >= 4:
+        from .decode_tc import supports
+
+        if supports(layout, qpk) is None:
+            return "tc"
+    return kernel_for(qpk, layout.group_size, layout.head_size)
+
+
 def decode(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -432,7 +447,7 @@ def decode(
             open-group launch always uses 4).
         kernel: "fma" (CUDA cores, codes in their word layout: :func:`_decode_fma_kernel`), "mma" (tensor cores,
             rows padded to 16 query heads: :func:`_decode_split_kernel`) or "tc" (tensor cores with operands built
-            in registers, Gluon, CUDA only: :mod:`.decode_tc`); default :func:`kernel_for`.
+            in registers, Gluon, CUDA only: :mod:`.decode_tc`); default :func:`default_kernel`.
 
     Returns:
         ``out``.
@@ -444,7 +459,7 @@ def decode(
     """
     HQ, H = check_attention("decode", query, key, value, out, kv_cache, layout)
     R = len(seq_lens) if num_reqs is None else num_reqs
-    kernel = kernel or kernel_for(HQ // H, layout.group_size, layout.head_size)
+    kernel = kernel or default_kernel(layout, HQ // H, query.device.type)
     if kernel not in ("fma", "mma", "tc"):
         raise ValueError(f"KIVI decode: kernel must be 'fma', 'mma' or 'tc', got {kernel!r}")
     if kernel == "tc":
@@ -482,7 +497,7 @@ def decode(
         else:
             decode_tc.tc_kernel()[(R, H, S)](
                 query, kv_cache, block_table, seq_lens, query_start_loc, part_m, part_l, part_acc, scale,
-                ONE_F32_BITS, query.stride(0), query.stride(1), kv_cache.stride(0), kv_cache.stride(1),
+                query.stride(0), query.stride(1), kv_cache.stride(0), kv_cache.stride(1),
                 block_table.stride(0), num_warps=num_warps or 1, **decode_tc.tc_constexprs(layout, qpk, S))
         # the open group (stage rows and this step's token) in slot S
         _decode_split_kernel[(R, H, 1)](*args, NUM_SPLITS=S, SLOTS=slots, DO_GROUPS=False, SPLIT_OFFSET=S,
