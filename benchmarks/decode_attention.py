@@ -140,7 +140,7 @@ def copy_bandwidth(device):
 
 
 def kivi_cell(bits, B, L, hq, h, d, io, device, args, kern):
-    decode, store, PageLayout, default_num_splits, default_kernel = kern
+    decode, store, PageLayout, default_num_splits, default_kernel, cuda_capability = kern
     q, key, value, out, qsl, seq_lens = io
     lay = PageLayout(block_size=KIVI_BLOCK, head_size=d, k_bits=bits, v_bits=bits, group_size=GROUP, residual="kv",
                      residual_dtype=torch.bfloat16)
@@ -153,7 +153,7 @@ def kivi_cell(bits, B, L, hq, h, d, io, device, args, kern):
                record_bytes=lay.record_bytes)
     if cache_bytes > args.max_cache_gib * GIB:
         return dict(row, status=f"skipped (cache {cache_bytes / GIB:.2f} GiB > {args.max_cache_gib} GiB)")
-    kernel = args.kernel or default_kernel(lay, hq // h, device)
+    kernel = args.kernel or default_kernel(lay, hq // h, cuda_capability(torch.device(device)))
     splits = args.num_splits or default_num_splits(kernel, B, h)  # decode()'s defaults, passed to it explicitly
     import triton  # imported by main() already, after the interpreter switch
 
@@ -276,11 +276,11 @@ def main():
     import triton
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo, if not installed
-    from kivi_vllm.kernels.decode import decode, default_kernel, default_num_splits
+    from kivi_vllm.kernels.decode import cuda_capability, decode, default_kernel, default_num_splits
     from kivi_vllm.kernels.store import store
     from kivi_vllm.layout import PageLayout
 
-    kern = (decode, store, PageLayout, default_num_splits, default_kernel)
+    kern = (decode, store, PageLayout, default_num_splits, default_kernel, cuda_capability)
     try:
         from vllm.version import __version__ as vllm_version
     except Exception:  # noqa: BLE001

@@ -8,7 +8,9 @@ iteration decide how many record loads are in flight.
     python benchmarks/kernel_resources.py --bits 4 --qpk 4
     python benchmarks/kernel_resources.py --prefill             # the prefill kernel at its tile options
 
-Uses triton's bundled ptxas (``ptxas -v``); no CUDA device is needed.
+Uses triton's bundled ptxas (``ptxas -v``); no CUDA device is needed. Tensors and strides are taken as 16-byte
+aligned, as the JIT specializes them on the GPU (figures from before 2026-11-30's fifth session compiled without
+that, e.g. the "fma" loop at 1,089 SASS per group instead of 1,138).
 """
 
 from __future__ import annotations
@@ -37,10 +39,14 @@ REGS_PER_SM, SMEM_PER_SM, MAX_WARPS = 65536, 228 * 1024, 64  # H100/H200 (sm_90)
 
 def resources(bits: int, qpk: int, kernel: str, num_warps: int, num_stages: int = 1, group_size: int = 32,
               head_size: int = 128, lane_rows: int | None = None) -> dict:
-    """Compile the decode kernel ("fma": ``_decode_fma_kernel``, "mma": ``_decode_split_kernel``) for sm_90 with
+    """Compile the decode kernel ("fma": ``_decode_fma_kernel``, "mma": ``_decode_split_kernel``, "tc":
+    ``decode_tc._decode_tc_kernel``, one warp whatever ``num_warps``) for sm_90 with
     these constexprs (``lane_rows`` None: decode()'s default for ``qpk``); return ptxas' figures, PTX counts and the SASS of its loops."""
     mod = importlib.import_module("kivi_vllm.kernels.decode")
     lay = PageLayout(512, head_size, bits, bits, group_size, "kv", torch.bfloat16)
+    if kernel == "tc":  # Gluon; one warp
+        tc = importlib.import_module("kivi_vllm.kernels.decode_tc")
+        return compiled_resources(tc.tc_kernel(), tc.tc_constexprs(lay, qpk, 8), 1)
     if kernel == "fma":
         fn = mod._decode_fma_kernel
         consts = mod.fma_constexprs(lay, qpk, 8, num_stages, lane_rows)
@@ -164,8 +170,8 @@ def main() -> None:
                 print(f"    loop: {loop['instructions']} SASS instructions per warp per iteration (all branches); "
                       f"{loop['top']}", flush=True)
         return
-    variants = [dict(kernel="fma", num_warps=1), dict(kernel="fma", num_warps=1, lane_rows=1),
-                dict(kernel="fma", num_warps=1, num_stages=2),
+    variants = [dict(kernel="tc", num_warps=1), dict(kernel="fma", num_warps=1),
+                dict(kernel="fma", num_warps=1, lane_rows=1), dict(kernel="fma", num_warps=1, num_stages=2),
                 dict(kernel="fma", num_warps=1, num_stages=3), dict(kernel="fma", num_warps=2),
                 dict(kernel="mma", num_warps=2),
                 dict(kernel="mma", num_warps=4), dict(kernel="mma", num_warps=4, num_stages=3)]

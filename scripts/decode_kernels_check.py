@@ -28,6 +28,9 @@ SHAPES = [(8, 2, (2, 2), "kv"), (8, 2, (4, 2), "k"), (4, 2, (2, 2), "kv"), (16, 
 WIDE = [(hq, 2, bits, res, d, g) for hq in (2, 4, 8, 16, 32) for bits in ((2, 2), (4, 4), (4, 2), (2, 4))
         for res, d, g in (("kv", 128, 32), ("k", 64, 32))]
 WIDE += [(8, 2, (2, 2), "kv", 128, g) for g in (16, 64, 128)] + [(8, 2, (4, 4), "kv", 32, 32)]
+# GQA ratios that are not powers of two, 4-bit codes at other group sizes, head 64 at other group sizes
+WIDE += [(hq, 2, (2, 2), "kv", 128, 32) for hq in (6, 12, 14)] + [(8, 2, (4, 4), "kv", 128, g) for g in (64, 128)]
+WIDE += [(8, 2, (2, 2), "kv", 64, g) for g in (16, 64)]
 
 
 def main() -> None:
@@ -40,7 +43,7 @@ def main() -> None:
     a = ap.parse_args()
     if DEV != "cuda":
         raise SystemExit("decode_kernels_check.py needs a CUDA device (the CPU tests cover small shapes)")
-    from kivi_vllm.kernels.decode_tc import supports
+    from kivi_vllm.kernels.decode import tc_supports as supports
 
     reqs = [(c, 1) for c in a.contexts]
     shapes = WIDE if a.wide else [(*s, 128, 32) for s in SHAPES]
@@ -60,6 +63,7 @@ def main() -> None:
                   f"nan {bool(out.isnan().any())}", flush=True)
     print(f"worst rel err {worst:.2e} ({'ok' if worst < 1e-2 else 'FAIL'}: bound 1e-2)")
     sys.exit(0 if worst < 1e-2 else 1)
+
 
 if __name__ == "__main__":
     main()

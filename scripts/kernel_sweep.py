@@ -4,7 +4,8 @@ Every case draws fresh random inputs, poisons the output (NaN) and the unwritten
 engine step through :func:`kivi_vllm.kernels.forward` and through :func:`kivi_vllm.reference.forward` (float64
 attention), and checks: every byte of the cache equal (store bit-exact), no NaN in any real output row, relative
 error below 1e-2 (bf16). Grid: head sizes 64 and 128; GQA ratios 1, 4, 8; KIVI-2 and KIVI-4; residual kv (and k
-on two shapes); group 32; plus 8 shapes with groups 16, 64, 128 and head sizes 80, 96, 256 (both decode kernels);
+on two shapes); group 32; plus 8 shapes with groups 16, 64, 128 and head sizes 80, 96, 256 (decode: the kernel
+decode() picks, "tc" at 4+ query heads per KV head where it applies, "fma"/"mma" otherwise; ``--decode-kernel``);
 contexts that end exactly at, just before and just after group (32) and block (512) boundaries; batches mixing
 first chunks, continuation chunks and decode tokens.
 
@@ -26,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_kernels import DEV, Batch, rel_err  # noqa: E402
 
-from kivi_vllm.kernels.decode_tc import supports  # noqa: E402
+from kivi_vllm.kernels.decode import tc_supports  # noqa: E402
 from kivi_vllm.layout import PageLayout  # noqa: E402
 
 EDGES = [31, 32, 33, 511, 512, 513, 1023, 1024, 1025, 2047, 2048, 2049]
@@ -56,7 +57,7 @@ def main() -> None:
     ap.add_argument("--prefill-bulk-groups", type=int, default=None, help="prefill's bulk_groups (default: its own)")
     ap.add_argument("--prefill-bulk-dot", choices=["fp32", "16", "f16"], default="fp32", help="prefill's bulk_dot")
     ap.add_argument("--decode-kernel", choices=["fma", "mma", "tc"], default=None,
-                    help="decode kernel (default decode()'s default_kernel; 'tc' where decode_tc.supports the shape)")
+                    help="decode kernel (default decode()'s default_kernel; 'tc' where decode.tc_supports the shape)")
     ap.add_argument("--first-shape", type=int, default=0, help="skip the grid's shapes before this index")
     a = ap.parse_args()
     if DEV != "cuda":
@@ -65,7 +66,7 @@ def main() -> None:
     rows, failures = [], 0
     grid = [(*c, "kv", 32) for c in itertools.product([64, 128], [1, 4, 8], [2, 4])]
     grid += [(128, 4, 2, "k", 32), (64, 1, 4, "k", 32)]  # residual "k": values quantized on arrival
-    # other group and head sizes, both decode kernels (kernel_for: FMA while gqa x G x head <= 4 x 32 x 128)
+    # other group and head sizes; decode() picks each shape's kernel (default_kernel) unless --decode-kernel
     grid += [(128, 1, 2, "kv", 16), (128, 2, 2, "kv", 64), (128, 1, 4, "k", 128), (128, 4, 2, "kv", 128),
              (80, 1, 2, "kv", 16), (96, 2, 4, "k", 32), (256, 1, 2, "kv", 32), (256, 2, 4, "kv", 64)]
     t_start = time.time()
@@ -78,7 +79,7 @@ def main() -> None:
             b = Batch(lay, reqs, hkv * gqa, hkv, torch.bfloat16, seed, pad_tokens=2)
             out_ref, cache_ref = b.reference(device=DEV)
             kernel = a.decode_kernel
-            if kernel == "tc" and supports(lay, gqa):
+            if kernel == "tc" and tc_supports(lay, gqa):
                 kernel = None
             out, cache = b.kernels(prefill_bulk_groups=a.prefill_bulk_groups, prefill_bulk_dot=a.prefill_bulk_dot,
                                    decode_kernel=kernel)

@@ -15,12 +15,15 @@ product::
     q . (c * s + m) = (q * s) . c + q . m        per group: s, m are [D] per-channel scale and minimum
 
 so a kernel multiplies the query by the group's scale once and takes one product with the raw codes, plus one scalar
-per query head (q . m). Two kernels (:func:`kernel_for` picks one):
+per query head (q . m). Three kernels (:func:`default_kernel` picks one):
 
 * ``_decode_fma_kernel`` (CUDA cores): codes stay in the page's 32-bit word layout, ``q * s`` is formed in that
   layout, scores are multiply-adds; values accumulate per output channel as ``sum_j (p_j * s_j) c_jc`` plus
   ``sum_j p_j m_j`` (per-token scale and minimum per channel group). Complete groups only: the open group runs as a
   second launch of ``_decode_split_kernel`` with ``DO_GROUPS=False`` into its own partial slot (the last one).
+* "tc", :mod:`.decode_tc` (Gluon, NVIDIA sm_80+, the default on CUDA from 4 query heads per KV head): fp16 tensor-core
+  MMAs whose operands are dequantized in registers (scale applied per element, one rounding), P taken from the
+  score accumulator in place, no shared memory; complete groups only, the open group as for "fma".
 * ``_decode_split_kernel`` (tensor cores, rows padded to 16 query heads): one MMA ([QH, D] x [D, G]) for the
   scores, values dequantized in registers (``c * s + m``) before ``P . V``; the last split also handles the open
   group.
@@ -359,8 +362,8 @@ def num_splits_for(num_reqs: int, num_kv_heads: int, target_programs: int = 4096
 
 def default_num_splits(kernel: str, num_reqs: int, num_kv_heads: int) -> int:
     """Splits per (request, KV head) that :func:`decode` uses by default: :func:`num_splits_for` with 4,096 target
-    programs (at most 16 splits) for the 2-warp "mma" kernel, 16,384 (at most 32) for the 1-warp "fma" kernel,
-    which keeps about 25 programs resident per SM."""
+    programs (at most 16 splits) for the 2-warp "mma" kernel, 16,384 (at most 32) for the 1-warp "fma" and "tc"
+    kernels ("fma" keeps about 16-25 programs resident per SM, "tc" 8)."""
     if kernel == "mma":
         return num_splits_for(num_reqs, num_kv_heads)
     return num_splits_for(num_reqs, num_kv_heads, target_programs=16384, max_splits=32)
@@ -372,7 +375,7 @@ def default_lane_rows(qpk: int, group_size: int, v_bits: int = 2) -> int:
     (``benchmarks/decode_attention.py --lane-rows N``, batches 64/256 x contexts 4k/16k, docs/benchmarks.md):
     KIVI-2, against 1, lane_rows 4 took 5.3-6.0% less time at the Llama-2-7B shape and -1% to +2% at 4 query heads
     per KV head, where 2 took 5.8-6.5% less (2026-11-30, third session); KIVI-4 is fastest at 1 in all 8 cells:
-    lane_rows 4 took 35-36% more time at the Llama-2-7B shape (688 vs 508 µs at 64 / 4k) and 2 took 1-2% more at 4
+    lane_rows 4 took 30-35% more time at the Llama-2-7B shape (688 vs 508 µs at 64 / 4k) and 2 took 1-2% more at 4
     query heads per KV head (2026-11-30, fifth session; the 4-bit value tile is twice as many codes per word,
     so per-lane partial sums cost registers instead of saving shuffles)."""
     if v_bits != 2:
@@ -391,18 +394,38 @@ def kernel_for(qpk: int, group_size: int = 32, head_size: int = 128) -> str:
     return "fma" if qpk * group_size * triton.next_power_of_2(head_size) <= 4 * 32 * 128 else "mma"
 
 
-def default_kernel(layout: PageLayout, qpk: int, device_type: str) -> str:
-    """The decode kernel :func:`decode` runs when the caller names none: on CUDA, "tc" (:mod:`.decode_tc`, tensor
-    cores with register operands) from 4 query heads per KV head where it supports the shape; otherwise
-    :func:`kernel_for`. Measured on the H200 (2026-11-30, ``benchmarks/decode_attention.py --kernel tc``,
-    docs/benchmarks.md): at 4 query heads per KV head, KIVI-2 "tc" takes 0.51-0.70x the "fma" kernel's time and
-    0.79-1.14x vLLM's fp8 FA3 (2,259 vs 4,449 and 2,873 µs at batch 256, 16k context); at 1 it is slower than
-    "fma" (609 vs 462 µs at 64 / 4k); 2 and 3 were not timed, so they keep "fma"."""
-    if device_type == "cuda" and qpk >= 4:
-        from .decode_tc import supports
+def tc_supports(layout: PageLayout, qpk: int) -> str | None:
+    """None if the "tc" kernel (:mod:`.decode_tc`) handles ``qpk`` query heads per KV head on pages of ``layout``,
+    else why not: at most 16 query heads per KV head (one MMA row tile), head size 64 or 128 (a quarter of a key row
+    must be whole 32-bit words; the [16, 128] float32 output accumulator is 64 registers per thread), group size a
+    multiple of 16. (Here, not in :mod:`.decode_tc`, so that choosing a kernel never imports Gluon.)"""
+    if qpk > 16:
+        return f"{qpk} query heads per KV head (at most 16)"
+    if layout.head_size not in (64, 128):
+        return f"head size {layout.head_size} (64 or 128)"
+    if layout.group_size % 16:
+        return f"group size {layout.group_size} (a multiple of 16)"
+    return None
 
-        if supports(layout, qpk) is None:
-            return "tc"
+
+def cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    """(major, minor) of an NVIDIA CUDA ``device``; None on the CPU and on ROCm (whose torch also says "cuda")."""
+    if device.type != "cuda" or torch.version.hip is not None:
+        return None
+    return torch.cuda.get_device_capability(device)
+
+
+def default_kernel(layout: PageLayout, qpk: int, capability: tuple[int, int] | None) -> str:
+    """The decode kernel :func:`decode` runs when the caller names none: on an NVIDIA GPU of compute capability 8.0
+    or newer (``capability``, :func:`cuda_capability`; the "tc" kernel's ``mma.sync.m16n8k16`` and inline PTX), "tc"
+    (:mod:`.decode_tc`, tensor cores with register operands) from 4 query heads per KV head where
+    :func:`tc_supports` the shape; otherwise :func:`kernel_for`. Measured on the H200 (2026-11-30,
+    ``benchmarks/decode_attention.py --kernel tc``, docs/benchmarks.md): at 4 query heads per KV head, KIVI-2 "tc"
+    takes 0.51-0.70x the "fma" kernel's time and 0.79-1.14x vLLM's fp8 FA3 (2,259 vs 4,449 and 2,873 µs at batch
+    256, 16k context); at 1 it is slower than "fma" (609 vs 462 µs at 64 / 4k); 2 and 3 were not timed, so they
+    keep "fma"."""
+    if capability is not None and capability >= (8, 0) and qpk >= 4 and tc_supports(layout, qpk) is None:
+        return "tc"
     return kernel_for(qpk, layout.group_size, layout.head_size)
 
 
@@ -443,8 +466,8 @@ def decode(
             spread over lanes) and add them once after the loop instead of per group; a power of two dividing the
             group size; default :func:`default_lane_rows` (2-bit values: 4 at 1 query head per KV head, 2 above;
             4-bit values: 1; the fastest on the H200, docs/benchmarks.md).
-        num_warps: warps per program of the split kernel (default 1 for "fma", 2 for "mma"; the FMA path's
-            open-group launch always uses 4).
+        num_warps: warps per program of the split kernel (default 1 for "fma", 2 for "mma"; "tc" takes only 1;
+            the FMA and TC paths' open-group launch always uses 4).
         kernel: "fma" (CUDA cores, codes in their word layout: :func:`_decode_fma_kernel`), "mma" (tensor cores,
             rows padded to 16 query heads: :func:`_decode_split_kernel`) or "tc" (tensor cores with operands built
             in registers, Gluon, CUDA only: :mod:`.decode_tc`); default :func:`default_kernel`.
@@ -455,21 +478,25 @@ def decode(
     Raises:
         ValueError: shapes that do not match the layout, num_heads not a multiple of num_kv_heads, tensors not
             contiguous in head_size, num_splits not a power of 2, lane_rows not a power of 2 dividing the group
-            size, an unknown kernel, or "tc" off CUDA or outside :func:`.decode_tc.supports`.
+            size, an unknown kernel, or "tc" off NVIDIA GPUs of compute capability 8.0+, outside
+            :func:`tc_supports` or with num_warps other than 1.
     """
     HQ, H = check_attention("decode", query, key, value, out, kv_cache, layout)
     R = len(seq_lens) if num_reqs is None else num_reqs
-    kernel = kernel or default_kernel(layout, HQ // H, query.device.type)
+    kernel = kernel or default_kernel(layout, HQ // H, cuda_capability(query.device))
     if kernel not in ("fma", "mma", "tc"):
         raise ValueError(f"KIVI decode: kernel must be 'fma', 'mma' or 'tc', got {kernel!r}")
     if kernel == "tc":
-        from . import decode_tc
-
-        reason = decode_tc.supports(layout, HQ // H)
+        cap = cuda_capability(query.device)
+        if cap is None or cap < (8, 0):
+            raise ValueError("KIVI decode: the 'tc' kernel (Gluon, mma.sync.m16n8k16, inline PTX) runs on NVIDIA "
+                             f"GPUs of compute capability 8.0 or newer only, not on {query.device}")
+        reason = tc_supports(layout, HQ // H)
         if reason:
             raise ValueError(f"KIVI decode: the 'tc' kernel does not support {reason}")
-        if query.device.type != "cuda":
-            raise ValueError("KIVI decode: the 'tc' kernel (Gluon) runs on CUDA devices only")
+        if num_warps not in (None, 1):
+            raise ValueError(f"KIVI decode: the 'tc' kernel runs one warp per program, got num_warps={num_warps}")
+        from . import decode_tc
     if lane_rows is None:
         lane_rows = default_lane_rows(HQ // H, layout.group_size, layout.v_bits)
     if lane_rows < 1 or lane_rows & (lane_rows - 1) or layout.group_size % lane_rows:

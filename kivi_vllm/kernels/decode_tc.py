@@ -7,6 +7,9 @@ memory:
 
 * scores ``S = q . K^T``: A = the query heads of one KV head in fp16 (padded to 16 rows, loaded once; a bf16 query
   clamped to fp16's range); B = the group's keys dequantized in fp16, ``(c / 2**bits) * (2**bits s) + m``;
+  Dequantized keys and values must lie in fp16's range (|x| <= 65504; KIVI's stored scale and minimum already
+  do); ``2**bits s`` overflows above a scale of 16,376 (2-bit) or 4,094 (4-bit), i.e. a channel range of about
+  49k (2-bit) or 61k (4-bit) within one group, where "fma" (float32) would be needed;
 * output ``O += P . V``: A = the probabilities in fp16, taken from the score accumulator's registers as they lie
   (FlashAttention-2's register reuse); B = the group's values dequantized the same way, per token and channel
   group. Scores, softmax and ``O`` stay in float32.
@@ -42,6 +45,7 @@ the float64 reference, and its sm_90 compile (trivial conversions, no shared mem
 
 from __future__ import annotations
 
+import functools
 import math
 
 from triton.experimental import gluon
@@ -65,19 +69,6 @@ def _basis(rank: int, dim: int, value: int) -> list[int]:
     return b
 
 
-def supports(layout: PageLayout, qpk: int) -> str | None:
-    """None if the "tc" kernel handles ``qpk`` query heads per KV head on pages of ``layout``, else why not: at most
-    16 query heads per KV head (one MMA row tile), head size 64 or 128 (a quarter of a key row must be whole words;
-    the [16, 128] float32 output accumulator is 64 registers per thread), group size a multiple of 16."""
-    if qpk > 16:
-        return f"{qpk} query heads per KV head (at most 16)"
-    if layout.head_size not in (64, 128):
-        return f"head size {layout.head_size} (64 or 128)"
-    if layout.group_size % 16:
-        return f"group size {layout.group_size} (a multiple of 16)"
-    return None
-
-
 def _asm(kind: str, bits: int) -> str:
     """Inline PTX turning a pair of packed codes into fp16x2 ``(c / 2**bits) * (2**bits s) + m``, one rounding.
 
@@ -98,8 +89,10 @@ def _asm(kind: str, bits: int) -> str:
     return "{ .reg .b32 t, one; prmt.b32 t, $1, $2, $3; shr.u32 t, t, $5; " + tail + "fma.rn.f16x2 $0, t, $7, $8; }"
 
 
+@functools.lru_cache(maxsize=64)
 def tc_constexprs(layout: PageLayout, qpk: int, num_splits: int) -> dict:
-    """Constexprs of :func:`_decode_tc_kernel` for ``layout`` (:func:`supports` it): its register layouts (Gluon
+    """Constexprs of :func:`_decode_tc_kernel` for ``layout`` (:func:`.decode.tc_supports` it; cached: decode()
+    launches it per layer and step; do not mutate the result): its register layouts (Gluon
     ``DistributedLinearLayout``s of the packed words, built so that the codes land where the MMA fragments want
     them), the inline PTX of :func:`_asm` and the page offsets (:func:`.common.layout_args`)."""
     G, D = layout.group_size, layout.head_size

@@ -239,16 +239,18 @@ def prefill_constexprs(layout: PageLayout, qpk: int, block_q: int, phase: int, e
 BULK_GROUPS = 4
 
 
-#: Most key x channel elements of one bulk step: the measured default's tile (4 groups of 32 keys x head 128),
-#: 104 KB of shared memory on sm_90. 4 groups of 128 keys at head 128 asked for 364,548 bytes (H200 limit 232,448)
+#: Most key x channel elements of one bulk step: the measured default's tile (4 groups of 32 keys x head 128, about
+#: 106 KB of shared memory on sm_90). 4 groups of 128 keys at head 128 asked for 364,548 bytes (H200 limit 232,448)
 #: and failed to launch (kernel_sweep.py, 2026-11-30), so larger groups and heads take fewer groups per step.
 BULK_ELEMENTS = 128 * 128
 
 
 def default_bulk_groups(layout: PageLayout) -> int:
     """The largest power of two of at most :data:`BULK_GROUPS` that divides the groups of a ``layout`` page (1 when
-    the page holds an odd number of groups) and keeps a step within :data:`BULK_ELEMENTS` keys x padded channels
-    (4 at group 32 and head 128, 2 at group 64, 1 at group 128 or at group 64 with head 256)."""
+    the page holds an odd number of groups) and keeps a step within :data:`BULK_ELEMENTS` keys x padded channels,
+    but at least 1 (at head 128: 4 at group 32, 2 at group 64, 1 at group 128; at head 64 twice that, at head 256
+    half, and 1 group at group 128 / head 256, twice the elements: 231,428 bytes of shared memory at 4 bits,
+    ``tests/test_sm90_compile.py``)."""
     per_page = layout.block_size // layout.group_size
     fit = BULK_ELEMENTS // (layout.group_size * triton.next_power_of_2(layout.head_size))
     n = BULK_GROUPS
