@@ -470,7 +470,7 @@ def decode(
             the FMA and TC paths' open-group launch always uses 4).
         kernel: "fma" (CUDA cores, codes in their word layout: :func:`_decode_fma_kernel`), "mma" (tensor cores,
             rows padded to 16 query heads: :func:`_decode_split_kernel`) or "tc" (tensor cores with operands built
-            in registers, Gluon, CUDA only: :mod:`.decode_tc`); default :func:`default_kernel`.
+            in registers, Gluon, NVIDIA sm_80+ only: :mod:`.decode_tc`); default :func:`default_kernel`.
 
     Returns:
         ``out``.
