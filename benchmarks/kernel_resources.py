@@ -70,6 +70,7 @@ def prefill_resources(bits: int, qpk: int, block_q: int, num_warps: int, phase: 
     dots = {"tf32": dict(DOT_DTYPE=tl.float32, DOT_PRECISION="tf32"), "bf16": dict(DOT_DTYPE=tl.bfloat16,
             DOT_PRECISION="ieee"), "fp16": dict(DOT_DTYPE=tl.float16, DOT_PRECISION="ieee")}
     bulk_groups = mod.resolve_bulk_groups(lay, bulk_groups, unpack)
+    mod.check_bulk(lay, bulk_groups, bulk_dot, unpack)
     consts = mod.prefill_constexprs(lay, qpk, block_q, phase, False, dots[dot], unpack, bulk_groups, bulk_dot)
     return dict(compiled_resources(mod._prefill_kernel, consts, num_warps), bulk_groups=bulk_groups)
 

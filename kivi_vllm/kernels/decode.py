@@ -483,11 +483,11 @@ def decode(
     """
     HQ, H = check_attention("decode", query, key, value, out, kv_cache, layout)
     R = len(seq_lens) if num_reqs is None else num_reqs
-    kernel = kernel or default_kernel(layout, HQ // H, cuda_capability(query.device))
+    cap = cuda_capability(query.device)
+    kernel = kernel or default_kernel(layout, HQ // H, cap)
     if kernel not in ("fma", "mma", "tc"):
         raise ValueError(f"KIVI decode: kernel must be 'fma', 'mma' or 'tc', got {kernel!r}")
     if kernel == "tc":
-        cap = cuda_capability(query.device)
         if cap is None or cap < (8, 0):
             raise ValueError("KIVI decode: the 'tc' kernel (Gluon, mma.sync.m16n8k16, inline PTX) runs on NVIDIA "
                              f"GPUs of compute capability 8.0 or newer only, not on {query.device}")

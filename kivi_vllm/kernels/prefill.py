@@ -220,12 +220,9 @@ def prefill_constexprs(layout: PageLayout, qpk: int, block_q: int, phase: int, e
     """The constexprs :func:`prefill` launches :func:`_prefill_kernel` with; ``dot``: :func:`.common.dot_args` of the
     query; ``bulk_groups``, ``bulk_dot``: the bulk loop's groups per step (0: none) and operands (:func:`prefill`;
     the caller turns "16" and "f16" into "fp32" for float32 models).
-    ``benchmarks/kernel_resources.py --prefill`` compiles the kernel with the same.
-
-    Raises:
-        ValueError: what :func:`check_bulk` refuses (a bulk step must stay inside one page).
+    ``benchmarks/kernel_resources.py --prefill`` compiles the kernel with the same. The caller validates the bulk
+    arguments (:func:`check_bulk`; :func:`prefill` does once per call).
     """
-    check_bulk(layout, bulk_groups, bulk_dot, unpack)
     return dict(QPK=qpk, QPK_PAD=triton.next_power_of_2(qpk), BLOCK_Q=block_q, PHASE=phase, EXACT=exact,
                 STAGE_DTYPE=stage_dtype(layout), UNPACK_WORDS=unpack == "words", BULK_GROUPS=bulk_groups,
                 BULK_16=bulk_dot in ("16", "f16"), BULK_F16=bulk_dot == "f16", **dot, **layout_args(layout))
