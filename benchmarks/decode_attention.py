@@ -56,7 +56,8 @@ import traceback
 
 import torch
 
-SHAPES = {"llama2-7b": (32, 32, 128), "gqa": (32, 8, 128)}  # query heads, KV heads, head size
+SHAPES = {"llama2-7b": (32, 32, 128), "gqa": (32, 8, 128),  # query heads, KV heads, head size
+          "gqa2": (32, 16, 128), "gqa3": (24, 8, 128), "gqa8": (32, 4, 128)}
 CONFIGS = ("kivi2", "kivi4", "fa3-bf16", "fa3-fp8")
 GROUP, KIVI_BLOCK, FA_BLOCK = 32, 512, 16
 GIB = 2**30
@@ -79,6 +80,9 @@ def parse_args():
     p.add_argument("--kernel", choices=["fma", "mma", "tc"], default=None,
                    help="KIVI decode kernel (default decode()'s default_kernel)")
     p.add_argument("--num-splits", type=int, default=None, help="KIVI decode: splits (default default_num_splits)")
+    p.add_argument("--maxnreg", type=int, default=None, help="KIVI fma/tc decode: register cap per thread")
+    p.add_argument("--rescale-slack", type=float, default=None,
+                   help="KIVI tc decode: conditional-rescaling slack, log2 units (default decode_tc.RESCALE_SLACK)")
     p.add_argument("--eager", action="store_true", help="time the Python call, not a CUDA-graph replay")
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # "cpu": Triton-interpreter smoke run
     a = p.parse_args()
@@ -171,7 +175,8 @@ def kivi_cell(bits, B, L, hq, h, d, io, device, args, kern):
     scale = d**-0.5
     ms, mode = bench(lambda: decode(q, key, value, kv_cache, block_table, qsl, seq_lens, lay, scale, out,
                                     num_splits=splits, num_stages=args.num_stages, num_warps=args.num_warps,
-                                    lane_rows=args.lane_rows, kernel=kernel),
+                                    lane_rows=args.lane_rows, kernel=kernel, maxnreg=args.maxnreg,
+                                    rescale_slack=args.rescale_slack),
                      device, args.eager)
     sms, _ = bench(lambda: store(kv_cache, key, value, slot, qsl, seq_lens, lay, 0), device, args.eager)
     # the store in a steady state: request r at position L - 1 - (r mod G), so 1 request in G completes a group in

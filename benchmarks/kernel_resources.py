@@ -75,9 +75,9 @@ def prefill_resources(bits: int, qpk: int, block_q: int, num_warps: int, phase: 
     return dict(compiled_resources(mod._prefill_kernel, consts, num_warps), bulk_groups=bulk_groups)
 
 
-def compiled_resources(fn, consts: dict, num_warps: int) -> dict:
-    """Compile ``fn`` (a Triton or Gluon kernel) for sm_90 with ``consts`` and ``num_warps``; ptxas' figures, PTX
-    counts, SASS loops."""
+def compiled_resources(fn, consts: dict, num_warps: int, maxnreg: int | None = None) -> dict:
+    """Compile ``fn`` (a Triton or Gluon kernel) for sm_90 with ``consts`` and ``num_warps`` (and Triton's
+    ``maxnreg`` register cap, if given); ptxas' figures, PTX counts, SASS loops."""
     from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
 
     names = fn.arg_names
@@ -88,7 +88,7 @@ def compiled_resources(fn, consts: dict, num_warps: int) -> dict:
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
                if n not in consts and (sig[n].startswith("*") or n.startswith("stride"))}
     src = source(fn=fn, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items()}, attrs=aligned)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, maxnreg=maxnreg))
     ptx = k.asm["ptx"]
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,7 +136,7 @@ def sass_loops(cubin: bytes) -> list[dict]:
     for addr, _, target in body:
         if target is not None and labels.get(target, addr + 1) < addr:
             ops = collections.Counter(op for a, op, _ in body if labels[target] <= a <= addr)
-            loops.append(dict(instructions=sum(ops.values()), top=dict(ops.most_common(12))))
+            loops.append(dict(instructions=sum(ops.values()), top=dict(ops.most_common(12)), ldl=ops["LDL"], stl=ops["STL"]))
     return loops
 
 

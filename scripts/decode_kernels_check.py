@@ -12,6 +12,7 @@ Prints one line per (shape, kernel): relative error of the attention output agai
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -40,10 +41,18 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--kernels", nargs="+", choices=["fma", "mma", "tc"], default=["fma", "mma", "tc"])
     ap.add_argument("--wide", action="store_true", help="more GQA ratios, bits, head and group sizes (WIDE)")
+    ap.add_argument("--q-scale", type=float, default=1.0,
+                    help="multiply the queries (sharper attention, wider score ranges: exercises the rescaling)")
+    ap.add_argument("--rescale-slack", type=float, default=None, help="tc: decode()'s rescale_slack")
+    ap.add_argument("--maxnreg", type=int, default=None, help="fma/tc: decode()'s maxnreg")
     a = ap.parse_args()
     if DEV != "cuda":
         raise SystemExit("decode_kernels_check.py needs a CUDA device (the CPU tests cover small shapes)")
+    import kivi_vllm.kernels as K
     from kivi_vllm.kernels.decode import tc_supports as supports
+
+    if a.rescale_slack is not None or a.maxnreg is not None:  # decode() options that forward() does not pass on
+        K.decode = functools.partial(K.decode, rescale_slack=a.rescale_slack, maxnreg=a.maxnreg)
 
     reqs = [(c, 1) for c in a.contexts]
     shapes = WIDE if a.wide else [(*s, 128, 32) for s in SHAPES]
@@ -51,6 +60,7 @@ def main() -> None:
     for hq, hkv, bits, residual, head, group in shapes:
         lay = PageLayout(512, head, *bits, group, residual, torch.bfloat16)
         b = Batch(lay, reqs, hq, hkv, torch.bfloat16, a.seed, out_dtype=torch.float32)
+        b.q *= a.q_scale
         ref, _ = b.reference()
         for kernel in a.kernels:
             if kernel == "tc" and supports(lay, hq // hkv):

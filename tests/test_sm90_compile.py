@@ -78,9 +78,11 @@ def test_prefill_default_tile_fits_h200_shared_memory(compiled, i):
 
 
 def test_default_decode_kernel():
-    """'tc' only on NVIDIA sm_80+, from 4 query heads per KV head, on shapes it supports; the others as before."""
+    """'tc' only on NVIDIA sm_80+, from 2 query heads per KV head, on shapes it supports; the others as before."""
     lay = PageLayout(512, 128, 2, 2, 32, "kv", torch.bfloat16)
     assert default_kernel(lay, 4, (9, 0)) == "tc"
+    assert default_kernel(lay, 2, (9, 0)) == default_kernel(lay, 3, (9, 0)) == "tc"
+    assert default_kernel(lay, 3, None) == kernel_for(3) == "fma"
     assert default_kernel(lay, 8, (8, 0)) == "tc"
     assert default_kernel(lay, 4, None) == kernel_for(4) == "fma"  # CPU or ROCm
     assert default_kernel(lay, 8, (7, 5)) == kernel_for(8) == "mma"

@@ -418,13 +418,12 @@ def cuda_capability(device: torch.device) -> tuple[int, int] | None:
 def default_kernel(layout: PageLayout, qpk: int, capability: tuple[int, int] | None) -> str:
     """The decode kernel :func:`decode` runs when the caller names none: on an NVIDIA GPU of compute capability 8.0
     or newer (``capability``, :func:`cuda_capability`; the "tc" kernel's ``mma.sync.m16n8k16`` and inline PTX), "tc"
-    (:mod:`.decode_tc`, tensor cores with register operands) from 4 query heads per KV head where
-    :func:`tc_supports` the shape; otherwise :func:`kernel_for`. Measured on the H200 (2026-11-30,
-    ``benchmarks/decode_attention.py --kernel tc``, docs/benchmarks.md): at 4 query heads per KV head, KIVI-2 "tc"
-    takes 0.51-0.70x the "fma" kernel's time and 0.79-1.14x vLLM's fp8 FA3 (2,259 vs 4,449 and 2,873 µs at batch
-    256, 16k context); at 1 it is slower than "fma" (609 vs 462 µs at 64 / 4k); 2 and 3 were not timed, so they
-    keep "fma"."""
-    if capability is not None and capability >= (8, 0) and qpk >= 4 and tc_supports(layout, qpk) is None:
+    (:mod:`.decode_tc`, tensor cores with register operands) from 2 query heads per KV head where
+    :func:`tc_supports` the shape; otherwise :func:`kernel_for`. Measured on the H200 (2026-11-30/12-01,
+    ``benchmarks/decode_attention.py --kernel tc|fma``, docs/benchmarks.md), KIVI-2 at batch 64-256, 4k-16k
+    context: "tc" takes 0.69-0.80x the "fma" kernel's time at 2 query heads per KV head, 0.46-0.63x at 3, 0.47-0.66x
+    at 4 and 0.11-0.29x at 8; at 1 it is slower than "fma" (559 vs 464 µs at 64 / 4k), which stays the MHA kernel."""
+    if capability is not None and capability >= (8, 0) and qpk >= 2 and tc_supports(layout, qpk) is None:
         return "tc"
     return kernel_for(qpk, layout.group_size, layout.head_size)
 
@@ -446,6 +445,8 @@ def decode(
     num_warps: int | None = None,
     lane_rows: int | None = None,
     kernel: str | None = None,
+    maxnreg: int | None = None,
+    rescale_slack: float | None = None,
 ) -> torch.Tensor:
     """Attention of every one-token request of the batch over its KIVI pages (before this step's store).
 
@@ -471,6 +472,9 @@ def decode(
         kernel: "fma" (CUDA cores, codes in their word layout: :func:`_decode_fma_kernel`), "mma" (tensor cores,
             rows padded to 16 query heads: :func:`_decode_split_kernel`) or "tc" (tensor cores with operands built
             in registers, Gluon, NVIDIA sm_80+ only: :mod:`.decode_tc`); default :func:`default_kernel`.
+        maxnreg: "fma" and "tc": cap on registers per thread (Triton's ``maxnreg``; ptxas spills above it), for
+            more programs per SM; default none (the compiler's choice).
+        rescale_slack: "tc" only: see :func:`.decode_tc.tc_constexprs` (default ``decode_tc.RESCALE_SLACK``).
 
     Returns:
         ``out``.
@@ -520,12 +524,13 @@ def decode(
     if kernel in ("fma", "tc"):
         if kernel == "fma":
             _decode_fma_kernel[(R, H, S)](*args[:11], ONE_F32_BITS, *args[11:], num_warps=num_warps or 1,
-                                          **fma_constexprs(layout, qpk, S, num_stages, lane_rows))
+                                          maxnreg=maxnreg, **fma_constexprs(layout, qpk, S, num_stages, lane_rows))
         else:
             decode_tc.tc_kernel()[(R, H, S)](
                 query, kv_cache, block_table, seq_lens, query_start_loc, part_m, part_l, part_acc, scale,
                 query.stride(0), query.stride(1), kv_cache.stride(0), kv_cache.stride(1),
-                block_table.stride(0), num_warps=num_warps or 1, **decode_tc.tc_constexprs(layout, qpk, S))
+                block_table.stride(0), num_warps=num_warps or 1, maxnreg=maxnreg,
+                **decode_tc.tc_constexprs(layout, qpk, S, *(() if rescale_slack is None else (rescale_slack,))))
         # the open group (stage rows and this step's token) in slot S
         _decode_split_kernel[(R, H, 1)](*args, NUM_SPLITS=S, SLOTS=slots, DO_GROUPS=False, SPLIT_OFFSET=S,
                                         num_warps=4, **mma)
