@@ -419,7 +419,7 @@ def default_kernel(layout: PageLayout, qpk: int, capability: tuple[int, int] | N
     """The decode kernel :func:`decode` runs when the caller names none: on an NVIDIA GPU of compute capability 8.0
     or newer (``capability``, :func:`cuda_capability`; the "tc" kernel's ``mma.sync.m16n8k16`` and inline PTX), "tc"
     (:mod:`.decode_tc`, tensor cores with register operands) from 2 query heads per KV head where
-    :func:`tc_supports` the shape; otherwise :func:`kernel_for`. Measured on the H200 (2026-11-30/12-01,
+    :func:`tc_supports` the shape; otherwise :func:`kernel_for`. Measured on the H200 (2026-11-30,
     ``benchmarks/decode_attention.py --kernel tc|fma``, docs/benchmarks.md), KIVI-2 at batch 64-256, 4k-16k
     context: "tc" takes 0.69-0.80x the "fma" kernel's time at 2 query heads per KV head, 0.46-0.63x at 3, 0.47-0.66x
     at 4 and 0.11-0.29x at 8; at 1 it is slower than "fma" (559 vs 464 µs at 64 / 4k), which stays the MHA kernel."""
