@@ -102,8 +102,8 @@ def compiled_resources(fn, consts: dict, num_warps: int, maxnreg: int | None = N
     shared = k.metadata.shared
     per_sm = min(REGS_PER_SM // (((regs + 7) // 8 * 8) * 32 * num_warps), SMEM_PER_SM // max(shared, 1),
                  MAX_WARPS // num_warps)
-    ops = collections.Counter(m.split(".")[0] + "." + m.split(".")[1] for m in
-                              re.findall(r"\b(?:ld\.global|cp\.async|bar\.sync|mma\.sync)[\w.]*", ptx))
+    ops = collections.Counter(".".join(m.split(".")[:2]) for m in
+                              re.findall(r"\b(?:ld\.global|cp\.async|bar\.sync|mma\.sync|bra)\b[\w.]*", ptx))
     return dict(registers=regs, spill_bytes=spill, shared_bytes=shared, programs_per_sm=per_sm, ptx_ops=dict(ops),
                 loops=sass_loops(k.asm["cubin"]))
 

@@ -154,6 +154,9 @@ def test_metrics_keep_vllms_and_add_the_kivi_cache_facts(server):
     assert len(line) == 1 and "KIVI k2/v2 G=32" in line[0]
     assert f"= {int(tokens)} tokens" in line[0] and f"hold {int(dense)} tokens" in line[0]
     assert f"{ratio:.2f}x" in line[0]
+    # and which code runs the attention (the PyTorch path on a CPU)
+    path = [ln for ln in startup.splitlines() if "KIVI attention: " in ln]
+    assert len(path) == 1 and "PyTorch path (kivi_vllm.reference; the Triton kernels run on CUDA devices only)" in path[0]
 
 
 def test_api_key_guards_the_api_as_in_vllm(server):

@@ -42,6 +42,13 @@ out = {"tc": [], "prefill": []}
 for head, g, kb, vb, qpk in %(tc)s:
     lay = PageLayout(512, head, kb, vb, g, "kv", torch.bfloat16)
     out["tc"].append(kr.compiled_resources(tc.tc_kernel(), tc.tc_constexprs(lay, qpk, 8), 1))
+lay = PageLayout(512, 128, 2, 2, 32, "kv", torch.bfloat16)
+out["tc_slack0"] = kr.compiled_resources(tc.tc_kernel(), tc.tc_constexprs(lay, 4, 8, 0.0), 1)
+try:
+    tc.tc_constexprs(lay, 4, 8, 17.0)
+    out["slack_error"] = None
+except ValueError as e:
+    out["slack_error"] = str(e)
 for head, g, bits in %(prefill)s:
     lay = PageLayout(512, head, bits, bits, g, "kv", torch.bfloat16)
     r = kr.prefill_resources(bits, 4, pre.block_q_for(8, 2), 4, group_size=g, head_size=head, unpack="words",
@@ -70,11 +77,34 @@ def test_tc_decode_compiles_with_register_operands(compiled, i):
     assert r["ptx_ops"]["mma.sync"] == (group // 8) * (head // 16) + (head // 8) * (group // 16)
 
 
+def test_tc_rescaling_is_a_branch(compiled):
+    """Conditional rescaling (the default slack 8) adds one warp-uniform branch around the output rescale; slack 0
+    (rescale whenever the maximum grows) has none. Both keep the register-only operands and the MMA count."""
+    slack8, slack0 = compiled["tc"][0], compiled["tc_slack0"]  # TC_SHAPES[0]: head 128, G 32, k2v2, 4 per KV head
+    for r in (slack8, slack0):
+        assert r["shared_bytes"] == 0 and r["ptx_ops"]["mma.sync"] == 4 * 8 + 16 * 2
+    assert slack8["ptx_ops"]["bra"] == slack0["ptx_ops"]["bra"] + 1  # conditional branches (bra.uni: jumps)
+    assert "rescale_slack must lie in [0, 16]" in compiled["slack_error"]
+
+
 @pytest.mark.parametrize("i", range(len(PREFILL_SHAPES)))
 def test_prefill_default_tile_fits_h200_shared_memory(compiled, i):
     r = compiled["prefill"][i]
     assert r["bulk_groups"] == r["default"] >= 1
     assert r["shared_bytes"] <= H200_SMEM
+
+
+def test_attention_path_in_the_startup_log():
+    from kivi_vllm.backend.metadata import attention_path_summary
+
+    lay = PageLayout(512, 128, 2, 2, 32, "kv", torch.bfloat16)
+    line = attention_path_summary(lay, 32, 8, True, (9, 0))
+    assert "decode kernel 'tc' (tensor cores" in line and "4 query heads per KV head" in line
+    assert "head size 128, group size 32, compute capability 9.0" in line
+    assert "decode kernel 'fma' (CUDA cores" in attention_path_summary(lay, 32, 32, True, (9, 0))
+    assert "1 query head per KV head" in attention_path_summary(lay, 32, 32, True, (9, 0))
+    assert "decode kernel 'fma'" in attention_path_summary(lay, 32, 8, True, None)  # ROCm: no 'tc'
+    assert "PyTorch path" in attention_path_summary(lay, 32, 8, False)
 
 
 def test_default_decode_kernel():

@@ -13,12 +13,21 @@ from vllm.v1.attention.backend import AttentionCGSupport, AttentionMetadataBuild
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from ..config import KiviConfig
+from ..kernels.decode import cuda_capability, default_kernel
 from ..kernels.prefill import block_q_for, prefill_tiles
 from ..layout import PageLayout
 from ..spec import KiviAttentionSpec, capacity_summary
 
 logger = init_logger("vllm.kivi")
 _capacity_logged = False
+_path_logged = False
+
+#: What each decode kernel is, for the start-up log (:func:`kivi_vllm.kernels.decode.decode`).
+DECODE_KERNELS = {
+    "fma": "CUDA cores, float32",
+    "tc": "tensor cores, fp16 operands built in registers",
+    "mma": "tensor cores, TF32",
+}
 
 
 def worker_layer_specs(spec: KiviAttentionSpec, cfg: KiviConfig, vllm_config) -> list[FullAttentionSpec]:
@@ -52,6 +61,33 @@ def use_triton(device: torch.device | str) -> bool:
     if choice == "triton" and not cuda:
         raise ValueError("KIVI_ATTENTION_PATH=triton needs a CUDA device; the PyTorch path runs everywhere else")
     return cuda and choice != "torch"
+
+
+def attention_path_summary(layout: PageLayout, num_heads: int, num_kv_heads: int, triton: bool,
+                           capability: tuple[int, int] | None = None) -> str:
+    """One line for the start-up log: which code runs the KIVI layers' attention on this worker.
+
+    Args:
+        layout: the page layout of the layers (head size and group size choose the decode kernel).
+        num_heads, num_kv_heads: query and KV heads of one layer on this worker (after tensor parallelism).
+        triton: the Triton kernels run (:func:`use_triton`); else the PyTorch path.
+        capability: the CUDA device's (major, minor) (:func:`kivi_vllm.kernels.decode.cuda_capability`), None on
+            the CPU and ROCm.
+
+    Returns:
+        e.g. ``"KIVI attention: Triton kernels; decode kernel 'tc' (tensor cores, ...) at 4 query heads per KV head,
+        head size 128, group size 32, compute capability 9.0"``.
+    """
+    if not triton:
+        why = ("KIVI_ATTENTION_PATH=torch" if os.environ.get("KIVI_ATTENTION_PATH") == "torch"
+               else "the Triton kernels run on CUDA devices only")
+        return f"KIVI attention: PyTorch path (kivi_vllm.reference; {why}); steps are not captured in CUDA graphs"
+    qpk = num_heads // num_kv_heads
+    kernel = default_kernel(layout, qpk, capability)
+    where = f", compute capability {capability[0]}.{capability[1]}" if capability else ""
+    return (f"KIVI attention: Triton kernels; decode kernel '{kernel}' ({DECODE_KERNELS[kernel]}) at {qpk} query "
+            f"head{'s' if qpk > 1 else ''} per KV head, head size {layout.head_size}, group size "
+            f"{layout.group_size}{where}")
 
 
 @dataclass
@@ -113,11 +149,16 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
             )
         self.layout = kv_cache_spec.layout
         self.triton = use_triton(device)
+        mc = vllm_config.model_config
+        heads = (mc.get_num_attention_heads(vllm_config.parallel_config),
+                 mc.get_num_kv_heads(vllm_config.parallel_config))
         if self.triton:
-            mc = vllm_config.model_config
-            self.block_q = block_q_for(mc.get_num_attention_heads(vllm_config.parallel_config),
-                                       mc.get_num_kv_heads(vllm_config.parallel_config))
-        global _capacity_logged
+            self.block_q = block_q_for(*heads)
+        global _capacity_logged, _path_logged
+        if not _path_logged:
+            _path_logged = True
+            logger.info("%s", attention_path_summary(self.layout, *heads, self.triton,
+                                                     cuda_capability(torch.device(device))))
         num_blocks = vllm_config.cache_config.num_gpu_blocks
         if num_blocks and not _capacity_logged:
             _capacity_logged = True
