@@ -1,0 +1,89 @@
+"""Which rounding bounds the "tc" decode kernel's accuracy: an emulation of its numerics on the CPU.
+
+The "tc" kernel (``kivi_vllm/kernels/decode_tc.py``) rounds four things to fp16 that the float64 reference keeps
+exact: the query (times the softmax scale and log2 e), each dequantized key ``(c / 2**b) * (2**b s) + m`` (one
+rounding, HFMA2), each probability ``exp2(s - max)`` before ``P . V``, and each dequantized value. Its MMAs
+accumulate in float32, emulated here as exact (float64). This script recomputes one decode step of a KV head
+(``--tokens`` keys, ``--qpk`` query heads, keys per channel over groups of 32 tokens and values per token over groups
+of 32 channels with :mod:`kivi_vllm.quant`) with each of those roundings switched off in turn, and prints the
+relative error against the float64 attention over the dequantized cache (max abs error / max abs reference, the
+measure of ``scripts/decode_kernels_check.py``). Data as in ``tests/test_kernels.py``: ``randn x (0.5 + 3 u)`` per
+channel, queries times ``--q-scales`` (1 already gives logits of standard deviation about 5).
+
+    python benchmarks/tc_rounding.py                    # q-scales 1 4 8, bits 2 and 4, 4 seeds
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+from kivi_vllm.quant import dequantize, quantize
+
+#: name -> which of (query, keys, probabilities, values) are rounded to fp16
+VARIANTS = {
+    "tc (all four)": (1, 1, 1, 1),
+    "query exact": (0, 1, 1, 1),
+    "keys exact": (1, 0, 1, 1),
+    "query and keys exact": (0, 0, 1, 1),
+    "P exact": (1, 1, 0, 1),
+    "values exact": (1, 1, 1, 0),
+}
+
+
+def f16(x: torch.Tensor) -> torch.Tensor:
+    """Round to fp16 and back to float64."""
+    return x.to(torch.float16).to(torch.float64)
+
+
+def one_step(q_scale: float, bits: int, seed: int, tokens: int, qpk: int, head: int = 128, group: int = 32) -> dict:
+    """Relative error of each variant of :data:`VARIANTS` for one random KV head (float64 throughout)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(t: int) -> torch.Tensor:
+        return torch.randn(t, head, generator=g, dtype=torch.float64) * (
+            0.5 + 3 * torch.rand(head, generator=g, dtype=torch.float64))
+
+    q = (rnd(qpk) * q_scale).to(torch.bfloat16).to(torch.float64)  # the model's query is bf16
+    k, v = rnd(tokens), rnd(tokens)
+    kc, ks, km = quantize(k.view(-1, group, head), bits, dim=1)  # per channel over 32 tokens
+    vc, vs, vm = quantize(v.view(tokens, -1, group), bits, dim=2)  # per token over 32 channels
+    kd = dequantize(kc, ks, km).double().view(tokens, head)
+    vd = dequantize(vc, vs, vm).double().view(tokens, head)
+    ref = torch.softmax(q @ kd.T / math.sqrt(head), 1) @ vd
+    lg2 = 1 / (math.sqrt(head) * math.log(2))  # the kernel's scores are in log2 units
+    n = 1 << bits
+    k16 = f16((kc.double() / n) * (n * ks.double()) + km.double()).view(tokens, head)
+    v16 = f16((vc.double() / n) * (n * vs.double()) + vm.double()).view(tokens, head)
+    out = {}
+    for name, (rq, rk, rp, rv) in VARIANTS.items():
+        s = (f16(q * lg2) if rq else q * lg2) @ (k16 if rk else kd).T
+        p = torch.exp2(s - s.max(1, keepdim=True).values)
+        o = (f16(p) if rp else p) @ (v16 if rv else vd) / p.sum(1, keepdim=True)  # l sums the float32 P
+        out[name] = ((o - ref).abs().max() / ref.abs().max()).item()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--q-scales", type=float, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--bits", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--qpk", type=int, default=16, help="query heads per KV head")
+    a = ap.parse_args()
+    print("| q-scale | bits | " + " | ".join(VARIANTS) + " |")
+    print("|---:|---:|" + "---:|" * len(VARIANTS))
+    for qs in a.q_scales:
+        for bits in a.bits:
+            worst = dict.fromkeys(VARIANTS, 0.0)
+            for seed in range(a.seeds):
+                for name, err in one_step(qs, bits, seed, a.tokens, a.qpk).items():
+                    worst[name] = max(worst[name], err)
+            print(f"| {qs:g} | {bits} | " + " | ".join(f"{worst[n]:.2e}" for n in VARIANTS) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
