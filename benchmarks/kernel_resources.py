@@ -38,7 +38,7 @@ REGS_PER_SM, SMEM_PER_SM, MAX_WARPS = 65536, 228 * 1024, 64  # H100/H200 (sm_90)
 
 
 def resources(bits: int, qpk: int, kernel: str, num_warps: int, num_stages: int = 1, group_size: int = 32,
-              head_size: int = 128, lane_rows: int | None = None) -> dict:
+              head_size: int = 128, lane_rows: int | None = None, maxnreg: int | None = None) -> dict:
     """Compile the decode kernel ("fma": ``_decode_fma_kernel``, "mma": ``_decode_split_kernel``, "tc":
     ``decode_tc._decode_tc_kernel``, one warp whatever ``num_warps``) for sm_90 with
     these constexprs (``lane_rows`` None: decode()'s default for ``qpk``); return ptxas' figures, PTX counts and the SASS of its loops."""
@@ -46,7 +46,7 @@ def resources(bits: int, qpk: int, kernel: str, num_warps: int, num_stages: int 
     lay = PageLayout(512, head_size, bits, bits, group_size, "kv", torch.bfloat16)
     if kernel == "tc":  # Gluon; one warp
         tc = importlib.import_module("kivi_vllm.kernels.decode_tc")
-        return compiled_resources(tc.tc_kernel(), tc.tc_constexprs(lay, qpk, 8), 1)
+        return compiled_resources(tc.tc_kernel(), tc.tc_constexprs(lay, qpk, 8), 1, maxnreg)
     if kernel == "fma":
         fn = mod._decode_fma_kernel
         consts = mod.fma_constexprs(lay, qpk, 8, num_stages, lane_rows)
@@ -54,7 +54,7 @@ def resources(bits: int, qpk: int, kernel: str, num_warps: int, num_stages: int 
         fn = mod._decode_split_kernel
         consts = dict(NUM_SPLITS=8, SLOTS=8, DO_GROUPS=True, SPLIT_OFFSET=0,
                       **mod.mma_constexprs(lay, qpk, num_stages, dict(DOT_DTYPE=tl.float32, DOT_PRECISION="tf32")))
-    return compiled_resources(fn, consts, num_warps)
+    return compiled_resources(fn, consts, num_warps, maxnreg)
 
 
 def prefill_resources(bits: int, qpk: int, block_q: int, num_warps: int, phase: int = 1, group_size: int = 32,
@@ -136,7 +136,8 @@ def sass_loops(cubin: bytes) -> list[dict]:
     for addr, _, target in body:
         if target is not None and labels.get(target, addr + 1) < addr:
             ops = collections.Counter(op for a, op, _ in body if labels[target] <= a <= addr)
-            loops.append(dict(instructions=sum(ops.values()), top=dict(ops.most_common(12)), ldl=ops["LDL"], stl=ops["STL"]))
+            loops.append(dict(instructions=sum(ops.values()), top=dict(ops.most_common(12)), ldl=ops["LDL"],
+                              stl=ops["STL"]))
     return loops
 
 
@@ -153,6 +154,7 @@ def main() -> None:
                     help="prefill: the bulk loop's groups per step for the 'words' variants (default: prefill()'s)")
     ap.add_argument("--bulk-dot", choices=["fp32", "16", "f16"], default="fp32",
                     help="prefill: the bulk loop's operands")
+    ap.add_argument("--maxnreg", type=int, default=None, help="decode: register cap per thread (Triton's maxnreg)")
     a = ap.parse_args()
     if a.prefill:
         print(f"prefill kernel, KIVI-{a.bits}, head size {a.head_size}, group size {a.group_size}, {a.qpk} query "
@@ -179,11 +181,12 @@ def main() -> None:
     print(f"decode kernels, KIVI-{a.bits}, head size {a.head_size}, group size {a.group_size}, {a.qpk} query "
           "head(s) per KV head, sm_90")
     for v in variants:
-        r = resources(a.bits, a.qpk, **v, group_size=a.group_size, head_size=a.head_size)
+        r = resources(a.bits, a.qpk, **v, group_size=a.group_size, head_size=a.head_size, maxnreg=a.maxnreg)
         print(f"{v}: {r['registers']} registers, {r['spill_bytes']} B spilled, {r['shared_bytes']} B shared, "
               f"{r['programs_per_sm']} programs/SM; PTX {r['ptx_ops']}", flush=True)
         for loop in r["loops"]:
-            print(f"    loop: {loop['instructions']} SASS instructions per warp per iteration; {loop['top']}", flush=True)
+            print(f"    loop: {loop['instructions']} SASS instructions per warp per iteration, {loop['ldl']} LDL / "
+                  f"{loop['stl']} STL (spill traffic); {loop['top']}", flush=True)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ per query head (q . m). Three kernels (:func:`default_kernel` picks one):
   layout, scores are multiply-adds; values accumulate per output channel as ``sum_j (p_j * s_j) c_jc`` plus
   ``sum_j p_j m_j`` (per-token scale and minimum per channel group). Complete groups only: the open group runs as a
   second launch of ``_decode_split_kernel`` with ``DO_GROUPS=False`` into its own partial slot (the last one).
-* "tc", :mod:`.decode_tc` (Gluon, NVIDIA sm_80+, the default on CUDA from 4 query heads per KV head): fp16 tensor-core
+* "tc", :mod:`.decode_tc` (Gluon, NVIDIA sm_80+, the default on CUDA from 2 query heads per KV head): fp16 tensor-core
   MMAs whose operands are dequantized in registers (scale applied per element, one rounding), P taken from the
   score accumulator in place, no shared memory; complete groups only, the open group as for "fma".
 * ``_decode_split_kernel`` (tensor cores, rows padded to 16 query heads): one MMA ([QH, D] x [D, G]) for the
@@ -421,8 +421,10 @@ def default_kernel(layout: PageLayout, qpk: int, capability: tuple[int, int] | N
     (:mod:`.decode_tc`, tensor cores with register operands) from 2 query heads per KV head where
     :func:`tc_supports` the shape; otherwise :func:`kernel_for`. Measured on the H200 (2026-11-30,
     ``benchmarks/decode_attention.py --kernel tc|fma``, docs/benchmarks.md), KIVI-2 at batch 64-256, 4k-16k
-    context: "tc" takes 0.69-0.80x the "fma" kernel's time at 2 query heads per KV head, 0.46-0.63x at 3, 0.47-0.66x
-    at 4 and 0.11-0.29x at 8; at 1 it is slower than "fma" (559 vs 464 µs at 64 / 4k), which stays the MHA kernel."""
+    context: "tc" takes 0.69-0.80x the "fma" kernel's time at 2 query heads per KV head, 0.46-0.63x at 3 (both
+    timed with ``maxnreg=168``, 0-9% slower than the default at 4), 0.47-0.66x at 4 and 0.11-0.29x at 8; at 1 it is
+    slower than "fma" (559 vs 464 µs at 64 / 4k), which stays the MHA kernel. Its fp16 operands are less accurate
+    than "fma"'s float32 at very sharp attention (docs/benchmarks.md, ``benchmarks/tc_rounding.py``)."""
     if capability is not None and capability >= (8, 0) and qpk >= 2 and tc_supports(layout, qpk) is None:
         return "tc"
     return kernel_for(qpk, layout.group_size, layout.head_size)
@@ -472,9 +474,11 @@ def decode(
         kernel: "fma" (CUDA cores, codes in their word layout: :func:`_decode_fma_kernel`), "mma" (tensor cores,
             rows padded to 16 query heads: :func:`_decode_split_kernel`) or "tc" (tensor cores with operands built
             in registers, Gluon, NVIDIA sm_80+ only: :mod:`.decode_tc`); default :func:`default_kernel`.
-        maxnreg: "fma" and "tc": cap on registers per thread (Triton's ``maxnreg``; ptxas spills above it), for
-            more programs per SM; default none (the compiler's choice).
-        rescale_slack: "tc" only: see :func:`.decode_tc.tc_constexprs` (default ``decode_tc.RESCALE_SLACK``).
+        maxnreg: "fma" and "tc" (ignored by "mma"): cap on registers per thread (Triton's ``maxnreg``; ptxas spills
+            above it), for more programs per SM; default none (the compiler's choice; measured: caps are slower or
+            equal on the H200, docs/benchmarks.md).
+        rescale_slack: "tc" only (ignored by the others): see :func:`.decode_tc.tc_constexprs` (default
+            ``decode_tc.RESCALE_SLACK``).
 
     Returns:
         ``out``.
@@ -483,7 +487,7 @@ def decode(
         ValueError: shapes that do not match the layout, num_heads not a multiple of num_kv_heads, tensors not
             contiguous in head_size, num_splits not a power of 2, lane_rows not a power of 2 dividing the group
             size, an unknown kernel, or "tc" off NVIDIA GPUs of compute capability 8.0+, outside
-            :func:`tc_supports` or with num_warps other than 1.
+            :func:`tc_supports`, with num_warps other than 1 or with rescale_slack outside [0, 15].
     """
     HQ, H = check_attention("decode", query, key, value, out, kv_cache, layout)
     R = len(seq_lens) if num_reqs is None else num_reqs
@@ -530,7 +534,8 @@ def decode(
                 query, kv_cache, block_table, seq_lens, query_start_loc, part_m, part_l, part_acc, scale,
                 query.stride(0), query.stride(1), kv_cache.stride(0), kv_cache.stride(1),
                 block_table.stride(0), num_warps=num_warps or 1, maxnreg=maxnreg,
-                **decode_tc.tc_constexprs(layout, qpk, S, *(() if rescale_slack is None else (rescale_slack,))))
+                **decode_tc.tc_constexprs(layout, qpk, S,
+                                          decode_tc.RESCALE_SLACK if rescale_slack is None else rescale_slack))
         # the open group (stage rows and this step's token) in slot S
         _decode_split_kernel[(R, H, 1)](*args, NUM_SPLITS=S, SLOTS=slots, DO_GROUPS=False, SPLIT_OFFSET=S,
                                         num_warps=4, **mma)

@@ -102,17 +102,17 @@ def tc_constexprs(layout: PageLayout, qpk: int, num_splits: int, rescale_slack: 
     ``DistributedLinearLayout``s of the packed words, built so that the codes land where the MMA fragments want
     them), the inline PTX of :func:`_asm` and the page offsets (:func:`.common.layout_args`).
 
-    ``rescale_slack`` (>= 0, log2 units): a row's running maximum moves only when a group's scores exceed it by
-    more than this (0: whenever they exceed it, the classic online softmax). The result is the same up to
-    rounding; the probabilities fed to the P.V product stay below ``2**rescale_slack`` (at most 16 keeps them in
-    fp16's range).
+    ``rescale_slack`` (log2 units): a row's running maximum moves only when a group's scores exceed it by more
+    than this (0: whenever they exceed it, the classic online softmax). The result is the same up to rounding; the
+    probabilities fed to the P.V product reach up to ``2**rescale_slack``, which must stay below fp16's largest
+    value 65504 (2**15.999): hence at most 15.
 
     Raises:
-        ValueError: ``rescale_slack`` outside [0, 16].
+        ValueError: ``rescale_slack`` outside [0, 15].
     """
-    if not 0 <= rescale_slack <= 16:
-        raise ValueError(f"KIVI decode: rescale_slack must lie in [0, 16] (probabilities below 2**slack in fp16), "
-                         f"got {rescale_slack}")
+    if not 0 <= rescale_slack <= 15:
+        raise ValueError(f"KIVI decode: rescale_slack must lie in [0, 15] (probabilities up to 2**slack must fit "
+                         f"fp16), got {rescale_slack}")
     G, D = layout.group_size, layout.head_size
     kb, vb = layout.k_bits, layout.v_bits
     # keys: [G tokens, 4 (j), KWT words, 2 (p), KPW/2 (b)]: thread (j = lane % 4, tokens lane / 4 + 8 r) holds the
