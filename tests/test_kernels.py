@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import itertools
 import os
 import zlib
 
@@ -127,7 +128,8 @@ class Batch:
         return out.cpu(), cache.cpu()
 
     def kernels(self, streaming=True, block_q=None, num_splits=None, decode_stages=1, decode_kernel=None,
-                decode_lane_rows=None, prefill_unpack="words", prefill_bulk_groups=None, prefill_bulk_dot="fp32"):
+                decode_lane_rows=None, prefill_unpack="words", prefill_bulk_groups=None, prefill_bulk_dot="fp32",
+                first_chunk_attention=None):
         d = lambda x: x.to(DEV)  # noqa: E731
         cache = d(self.cache.clone())
         out = torch.full_like(d(self.q), float("nan"), dtype=self.out_dtype)  # poisoned: real rows must be written
@@ -139,7 +141,9 @@ class Batch:
                   d(self.slot_mapping), self.layout, self.layout.head_size ** -0.5, out, tiles,
                   streaming=streaming, block_q=bq, num_splits=num_splits, decode_stages=decode_stages,
                   decode_kernel=decode_kernel, decode_lane_rows=decode_lane_rows, prefill_unpack=prefill_unpack,
-                  prefill_bulk_groups=prefill_bulk_groups, prefill_bulk_dot=prefill_bulk_dot)
+                  prefill_bulk_groups=prefill_bulk_groups, prefill_bulk_dot=prefill_bulk_dot,
+                  first_chunk_attention=first_chunk_attention,
+                  max_query_len=max(b - a for a, b in itertools.pairwise(self.qsl_host)))
         return out.cpu(), cache.cpu()
 
 
@@ -296,6 +300,48 @@ def test_exact_prefill_mode(residual):
     assert rel_err(out, out_ref) < TOL
     # and it really is a different rule from streaming on these continuations
     assert rel_err(b.reference(streaming=True)[0], out_ref) > 1e-2
+
+
+def causal_own_chunk(query, key, value, cu_seqlens, max_seqlen, scale, out):
+    """Stand-in for vLLM's FlashAttention varlen (kivi_vllm.kernels.flash), float64: every request's rows attend
+    causally to its own rows."""
+    cu = cu_seqlens.tolist()
+    qpk = query.shape[1] // key.shape[1]
+    for a, b in itertools.pairwise(cu):
+        if b > a:
+            assert b - a <= max_seqlen
+            q, k, v = (x[a:b].double().transpose(0, 1) for x in (query, key, value))  # [heads, L, D]
+            k, v = k.repeat_interleave(qpk, 0), v.repeat_interleave(qpk, 0)
+            s = (q @ k.transpose(1, 2)) * scale
+            s = s.masked_fill(torch.ones(b - a, b - a, dtype=torch.bool).triu(1).to(s.device), float("-inf"))
+            out[a:b] = (s.softmax(-1) @ v).transpose(0, 1).to(out.dtype)
+
+
+# first chunks (several, at group and block edges), continuation chunks and decode tokens in one step
+FLASH_MIX = MIXES["mixed"] + [(0, 32), (0, 65), (5, 27)]
+
+
+@pytest.mark.parametrize("residual", ["kv", "k"])
+def test_exact_prefill_first_chunks_by_flash_attention(residual):
+    """prefill="exact" with FlashAttention for first chunks (kernels.forward's first_chunk_attention): the same
+    output as the reference's exact rule, the same cache bytes; and the prefill kernel leaves exactly the first
+    chunks' rows to it (a stand-in that writes 7 everywhere: only first-chunk rows keep it)."""
+    lay = PageLayout(64, 64, 2, 2, 32, residual, torch.bfloat16)
+    b = Batch(lay, FLASH_MIX, 4, 2, torch.bfloat16, seed_of("flash", residual), pad_reqs=2, out_dtype=torch.float32)
+    out_ref, cache_ref = b.reference(streaming=False)
+    out, cache = b.kernels(streaming=False, first_chunk_attention=causal_own_chunk)
+    n = b.qsl_host[-1]
+    assert torch.equal(cache, cache_ref)
+    assert rel_err(out[:n], out_ref[:n]) < TOL
+
+    out7, _ = b.kernels(streaming=False, first_chunk_attention=lambda *a: a[-1].fill_(7.0))
+    first = torch.zeros(n, dtype=torch.bool)
+    for (ctx, _), lo, hi in zip(FLASH_MIX, b.qsl_host, b.qsl_host[1:]):
+        first[lo:hi] = ctx == 0
+    assert (out7[:n][first] == 7).all()
+    assert rel_err(out7[:n][~first], out_ref[:n][~first]) < TOL
+    with pytest.raises(ValueError, match="needs prefill='exact'"):
+        b.kernels(streaming=True, first_chunk_attention=causal_own_chunk)
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 8])

@@ -62,6 +62,10 @@ class KiviAttentionImpl(AttentionImpl):
         self.kv_sharing_target_layer_name = None
         self.config = KiviConfig.from_vllm_config(vllm_config)
         KiviConfig.check_head_size(head_size)
+        #: prefill="exact": vLLM's FlashAttention computes first chunks on the Triton path, where it runs
+        self.first_chunk_attention = None
+        if self.config.prefill == "exact" and model_config is not None:
+            self.first_chunk_attention = kernels.flash.first_chunk_attention(model_config.dtype, head_size)[0]
         if model_config is not None:
             self.config.check_num_layers(model_config.get_total_num_hidden_layers())
 
@@ -87,6 +91,7 @@ class KiviAttentionImpl(AttentionImpl):
                 query[:n], key[:n], value[:n], kv_cache, m.block_table, m.query_start_loc, m.seq_lens,
                 m.slot_mapping[:n], m.layout, self.scale, output[:n], m.tiles, num_reqs=m.num_reqs,
                 streaming=self.config.prefill == "streaming", block_q=m.block_q,
+                first_chunk_attention=self.first_chunk_attention, max_query_len=m.max_query_len,
             )
             return output
         reference.forward(

@@ -14,6 +14,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from ..config import KiviConfig
 from ..kernels.decode import cuda_capability, default_kernel
+from ..kernels.flash import first_chunk_attention
 from ..kernels.prefill import block_q_for, prefill_tiles
 from ..layout import PageLayout
 from ..spec import KiviAttentionSpec, capacity_summary
@@ -64,7 +65,8 @@ def use_triton(device: torch.device | str) -> bool:
 
 
 def attention_path_summary(layout: PageLayout, num_heads: int, num_kv_heads: int, triton: bool,
-                           capability: tuple[int, int] | None = None) -> str:
+                           capability: tuple[int, int] | None = None,
+                           first_chunks: tuple[bool, str] | None = None) -> str:
     """One line for the start-up log: which code runs the KIVI layers' attention on this worker.
 
     Args:
@@ -73,10 +75,12 @@ def attention_path_summary(layout: PageLayout, num_heads: int, num_kv_heads: int
         triton: the Triton kernels run (:func:`use_triton`); else the PyTorch path.
         capability: the CUDA device's (major, minor) (:func:`kivi_vllm.kernels.decode.cuda_capability`), None on
             the CPU and ROCm.
+        first_chunks: under prefill="exact", :func:`kivi_vllm.kernels.flash.first_chunk_attention`'s
+            ``(fn is not None, what)``; None under the streaming rule (the Triton prefill kernel does all).
 
     Returns:
         e.g. ``"KIVI attention: Triton kernels; decode kernel 'tc' (tensor cores, ...) at 4 query heads per KV head,
-        head size 128, group size 32, compute capability 9.0"``.
+        head size 128, group size 32, compute capability 9.0; prefill: Triton prefill kernel"``.
     """
     if not triton:
         why = ("KIVI_ATTENTION_PATH=torch" if os.environ.get("KIVI_ATTENTION_PATH") == "torch"
@@ -84,10 +88,15 @@ def attention_path_summary(layout: PageLayout, num_heads: int, num_kv_heads: int
         return f"KIVI attention: PyTorch path (kivi_vllm.reference; {why}); steps are not captured in CUDA graphs"
     qpk = num_heads // num_kv_heads
     kernel = default_kernel(layout, qpk, capability)
+    prefill = "Triton prefill kernel"
+    if first_chunks is not None:
+        used, what = first_chunks
+        prefill = (f"first chunks by {what}, the rest by the Triton prefill kernel" if used
+                   else f"Triton prefill kernel (FlashAttention not used for first chunks: {what})")
     where = f", compute capability {capability[0]}.{capability[1]}" if capability else ""
     return (f"KIVI attention: Triton kernels; decode kernel '{kernel}' ({DECODE_KERNELS[kernel]}) at {qpk} query "
             f"head{'s' if qpk > 1 else ''} per KV head, head size {layout.head_size}, group size "
-            f"{layout.group_size}{where}")
+            f"{layout.group_size}{where}; prefill: {prefill}")
 
 
 @dataclass
@@ -107,6 +116,7 @@ class KiviMetadata:
         tiles: (tile_req, tile_start) int32 device tensors of the multi-token requests (Triton path), None when
             every request has one query token (the CUDA-graph case).
         block_q: query tokens per prefill tile (the tiles were made with it; set whenever ``tiles`` is).
+        max_query_len: the longest query of the step (FlashAttention for first chunks under prefill="exact").
         query_start_loc_host, seq_lens_host: host copies for the PyTorch path (None on the Triton path, which
             never synchronizes with the device).
     """
@@ -121,6 +131,7 @@ class KiviMetadata:
     triton: bool
     tiles: tuple[torch.Tensor, torch.Tensor] | None = None
     block_q: int = 0
+    max_query_len: int = 1
     query_start_loc_host: list[int] | None = None
     seq_lens_host: list[int] | None = None
 
@@ -157,8 +168,13 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
         global _capacity_logged, _path_logged
         if not _path_logged:
             _path_logged = True
+            cfg = KiviConfig.from_vllm_config(vllm_config)
+            first = None
+            if self.triton and cfg.prefill == "exact":
+                fn, what = first_chunk_attention(mc.dtype, self.layout.head_size)
+                first = (fn is not None, what)
             logger.info("%s", attention_path_summary(self.layout, *heads, self.triton,
-                                                     cuda_capability(torch.device(device))))
+                                                     cuda_capability(torch.device(device)), first))
         num_blocks = vllm_config.cache_config.num_gpu_blocks
         if num_blocks and not _capacity_logged:
             _capacity_logged = True
@@ -179,7 +195,7 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
         meta = KiviMetadata(
             num_actual_tokens=cm.num_actual_tokens, num_reqs=n, block_table=cm.block_table_tensor,
             slot_mapping=cm.slot_mapping, query_start_loc=cm.query_start_loc, seq_lens=cm.seq_lens,
-            layout=self.layout, triton=self.triton,
+            layout=self.layout, triton=self.triton, max_query_len=cm.max_query_len,
         )
         if not self.triton:
             meta.query_start_loc_host = cm.query_start_loc_cpu[: n + 1].tolist()

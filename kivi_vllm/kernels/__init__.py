@@ -11,16 +11,18 @@ They read and write exactly the bytes of :class:`kivi_vllm.layout.PageLayout` an
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 
 import torch
 
 from ..layout import PageLayout
+from . import flash
 from .decode import decode
 from .prefill import prefill
 from .store import store
 
-__all__ = ["decode", "forward", "prefill", "store"]
+__all__ = ["decode", "flash", "forward", "prefill", "store"]
 
 
 def forward(
@@ -48,6 +50,8 @@ def forward(
     prefill_warps: int = 4,
     prefill_bulk_groups: int | None = None,
     prefill_bulk_dot: str = "fp32",
+    first_chunk_attention: Callable | None = None,
+    max_query_len: int | None = None,
 ) -> torch.Tensor:
     """One layer step on the GPU: the same result as :func:`kivi_vllm.reference.forward` (store, then attention
     with the streaming visibility rule), as a fixed sequence of launches::
@@ -58,6 +62,12 @@ def forward(
         prefill(phase 0 rows)           (residual "k": after it, the rows need this step's quantized values)
         store(phase 1)                  every later group of multi-token requests
         prefill(phase 1 rows)           rows after the first group (read the groups this step completed)
+
+    With prefill="exact" (``streaming`` False) and a ``first_chunk_attention``, a step with multi-token requests
+    first has it compute every request's rows as causal attention over the request's own chunk (exact K/V, which
+    is prefill="exact" for a request with nothing cached before the step: a first chunk); the launches above then
+    overwrite the rows of every other request (decode rows, and continuation chunks, whose prefill tiles run as
+    before) and skip the first chunks' rows.
 
     A pure-decode step (``tiles`` None) is three launches of decode (FMA kernel: splits, open group, reduction; two
     with the MMA kernel) plus one of store: the shape captured in CUDA
@@ -79,11 +89,24 @@ def forward(
             decode_kernel (``kernel``), decode_lane_rows (``lane_rows``): see :func:`.decode.decode`;
             prefill_unpack (``unpack``), prefill_warps (``num_warps``), prefill_bulk_groups (``bulk_groups``),
             prefill_bulk_dot (``bulk_dot``): see :func:`.prefill.prefill`.
+        first_chunk_attention: with ``streaming`` False only, a function ``(query, key, value, cu_seqlens,
+            max_seqlen, scale, out)`` writing causal attention of every request's rows over its own rows into
+            ``out`` (:func:`.flash.first_chunk_attention`: vLLM's FlashAttention varlen); None: the prefill kernel
+            computes first chunks too.
+        max_query_len: the longest query of the batch (host int; needed with ``first_chunk_attention``).
 
     Returns:
         ``out``.
+
+    Raises:
+        ValueError: ``first_chunk_attention`` with ``streaming`` or without ``max_query_len``.
     """
     n = len(seq_lens) if num_reqs is None else num_reqs
+    flash = first_chunk_attention is not None and tiles is not None
+    if first_chunk_attention is not None and (streaming or max_query_len is None):
+        raise ValueError("KIVI: first_chunk_attention needs prefill='exact' (streaming=False) and max_query_len")
+    if flash:  # every request's own chunk, causal; rows that are not first chunks are overwritten below
+        first_chunk_attention(query, key, value, query_start_loc[: n + 1], max_query_len, scale, out)
     args = (query, key, value, kv_cache, block_table, query_start_loc, seq_lens)
     decode(*args, layout, scale, out, num_reqs=n, num_splits=num_splits, num_stages=decode_stages,
            num_warps=decode_warps, kernel=decode_kernel, lane_rows=decode_lane_rows)
@@ -93,7 +116,7 @@ def forward(
         return out
     prefill_phase = partial(prefill, *args, *tiles, layout, scale, out, block_q=block_q, exact=not streaming,
                             unpack=prefill_unpack, num_warps=prefill_warps, bulk_groups=prefill_bulk_groups,
-                            bulk_dot=prefill_bulk_dot)
+                            bulk_dot=prefill_bulk_dot, skip_first_chunks=flash)
     if layout.residual == "kv":
         prefill_phase(0)
         store_phase(0)

@@ -46,7 +46,7 @@ def _prefill_kernel(
     OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KM: tl.constexpr, OFF_VC: tl.constexpr,
     OFF_VS: tl.constexpr, OFF_VM: tl.constexpr, OFF_KSTAGE: tl.constexpr, OFF_VSTAGE: tl.constexpr,
     RESIDUAL_KV: tl.constexpr, UNPACK_WORDS: tl.constexpr = False, BULK_GROUPS: tl.constexpr = 0,
-    BULK_16: tl.constexpr = False, BULK_F16: tl.constexpr = False,
+    BULK_16: tl.constexpr = False, BULK_F16: tl.constexpr = False, SKIP_FIRST_CHUNKS: tl.constexpr = False,
 ):
     G: tl.constexpr = GROUP_SIZE
     M: tl.constexpr = BLOCK_Q * QPK_PAD
@@ -66,6 +66,8 @@ def _prefill_kernel(
     pos = ctx + tok  # absolute positions of the rows
     if EXACT:
         rvalid = (tok < q_len) & (row % QPK_PAD < QPK)
+        if SKIP_FIRST_CHUNKS:  # another launch (FlashAttention) wrote the rows of requests with nothing cached
+            rvalid = rvalid & (ctx > 0)
         k_lim = tl.zeros((M,), tl.int32) + g0  # groups below this are read dequantized
         v_lim = tl.zeros((M,), tl.int32) + ctx  # residual="k": values below this position dequantized
     else:
@@ -216,16 +218,18 @@ def _prefill_kernel(
 
 
 def prefill_constexprs(layout: PageLayout, qpk: int, block_q: int, phase: int, exact: bool, dot: dict,
-                       unpack: str, bulk_groups: int = 0, bulk_dot: str = "fp32") -> dict:
+                       unpack: str, bulk_groups: int = 0, bulk_dot: str = "fp32",
+                       skip_first_chunks: bool = False) -> dict:
     """The constexprs :func:`prefill` launches :func:`_prefill_kernel` with; ``dot``: :func:`.common.dot_args` of the
     query; ``bulk_groups``, ``bulk_dot``: the bulk loop's groups per step (0: none) and operands (:func:`prefill`;
-    the caller turns "16" and "f16" into "fp32" for float32 models).
+    the caller turns "16" and "f16" into "fp32" for float32 models); ``skip_first_chunks``: see :func:`prefill`.
     ``benchmarks/kernel_resources.py --prefill`` compiles the kernel with the same. The caller validates the bulk
     arguments (:func:`check_bulk`; :func:`prefill` does once per call).
     """
     return dict(QPK=qpk, QPK_PAD=triton.next_power_of_2(qpk), BLOCK_Q=block_q, PHASE=phase, EXACT=exact,
                 STAGE_DTYPE=stage_dtype(layout), UNPACK_WORDS=unpack == "words", BULK_GROUPS=bulk_groups,
-                BULK_16=bulk_dot in ("16", "f16"), BULK_F16=bulk_dot == "f16", **dot, **layout_args(layout))
+                BULK_16=bulk_dot in ("16", "f16"), BULK_F16=bulk_dot == "f16", SKIP_FIRST_CHUNKS=skip_first_chunks,
+                **dot, **layout_args(layout))
 
 
 #: Groups per step of the bulk loop when the page allows it (:func:`default_bulk_groups`). Measured on the H200
@@ -315,6 +319,7 @@ def prefill(
     unpack: str = "words",
     bulk_groups: int | None = None,
     bulk_dot: str = "fp32",
+    skip_first_chunks: bool = False,
 ) -> torch.Tensor:
     """Attention of the multi-token requests' query rows of one phase (module docstring) over their KIVI pages.
 
@@ -354,16 +359,24 @@ def prefill(
             is that a dequantized key is not a bf16 number and its 8-bit rounding moves sharp scores (not analysed
             further). Hence not the default. "f16" is tested under the interpreter only (its speed on the GPU should be
             "16"'s, the same MMAs, but is not measured). The default ("fp32", 4 groups) has the old loop's arithmetic
-            per element; it is tested under the interpreter (tests/test_kernels.py), not yet swept on the GPU.
+            per element; tested under the interpreter (tests/test_kernels.py) and swept on the H200 (45 of 45 cases
+            within 6.13e-3, docs/benchmarks.md).
+        skip_first_chunks: with ``exact`` only: leave the rows of requests that had nothing cached before this step
+            (first chunks) unwritten, because :func:`kivi_vllm.kernels.forward` had FlashAttention compute them
+            (under prefill="exact" they attend exactly to their own chunk, causally).
 
     Returns:
         ``out``.
 
     Raises:
         ValueError: shapes that do not match the layout, tensors not contiguous in head_size, an unknown
-            ``unpack`` or ``bulk_dot``, or a ``bulk_groups`` :func:`check_bulk` refuses.
+            ``unpack`` or ``bulk_dot``, a ``bulk_groups`` :func:`check_bulk` refuses, or ``skip_first_chunks``
+            without ``exact``.
     """
     HQ, H = check_attention("prefill", query, key, value, out, kv_cache, layout)
+    if skip_first_chunks and not exact:
+        raise ValueError("KIVI prefill: skip_first_chunks needs exact=True (under the streaming rule a first chunk "
+                         "reads its own completed groups dequantized, which FlashAttention cannot)")
     if unpack not in ("bytes", "words"):
         raise ValueError(f"KIVI prefill: unpack must be 'bytes' or 'words', got {unpack!r}")
     bulk_groups = resolve_bulk_groups(layout, bulk_groups, unpack)
@@ -378,6 +391,7 @@ def prefill(
         ONE_F32_BITS, query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         out.stride(0), out.stride(1), kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0),
         num_warps=num_warps, **prefill_constexprs(layout, qpk, bq, phase, exact, dot_args(query), unpack,
-                                                  bulk_groups, "fp32" if query.dtype == torch.float32 else bulk_dot),
+                                                  bulk_groups, "fp32" if query.dtype == torch.float32 else bulk_dot,
+                                                  skip_first_chunks),
     )
     return out
