@@ -10,6 +10,7 @@ contexts that end exactly at, just before and just after group (32) and block (5
 first chunks, continuation chunks and decode tokens.
 
     python scripts/kernel_sweep.py --out docs/measurements/kernel_sweep.json
+    python scripts/kernel_sweep.py --prefill exact --flash-first-chunks   # prefill="exact" as the engine runs it
 """
 
 from __future__ import annotations
@@ -59,9 +60,14 @@ def main() -> None:
     ap.add_argument("--decode-kernel", choices=["fma", "mma", "tc"], default=None,
                     help="decode kernel (default decode()'s default_kernel; 'tc' where decode.tc_supports the shape)")
     ap.add_argument("--first-shape", type=int, default=0, help="skip the grid's shapes before this index")
+    ap.add_argument("--prefill", choices=["streaming", "exact"], default="streaming", help="the prefill rule")
+    ap.add_argument("--flash-first-chunks", action="store_true",
+                    help="with --prefill exact: first chunks through vLLM's FlashAttention, as the engine does")
     a = ap.parse_args()
     if DEV != "cuda":
         raise SystemExit("kernel_sweep.py needs a CUDA device (the CPU tests cover small shapes)")
+    if a.flash_first_chunks and a.prefill != "exact":
+        raise SystemExit("--flash-first-chunks needs --prefill exact")
     rng = random.Random(a.seed)
     rows, failures = [], 0
     grid = [(*c, "kv", 32) for c in itertools.product([64, 128], [1, 4, 8], [2, 4])]
@@ -77,15 +83,23 @@ def main() -> None:
             reqs = mixed_batch(rng, a.batch)
             seed = rng.randrange(2**31)
             b = Batch(lay, reqs, hkv * gqa, hkv, torch.bfloat16, seed, pad_tokens=2)
-            out_ref, cache_ref = b.reference(device=DEV)
+            streaming = a.prefill == "streaming"
+            out_ref, cache_ref = b.reference(streaming=streaming, device=DEV)
+            flash = None
+            if a.flash_first_chunks:
+                from kivi_vllm.kernels.flash import first_chunk_attention
+
+                flash, what = first_chunk_attention(torch.bfloat16, head)
+                if flash is None:
+                    raise SystemExit(f"--flash-first-chunks: {what}")
             kernel = a.decode_kernel
             if kernel == "tc" and tc_supports(lay, gqa):
                 kernel = None
             out, cache = b.kernels(prefill_bulk_groups=a.prefill_bulk_groups, prefill_bulk_dot=a.prefill_bulk_dot,
-                                   decode_kernel=kernel)
+                                   decode_kernel=kernel, streaming=streaming, first_chunk_attention=flash)
             n = b.qsl_host[-1]
             row = dict(head=head, gqa=gqa, bits=bits, residual=residual, group=group, case=case, reqs=reqs,
-                       decode_kernel=kernel or "default",
+                       decode_kernel=kernel or "default", prefill=a.prefill, flash_first_chunks=flash is not None,
                        cache_equal=bool(torch.equal(cache, cache_ref)),
                        nan=bool(out[:n].isnan().any()), rel_err=rel_err(out[:n], out_ref[:n]))
             row["ok"] = row["cache_equal"] and not row["nan"] and row["rel_err"] < 1e-2
