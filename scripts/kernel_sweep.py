@@ -85,7 +85,7 @@ def main() -> None:
             b = Batch(lay, reqs, hkv * gqa, hkv, torch.bfloat16, seed, pad_tokens=2)
             streaming = a.prefill == "streaming"
             out_ref, cache_ref = b.reference(streaming=streaming, device=DEV)
-            flash = None
+            flash, what = None, None
             if a.flash_first_chunks:
                 from kivi_vllm.kernels.flash import first_chunk_attention
 
@@ -99,7 +99,8 @@ def main() -> None:
                                    decode_kernel=kernel, streaming=streaming, first_chunk_attention=flash)
             n = b.qsl_host[-1]
             row = dict(head=head, gqa=gqa, bits=bits, residual=residual, group=group, case=case, reqs=reqs,
-                       decode_kernel=kernel or "default", prefill=a.prefill, flash_first_chunks=flash is not None,
+                       decode_kernel=kernel or "default", prefill=a.prefill,
+                       flash_first_chunks=what if flash is not None else None,
                        cache_equal=bool(torch.equal(cache, cache_ref)),
                        nan=bool(out[:n].isnan().any()), rel_err=rel_err(out[:n], out_ref[:n]))
             row["ok"] = row["cache_equal"] and not row["nan"] and row["rel_err"] < 1e-2

@@ -110,7 +110,7 @@ def test_attention_path_in_the_startup_log():
     assert "PyTorch path" in attention_path_summary(lay, 32, 8, False)
     assert line.endswith("; prefill: Triton prefill kernel")  # the streaming rule
     exact = attention_path_summary(lay, 32, 8, True, (9, 0), (True, "FlashAttention 3 (...)"))
-    assert exact.endswith("prefill: first chunks by FlashAttention 3 (...), the rest by the Triton prefill kernel")
+    assert exact.endswith("prefill: first chunks by FlashAttention 3 (...), continuation chunks by the Triton prefill kernel")
     assert "FlashAttention not used for first chunks: no build" in attention_path_summary(
         lay, 32, 8, True, (9, 0), (False, "no build"))
 

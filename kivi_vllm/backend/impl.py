@@ -62,10 +62,10 @@ class KiviAttentionImpl(AttentionImpl):
         self.kv_sharing_target_layer_name = None
         self.config = KiviConfig.from_vllm_config(vllm_config)
         KiviConfig.check_head_size(head_size)
-        #: prefill="exact": vLLM's FlashAttention computes first chunks on the Triton path, where it runs
-        self.first_chunk_attention = None
-        if self.config.prefill == "exact" and model_config is not None:
-            self.first_chunk_attention = kernels.flash.first_chunk_attention(model_config.dtype, head_size)[0]
+        #: prefill="exact": vLLM's FlashAttention computes first chunks on the Triton path (looked up on its first
+        #: step there: :func:`kivi_vllm.kernels.flash.first_chunk_attention`)
+        self.first_chunk_dtype = (model_config.dtype if self.config.prefill == "exact" and model_config is not None
+                                  else None)
         if model_config is not None:
             self.config.check_num_layers(model_config.get_total_num_hidden_layers())
 
@@ -87,11 +87,14 @@ class KiviAttentionImpl(AttentionImpl):
         m = attn_metadata
         n = m.num_actual_tokens
         if m.triton:
+            flash = None
+            if self.first_chunk_dtype is not None and m.has_first_chunks:
+                flash = kernels.flash.first_chunk_attention(self.first_chunk_dtype, self.head_size)[0]
             kernels.forward(
                 query[:n], key[:n], value[:n], kv_cache, m.block_table, m.query_start_loc, m.seq_lens,
                 m.slot_mapping[:n], m.layout, self.scale, output[:n], m.tiles, num_reqs=m.num_reqs,
                 streaming=self.config.prefill == "streaming", block_q=m.block_q,
-                first_chunk_attention=self.first_chunk_attention, max_query_len=m.max_query_len,
+                first_chunk_attention=flash, max_query_len=m.max_query_len,
             )
             return output
         reference.forward(

@@ -91,7 +91,7 @@ def attention_path_summary(layout: PageLayout, num_heads: int, num_kv_heads: int
     prefill = "Triton prefill kernel"
     if first_chunks is not None:
         used, what = first_chunks
-        prefill = (f"first chunks by {what}, the rest by the Triton prefill kernel" if used
+        prefill = (f"first chunks by {what}, continuation chunks by the Triton prefill kernel" if used
                    else f"Triton prefill kernel (FlashAttention not used for first chunks: {what})")
     where = f", compute capability {capability[0]}.{capability[1]}" if capability else ""
     return (f"KIVI attention: Triton kernels; decode kernel '{kernel}' ({DECODE_KERNELS[kernel]}) at {qpk} query "
@@ -117,6 +117,9 @@ class KiviMetadata:
             every request has one query token (the CUDA-graph case).
         block_q: query tokens per prefill tile (the tiles were made with it; set whenever ``tiles`` is).
         max_query_len: the longest query of the step (FlashAttention for first chunks under prefill="exact").
+        has_first_chunks: a multi-token request had nothing cached before the step, by the host's
+            ``seq_lens_cpu_upper_bound`` (True when vLLM gives none); only saves the FlashAttention launch under
+            prefill="exact" when False: the kernels find first chunks on the device either way.
         query_start_loc_host, seq_lens_host: host copies for the PyTorch path (None on the Triton path, which
             never synchronizes with the device).
     """
@@ -132,6 +135,7 @@ class KiviMetadata:
     tiles: tuple[torch.Tensor, torch.Tensor] | None = None
     block_q: int = 0
     max_query_len: int = 1
+    has_first_chunks: bool = True
     query_start_loc_host: list[int] | None = None
     seq_lens_host: list[int] | None = None
 
@@ -201,7 +205,12 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
             meta.query_start_loc_host = cm.query_start_loc_cpu[: n + 1].tolist()
             meta.seq_lens_host = cm.seq_lens[:n].tolist()
         elif cm.max_query_len > 1:
-            tile_req, tile_start = prefill_tiles(np.asarray(cm.query_start_loc_cpu[: n + 1]), self.block_q)
+            qsl = np.asarray(cm.query_start_loc_cpu[: n + 1])
+            if cm.seq_lens_cpu_upper_bound is not None:  # exact for prefill rows (KIVI refuses speculative decoding)
+                q_len = np.diff(qsl)
+                seq = np.asarray(cm.seq_lens_cpu_upper_bound[:n])
+                meta.has_first_chunks = bool(((q_len > 1) & (seq == q_len)).any())
+            tile_req, tile_start = prefill_tiles(qsl, self.block_q)
             if len(tile_req):
                 meta.block_q = self.block_q
                 meta.tiles = (torch.from_numpy(tile_req).to(self.device, non_blocking=True),

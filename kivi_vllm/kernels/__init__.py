@@ -92,7 +92,8 @@ def forward(
         first_chunk_attention: with ``streaming`` False only, a function ``(query, key, value, cu_seqlens,
             max_seqlen, scale, out)`` writing causal attention of every request's rows over its own rows into
             ``out`` (:func:`.flash.first_chunk_attention`: vLLM's FlashAttention varlen); None: the prefill kernel
-            computes first chunks too.
+            computes first chunks too (pass None for a step without first chunks: the result is the same, the
+            FlashAttention launch is saved).
         max_query_len: the longest query of the batch (host int; needed with ``first_chunk_attention``).
 
     Returns:
@@ -102,10 +103,10 @@ def forward(
         ValueError: ``first_chunk_attention`` with ``streaming`` or without ``max_query_len``.
     """
     n = len(seq_lens) if num_reqs is None else num_reqs
-    flash = first_chunk_attention is not None and tiles is not None
+    by_flash = first_chunk_attention is not None and tiles is not None
     if first_chunk_attention is not None and (streaming or max_query_len is None):
         raise ValueError("KIVI: first_chunk_attention needs prefill='exact' (streaming=False) and max_query_len")
-    if flash:  # every request's own chunk, causal; rows that are not first chunks are overwritten below
+    if by_flash:  # every request's own chunk, causal; rows that are not first chunks are overwritten below
         first_chunk_attention(query, key, value, query_start_loc[: n + 1], max_query_len, scale, out)
     args = (query, key, value, kv_cache, block_table, query_start_loc, seq_lens)
     decode(*args, layout, scale, out, num_reqs=n, num_splits=num_splits, num_stages=decode_stages,
@@ -116,7 +117,7 @@ def forward(
         return out
     prefill_phase = partial(prefill, *args, *tiles, layout, scale, out, block_q=block_q, exact=not streaming,
                             unpack=prefill_unpack, num_warps=prefill_warps, bulk_groups=prefill_bulk_groups,
-                            bulk_dot=prefill_bulk_dot, skip_first_chunks=flash)
+                            bulk_dot=prefill_bulk_dot, skip_first_chunks=by_flash)
     if layout.residual == "kv":
         prefill_phase(0)
         store_phase(0)

@@ -4,7 +4,8 @@ Under prefill="exact" (the KIVI paper's one-shot prefill, §3.3) a chunk's queri
 the chunk dequantized and everything after exactly. A request with nothing cached before the step (a first chunk)
 therefore attends exactly and causally to its own chunk: plain causal attention over this step's key and value
 rows, which vLLM's FlashAttention computes (``vllm.v1.attention.backends.fa_utils.flash_attn_varlen_func``, the
-function and version choice of vLLM's own FlashAttention backend: FA3 on Hopper, FA2 on Ampere). The KIVI store
+function and version choice of vLLM's own FlashAttention backend: FA3 on Hopper, FA2 on Ampere, FA4 on
+Blackwell, which compiles just in time on its first call, outside vLLM's warm-up). The KIVI store
 still quantizes those tokens into the pages; only the attention of their rows moves to FlashAttention
 (:func:`kivi_vllm.kernels.forward` orders the launches). The streaming rule, the default, reads a first chunk's own
 completed groups dequantized, which FlashAttention cannot; it keeps the Triton prefill kernel.
@@ -34,8 +35,8 @@ def first_chunk_attention(dtype: torch.dtype, head_size: int) -> tuple[Callable 
         (rows ``cu_seqlens[r]`` to ``cu_seqlens[r + 1]``, int32 on the device), causal attention of its query rows
         ([T, num_heads, head_size]) over its own key/value rows ([T, num_kv_heads, head_size]) with softmax scale
         ``scale`` into ``out`` ([T, num_heads, head_size]); ``max_seqlen`` is the longest request (host int).
-        ``what`` names the FlashAttention version, or says why ``fn`` is None (not a CUDA platform, no vLLM
-        FlashAttention build, a float32 model).
+        ``what`` names the FlashAttention version, or says why ``fn`` is None (not a CUDA platform, a GPU below
+        compute capability 8.0, no vLLM FlashAttention build, a float32 model).
     """
     from vllm.platforms import current_platform
 
@@ -43,8 +44,12 @@ def first_chunk_attention(dtype: torch.dtype, head_size: int) -> tuple[Callable 
         return None, "vLLM's FlashAttention runs on CUDA only"
     if dtype not in FLASH_DTYPES:
         return None, f"FlashAttention takes fp16/bf16, the model is {dtype}"
-    from vllm.v1.attention.backends import fa_utils
-
+    if not current_platform.has_device_capability(80):
+        return None, "vLLM's FlashAttention needs compute capability 8.0 or newer"
+    try:
+        from vllm.v1.attention.backends import fa_utils  # imports vllm.vllm_flash_attn's compiled library
+    except ImportError as e:
+        return None, f"no vLLM FlashAttention build here ({e})"
     if not fa_utils.is_flash_attn_varlen_func_available():
         return None, "no vLLM FlashAttention build here"
     version = fa_utils.get_flash_attn_version(head_size=head_size)
