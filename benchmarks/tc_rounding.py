@@ -5,7 +5,9 @@ exact: the query (times the softmax scale and log2 e), each dequantized key ``(c
 rounding, HFMA2), each probability ``exp2(s - max)`` before ``P . V``, and each dequantized value. Its MMAs
 accumulate in float32, emulated here as exact (float64). This script recomputes one decode step of a KV head
 (``--tokens`` keys, ``--qpk`` query heads, keys per channel over groups of 32 tokens and values per token over groups
-of 32 channels with :mod:`kivi_vllm.quant`) with each of those roundings switched off in turn, and prints the
+of 32 channels with :mod:`kivi_vllm.quant`) with each of those roundings switched off in turn, and, for scale,
+FlashAttention's roundings on a bf16 cache holding the same keys and values (query, keys, values and
+probabilities in bf16, float32 accumulation: what vLLM's own bf16 attention does), and prints the
 relative error against the float64 attention over the dequantized cache (max abs error / max abs reference, the
 measure of ``scripts/decode_kernels_check.py``). Data as in ``tests/test_kernels.py``: ``randn x (0.5 + 3 u)`` per
 channel, queries times ``--q-scales`` (1 already gives logits of standard deviation about 5).
@@ -22,7 +24,7 @@ import torch
 
 from kivi_vllm.quant import dequantize, quantize
 
-#: name -> which of (query, keys, probabilities, values) are rounded to fp16
+#: name -> which of (query, keys, probabilities, values) "tc" rounds to fp16; "bf16": FlashAttention's roundings
 VARIANTS = {
     "tc (all four)": (1, 1, 1, 1),
     "query exact": (0, 1, 1, 1),
@@ -30,12 +32,18 @@ VARIANTS = {
     "query and keys exact": (0, 0, 1, 1),
     "P exact": (1, 1, 0, 1),
     "values exact": (1, 1, 1, 0),
+    "bf16 attention (FlashAttention)": "bf16",
 }
 
 
 def f16(x: torch.Tensor) -> torch.Tensor:
     """Round to fp16 and back to float64."""
     return x.to(torch.float16).to(torch.float64)
+
+
+def bf16(x: torch.Tensor) -> torch.Tensor:
+    """Round to bf16 and back to float64."""
+    return x.to(torch.bfloat16).to(torch.float64)
 
 
 def one_step(q_scale: float, bits: int, seed: int, tokens: int, qpk: int, head: int = 128, group: int = 32) -> dict:
@@ -58,7 +66,14 @@ def one_step(q_scale: float, bits: int, seed: int, tokens: int, qpk: int, head: 
     k16 = f16((kc.double() / n) * (n * ks.double()) + km.double()).view(tokens, head)
     v16 = f16((vc.double() / n) * (n * vs.double()) + vm.double()).view(tokens, head)
     out = {}
-    for name, (rq, rk, rp, rv) in VARIANTS.items():
+    for name, rounding in VARIANTS.items():
+        if rounding == "bf16":  # FlashAttention on a bf16 cache: scores from bf16 q and k, P and V in bf16
+            s = bf16(q) @ bf16(kd).T * (lg2 * math.log(2))
+            p = torch.exp(s - s.max(1, keepdim=True).values)
+            o = bf16(p) @ bf16(vd) / p.sum(1, keepdim=True)
+            out[name] = ((o - ref).abs().max() / ref.abs().max()).item()
+            continue
+        rq, rk, rp, rv = rounding
         s = (f16(q * lg2) if rq else q * lg2) @ (k16 if rk else kd).T
         p = torch.exp2(s - s.max(1, keepdim=True).values)
         o = (f16(p) if rp else p) @ (v16 if rv else vd) / p.sum(1, keepdim=True)  # l sums the float32 P
