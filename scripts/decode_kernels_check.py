@@ -8,8 +8,7 @@ against the float64 reference on one decode batch per shape, at several query he
 
 ``--q-scale`` multiplies the queries (the default data already has logits of standard deviation ~5: the top key
 takes ~43% of a row's weight; 8 gives ~92%), which widens the score ranges and exercises "tc"'s conditional
-rescaling; ``--rescale-slack`` and ``--maxnreg`` pass decode()'s options of those names (``forward()`` has none, so
-the script wraps ``kivi_vllm.kernels.decode``, the name ``forward`` calls).
+rescaling; ``--rescale-slack`` and ``--maxnreg`` pass decode()'s options of those names.
 
 Prints one line per (shape, kernel): relative error of the attention output against
 ``kivi_vllm.reference.forward`` (float32 outputs) and whether any output is NaN.
@@ -18,7 +17,6 @@ Prints one line per (shape, kernel): relative error of the attention output agai
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 from pathlib import Path
 
@@ -54,11 +52,7 @@ def main() -> None:
     a = ap.parse_args()
     if DEV != "cuda":
         raise SystemExit("decode_kernels_check.py needs a CUDA device (the CPU tests cover small shapes)")
-    import kivi_vllm.kernels as K
     from kivi_vllm.kernels.decode import tc_supports as supports
-
-    if a.rescale_slack is not None or a.maxnreg is not None:  # decode() options that forward() does not pass on
-        K.decode = functools.partial(K.decode, rescale_slack=a.rescale_slack, maxnreg=a.maxnreg)
 
     reqs = [(c, 1) for c in a.contexts]
     shapes = WIDE if a.wide else [(*s, 128, 32) for s in SHAPES]
@@ -72,7 +66,7 @@ def main() -> None:
             if kernel == "tc" and supports(lay, hq // hkv):
                 print(f"{hq // hkv} {bits} {residual} D={head} G={group} tc: not supported ({supports(lay, hq // hkv)})")
                 continue
-            out, _ = b.kernels(decode_kernel=kernel)
+            out, _ = b.kernels(decode_kernel=kernel, decode_maxnreg=a.maxnreg, decode_rescale_slack=a.rescale_slack)
             err = rel_err(out, ref)
             worst = max(worst, err if not out.isnan().any() else float("inf"))
             print(f"{hq // hkv} {bits} {residual} D={head} G={group} {kernel} rel err {err:.2e} "

@@ -129,7 +129,7 @@ class Batch:
 
     def kernels(self, streaming=True, block_q=None, num_splits=None, decode_stages=1, decode_kernel=None,
                 decode_lane_rows=None, prefill_unpack="words", prefill_bulk_groups=None, prefill_bulk_dot="fp32",
-                first_chunk_attention=None):
+                first_chunk_attention=None, decode_maxnreg=None, decode_rescale_slack=None):
         d = lambda x: x.to(DEV)  # noqa: E731
         cache = d(self.cache.clone())
         out = torch.full_like(d(self.q), float("nan"), dtype=self.out_dtype)  # poisoned: real rows must be written
@@ -142,7 +142,8 @@ class Batch:
                   streaming=streaming, block_q=bq, num_splits=num_splits, decode_stages=decode_stages,
                   decode_kernel=decode_kernel, decode_lane_rows=decode_lane_rows, prefill_unpack=prefill_unpack,
                   prefill_bulk_groups=prefill_bulk_groups, prefill_bulk_dot=prefill_bulk_dot,
-                  first_chunk_attention=first_chunk_attention,
+                  first_chunk_attention=first_chunk_attention, decode_maxnreg=decode_maxnreg,
+                  decode_rescale_slack=decode_rescale_slack,
                   max_query_len=max(b - a for a, b in itertools.pairwise(self.qsl_host)))
         return out.cpu(), cache.cpu()
 

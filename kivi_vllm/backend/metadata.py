@@ -118,8 +118,8 @@ class KiviMetadata:
         block_q: query tokens per prefill tile (the tiles were made with it; set whenever ``tiles`` is).
         max_query_len: the longest query of the step (FlashAttention for first chunks under prefill="exact").
         has_first_chunks: a multi-token request had nothing cached before the step, by the host's
-            ``seq_lens_cpu_upper_bound`` (True when vLLM gives none); only saves the FlashAttention launch under
-            prefill="exact" when False: the kernels find first chunks on the device either way.
+            ``seq_lens_cpu_upper_bound`` (worked out under prefill="exact" only; True when not worked out); only
+            saves the FlashAttention launch when False: the kernels find first chunks on the device either way.
         query_start_loc_host, seq_lens_host: host copies for the PyTorch path (None on the Triton path, which
             never synchronizes with the device).
     """
@@ -164,6 +164,9 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
             )
         self.layout = kv_cache_spec.layout
         self.triton = use_triton(device)
+        cfg = KiviConfig.from_vllm_config(vllm_config)
+        #: prefill="exact" on the Triton path: steps tell whether they hold first chunks (FlashAttention's launch)
+        self.exact_triton = self.triton and cfg.prefill == "exact"
         mc = vllm_config.model_config
         heads = (mc.get_num_attention_heads(vllm_config.parallel_config),
                  mc.get_num_kv_heads(vllm_config.parallel_config))
@@ -172,9 +175,8 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
         global _capacity_logged, _path_logged
         if not _path_logged:
             _path_logged = True
-            cfg = KiviConfig.from_vllm_config(vllm_config)
             first = None
-            if self.triton and cfg.prefill == "exact":
+            if self.exact_triton:
                 fn, what = first_chunk_attention(mc.dtype, self.layout.head_size)
                 first = (fn is not None, what)
             logger.info("%s", attention_path_summary(self.layout, *heads, self.triton,
@@ -182,7 +184,6 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
         num_blocks = vllm_config.cache_config.num_gpu_blocks
         if num_blocks and not _capacity_logged:
             _capacity_logged = True
-            cfg = KiviConfig.from_vllm_config(vllm_config)
             c = capacity_summary(worker_layer_specs(kv_cache_spec, cfg, vllm_config), num_blocks)
             logger.info(
                 "%s: KV cache of %d blocks x %d tokens = %d tokens (%.1f B per token per KV head%s); an unquantized "
@@ -206,7 +207,8 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
             meta.seq_lens_host = cm.seq_lens[:n].tolist()
         elif cm.max_query_len > 1:
             qsl = np.asarray(cm.query_start_loc_cpu[: n + 1])
-            if cm.seq_lens_cpu_upper_bound is not None:  # exact for prefill rows (KIVI refuses speculative decoding)
+            # seq_lens_cpu_upper_bound is exact for prefill rows (KIVI refuses speculative decoding)
+            if self.exact_triton and cm.seq_lens_cpu_upper_bound is not None:
                 q_len = np.diff(qsl)
                 seq = np.asarray(cm.seq_lens_cpu_upper_bound[:n])
                 meta.has_first_chunks = bool(((q_len > 1) & (seq == q_len)).any())

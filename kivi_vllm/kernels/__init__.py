@@ -46,6 +46,8 @@ def forward(
     decode_warps: int | None = None,
     decode_kernel: str | None = None,
     decode_lane_rows: int | None = None,
+    decode_maxnreg: int | None = None,
+    decode_rescale_slack: float | None = None,
     prefill_unpack: str = "words",
     prefill_warps: int = 4,
     prefill_bulk_groups: int | None = None,
@@ -86,7 +88,8 @@ def forward(
         streaming: False selects prefill="exact" (every prefill row in phase 0: before the store with residual
             "kv", after store phase 0 with "k", before store phase 1 either way).
         block_q: the ``block_q`` the tiles were made with; num_splits, decode_stages (``num_stages``), decode_warps (``num_warps``),
-            decode_kernel (``kernel``), decode_lane_rows (``lane_rows``): see :func:`.decode.decode`;
+            decode_kernel (``kernel``), decode_lane_rows (``lane_rows``), decode_maxnreg (``maxnreg``),
+            decode_rescale_slack (``rescale_slack``): see :func:`.decode.decode`;
             prefill_unpack (``unpack``), prefill_warps (``num_warps``), prefill_bulk_groups (``bulk_groups``),
             prefill_bulk_dot (``bulk_dot``): see :func:`.prefill.prefill`.
         first_chunk_attention: with ``streaming`` False only, a function ``(query, key, value, cu_seqlens,
@@ -110,7 +113,8 @@ def forward(
         first_chunk_attention(query, key, value, query_start_loc[: n + 1], max_query_len, scale, out)
     args = (query, key, value, kv_cache, block_table, query_start_loc, seq_lens)
     decode(*args, layout, scale, out, num_reqs=n, num_splits=num_splits, num_stages=decode_stages,
-           num_warps=decode_warps, kernel=decode_kernel, lane_rows=decode_lane_rows)
+           num_warps=decode_warps, kernel=decode_kernel, lane_rows=decode_lane_rows, maxnreg=decode_maxnreg,
+           rescale_slack=decode_rescale_slack)
     store_phase = partial(store, kv_cache, key, value, slot_mapping, query_start_loc, seq_lens, layout, num_reqs=n)
     if tiles is None:
         store_phase(0)
