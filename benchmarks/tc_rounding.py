@@ -46,8 +46,9 @@ def bf16(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.bfloat16).to(torch.float64)
 
 
-def one_step(q_scale: float, bits: int, seed: int, tokens: int, qpk: int, head: int = 128, group: int = 32) -> dict:
-    """Relative error of each variant of :data:`VARIANTS` for one random KV head (float64 throughout)."""
+def draw(q_scale: float, seed: int, tokens: int, qpk: int, head: int = 128) -> tuple[torch.Tensor, ...]:
+    """Query [qpk, head] (bf16 values, times ``q_scale``), keys and values [tokens, head], float64, as
+    ``tests/test_kernels.py`` draws them: ``randn x (0.5 + 3 u)`` with one magnitude per channel."""
     g = torch.Generator().manual_seed(seed)
 
     def rnd(t: int) -> torch.Tensor:
@@ -55,7 +56,19 @@ def one_step(q_scale: float, bits: int, seed: int, tokens: int, qpk: int, head: 
             0.5 + 3 * torch.rand(head, generator=g, dtype=torch.float64))
 
     q = (rnd(qpk) * q_scale).to(torch.bfloat16).to(torch.float64)  # the model's query is bf16
-    k, v = rnd(tokens), rnd(tokens)
+    return q, rnd(tokens), rnd(tokens)
+
+
+def sharpness(q_scale: float, seed: int, tokens: int, qpk: int, head: int = 128) -> tuple[float, float]:
+    """(standard deviation of the logits ``q.k / sqrt(head)``, mean weight of each row's top key) of :func:`draw`."""
+    q, k, _ = draw(q_scale, seed, tokens, qpk, head)
+    s = q @ k.T / math.sqrt(head)
+    return s.std().item(), s.softmax(1).amax(1).mean().item()
+
+
+def one_step(q_scale: float, bits: int, seed: int, tokens: int, qpk: int, head: int = 128, group: int = 32) -> dict:
+    """Relative error of each variant of :data:`VARIANTS` for one random KV head (float64 throughout)."""
+    q, k, v = draw(q_scale, seed, tokens, qpk, head)
     kc, ks, km = quantize(k.view(-1, group, head), bits, dim=1)  # per channel over 32 tokens
     vc, vs, vm = quantize(v.view(tokens, -1, group), bits, dim=2)  # per token over 32 channels
     kd = dequantize(kc, ks, km).double().view(tokens, head)
@@ -98,6 +111,10 @@ def main() -> None:
                 for name, err in one_step(qs, bits, seed, a.tokens, a.qpk).items():
                     worst[name] = max(worst[name], err)
             print(f"| {qs:g} | {bits} | " + " | ".join(f"{worst[n]:.2e}" for n in VARIANTS) + " |", flush=True)
+    print("\n| q-scale | logit standard deviation | mean weight of a row's top key |\n|---:|---:|---:|")
+    for qs in a.q_scales:
+        st = [sharpness(qs, seed, a.tokens, a.qpk) for seed in range(a.seeds)]
+        print(f"| {qs:g} | {sum(x for x, _ in st) / len(st):.1f} | {sum(y for _, y in st) / len(st):.0%} |")
 
 
 if __name__ == "__main__":

@@ -4,10 +4,10 @@ against the float64 reference on one decode batch per shape, at several query he
 
     python scripts/decode_kernels_check.py                    # the 2026-11-30 H200 runs (shapes of SHAPES)
     python scripts/decode_kernels_check.py --kernels tc --wide  # every shape "tc" supports
-    python scripts/decode_kernels_check.py --kernels tc fma --wide --q-scale 8  # sharper attention (logit std ~40)
+    python scripts/decode_kernels_check.py --kernels tc fma --wide --q-scale 8  # sharper attention (logit std ~37)
 
-``--q-scale`` multiplies the queries (the default data already has logits of standard deviation ~5: the top key
-takes ~43% of a row's weight; 8 gives ~92%), which widens the score ranges and exercises "tc"'s conditional
+``--q-scale`` multiplies the queries (the default data already has logits of standard deviation ~4.7: the top
+key takes ~42% of a row's weight; 8 gives ~94%; ``benchmarks/tc_rounding.py``), which widens the score ranges and exercises "tc"'s conditional
 rescaling; ``--rescale-slack`` and ``--maxnreg`` pass decode()'s options of those names.
 
 Prints one line per (shape, kernel): relative error of the attention output against
