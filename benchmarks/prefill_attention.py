@@ -5,6 +5,7 @@ on bf16 and fp8 caches, for the prompt chunks a prefill-heavy engine step carrie
     python benchmarks/prefill_attention.py --configs kivi2 --block-q 128 --prefill-warps 8   # KIVI options
     python benchmarks/prefill_attention.py --configs kivi2 --prefill-unpack bytes --bulk-groups 0   # previous kernel
     python benchmarks/prefill_attention.py --configs kivi2 --bulk-groups 4 --bulk-dot 16   # the bulk loop's options
+    python benchmarks/prefill_attention.py --configs kivi2 --exact --flash-first-chunks   # exact, first chunks in FA
 
 Why: on kivi-bench's `long` workload (256 x (3584 + 512), Llama-2-7B shape) steps full of prompt chunks took
 672-816 ms with KIVI against 401 ms with fp8 (docs/benchmarks.md), although a decode step is faster. With KIVI's
@@ -20,7 +21,9 @@ One layer, bf16 activations, shapes "llama2-7b" (32 query / 32 KV heads) and "gq
 * kivi2 / kivi4: ``kivi_vllm.kernels.forward`` for the whole step (prefill phase 0, the stores of the chunk's
   tokens, prefill phase 1, as the engine runs them, and its decode launches, which exit at once here) over ``PageLayout(512, 128, b, b, 32, "kv", bf16)``; its store part is timed
   alone too (``store_us``: phase 0 + phase 1). ``--exact`` runs prefill="exact" instead (a chunk's own tokens
-  exact; only groups cached before it dequantized), the KIVI paper's prefill.
+  exact; only groups cached before it dequantized), the KIVI paper's prefill; ``--exact --flash-first-chunks``
+  computes the first chunks' attention with vLLM's FlashAttention, as the engine does (``kivi_vllm.kernels.flash``;
+  its stores still run, the prefill kernel skips those rows).
 * fa3-bf16 / fa3-fp8: ``flash_attn_varlen_func(fa_version=3)`` as vLLM's FlashAttentionImpl calls it for a prefill
   batch (paged NHD cache of block size 16, causal, ``max_seqlen_q`` C, ``seqused_k`` P + C, descales 1.0; fp8: the
   query cast to e4m3 first, untimed). vLLM writes the chunk's K/V into the cache with a separate op
@@ -81,9 +84,14 @@ def parse_args():
                    help="KIVI prefill: groups per step of the bulk loop (prefill's bulk_groups; 0 = none)")
     p.add_argument("--bulk-dot", choices=["fp32", "16", "f16"], default="fp32",
                    help="KIVI prefill: the bulk loop's dot operands (prefill's bulk_dot)")
+    p.add_argument("--flash-first-chunks", action="store_true",
+                   help="with --exact: first chunks (cases without +P) through vLLM's FlashAttention, as the engine "
+                        "runs them (kivi_vllm.kernels.flash)")
     p.add_argument("--eager", action="store_true", help="time the Python call, not a CUDA-graph replay")
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.flash_first_chunks and not a.exact:
+        p.error("--flash-first-chunks needs --exact (the streaming rule reads a first chunk's own groups quantized)")
     a.cases = [parse_case(c) for c in a.cases]
     return a
 
@@ -130,12 +138,19 @@ def kivi_cell(bits, B, C, P, hq, h, d, io, device, args):
     q, key, value, out, qsl, qsl_host, seq_lens = io
     bq = args.block_q or block_q_for(hq, h)
     lay, kv_cache, block_table, slot, tiles = kivi_inputs(bits, B, C, P, h, d, qsl_host, device, bq)
+    flash, flash_what = None, None
+    if args.flash_first_chunks and P == 0:  # as the metadata builder decides: only steps with first chunks
+        from kivi_vllm.kernels.flash import first_chunk_attention
+
+        flash, flash_what = first_chunk_attention(q.dtype, d)
+        if flash is None:
+            raise RuntimeError(f"--flash-first-chunks: {flash_what}")
 
     def step():
         forward(q, key, value, kv_cache, block_table, qsl, seq_lens, slot, lay, d**-0.5, out, tiles,
                 streaming=not args.exact, block_q=bq, prefill_unpack=args.prefill_unpack,
                 prefill_warps=args.prefill_warps, prefill_bulk_groups=args.bulk_groups,
-                prefill_bulk_dot=args.bulk_dot)
+                prefill_bulk_dot=args.bulk_dot, first_chunk_attention=flash, max_query_len=C)
 
     def stores():
         store(kv_cache, key, value, slot, qsl, seq_lens, lay, 0)
@@ -147,7 +162,7 @@ def kivi_cell(bits, B, C, P, hq, h, d, io, device, args):
                 prefill_warps=args.prefill_warps, prefill_unpack=args.prefill_unpack,
                 bulk_groups=resolve_bulk_groups(lay, args.bulk_groups, args.prefill_unpack),
                 bulk_dot=args.bulk_dot,
-                cache_gib=kv_cache.numel() / GIB, exact=args.exact)
+                cache_gib=kv_cache.numel() / GIB, exact=args.exact, first_chunks_by=flash_what)
 
 
 def fa3_cell(fp8, B, C, P, hq, h, d, io, device, args, fa):

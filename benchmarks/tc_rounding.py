@@ -1,16 +1,18 @@
 """Which rounding bounds the "tc" decode kernel's accuracy: an emulation of its numerics on the CPU.
 
-The "tc" kernel (``kivi_vllm/kernels/decode_tc.py``) rounds four things to fp16 that the float64 reference keeps
-exact: the query (times the softmax scale and log2 e), each dequantized key ``(c / 2**b) * (2**b s) + m`` (one
-rounding, HFMA2), each probability ``exp2(s - max)`` before ``P . V``, and each dequantized value. Its MMAs
-accumulate in float32, emulated here as exact (float64). This script recomputes one decode step of a KV head
-(``--tokens`` keys, ``--qpk`` query heads, keys per channel over groups of 32 tokens and values per token over groups
-of 32 channels with :mod:`kivi_vllm.quant`) with each of those roundings switched off in turn, and, for scale,
-FlashAttention's roundings on a bf16 cache holding the same keys and values (query, keys, values and
-probabilities in bf16, float32 accumulation: what vLLM's own bf16 attention does), and prints the
-relative error against the float64 attention over the dequantized cache (max abs error / max abs reference, the
-measure of ``scripts/decode_kernels_check.py``). Data as in ``tests/test_kernels.py``: ``randn x (0.5 + 3 u)`` per
-channel, queries times ``--q-scales`` (1 already gives logits of standard deviation about 5).
+The "tc" kernel (``kivi_vllm/kernels/decode_tc.py``) rounds three things to fp16 that the float64 reference keeps
+exact: each dequantized key ``(c / 2**b) * (2**b s) + m`` (one rounding, HFMA2), each probability
+``exp2(s - max)`` before ``P . V``, and each dequantized value. The query enters as the model gave it (a bf16 query
+is exact in fp16) and the softmax scale multiplies the float32 scores; the former kernel (until the seventh
+session) folded the scale and log2(e) into the query first, a fourth rounding, kept here as a variant. Its MMAs
+accumulate in float32, emulated here as exact (float64). This script recomputes one decode step of a KV head (``--tokens`` keys, ``--qpk``
+query heads, keys per channel over groups of 32 tokens and values per token over groups of 32 channels with
+:mod:`kivi_vllm.quant`) with each rounding switched off in turn, and, for scale, FlashAttention's roundings on a
+bf16 cache holding the same keys and values (query, keys, values and probabilities in bf16, float32 accumulation:
+what vLLM's own bf16 attention does), and prints the relative error against the float64 attention over the
+dequantized cache (max abs error / max abs reference, the measure of ``scripts/decode_kernels_check.py``). Data as
+in ``tests/test_kernels.py``: ``randn x (0.5 + 3 u)`` per channel, queries times ``--q-scales`` (1 already gives
+logits of standard deviation about 5).
 
     python benchmarks/tc_rounding.py                    # q-scales 1 4 8, bits 2 and 4, 4 seeds
 """
@@ -24,14 +26,14 @@ import torch
 
 from kivi_vllm.quant import dequantize, quantize
 
-#: name -> which of (query, keys, probabilities, values) "tc" rounds to fp16; "bf16": FlashAttention's roundings
+#: name -> (query: "fp16" as the model gave it, "scaled" times the softmax scale then fp16, or "exact"; then whether
+#: the keys, the probabilities and the values are rounded to fp16); "bf16": FlashAttention's roundings
 VARIANTS = {
-    "tc (all four)": (1, 1, 1, 1),
-    "query exact": (0, 1, 1, 1),
-    "keys exact": (1, 0, 1, 1),
-    "query and keys exact": (0, 0, 1, 1),
-    "P exact": (1, 1, 0, 1),
-    "values exact": (1, 1, 1, 0),
+    "tc": ("fp16", 1, 1, 1),
+    "former tc (query x scale in fp16)": ("scaled", 1, 1, 1),
+    "keys exact": ("fp16", 0, 1, 1),
+    "P exact": ("fp16", 1, 0, 1),
+    "values exact": ("fp16", 1, 1, 0),
     "bf16 attention (FlashAttention)": "bf16",
 }
 
@@ -87,7 +89,8 @@ def one_step(q_scale: float, bits: int, seed: int, tokens: int, qpk: int, head: 
             out[name] = ((o - ref).abs().max() / ref.abs().max()).item()
             continue
         rq, rk, rp, rv = rounding
-        s = (f16(q * lg2) if rq else q * lg2) @ (k16 if rk else kd).T
+        qq = {"fp16": f16(q) * lg2, "scaled": f16(q * lg2), "exact": q * lg2}[rq]
+        s = qq @ (k16 if rk else kd).T
         p = torch.exp2(s - s.max(1, keepdim=True).values)
         o = (f16(p) if rp else p) @ (v16 if rv else vd) / p.sum(1, keepdim=True)  # l sums the float32 P
         out[name] = ((o - ref).abs().max() / ref.abs().max()).item()

@@ -85,16 +85,22 @@ def test_time_split_counts_steps_where_a_running_request_got_no_token():
     assert tpot.time_split(dict(steps=steps, steps_recorded=9)) is None  # a strided trace has no step times
 
 
-def test_tc_error_comes_from_the_scores():
-    """docs/benchmarks.md's reading of ``benchmarks/tc_rounding.py``: the fp16 query and keys (the scores) make
-    "tc"'s error, the fp16 probabilities and values hardly add to it; the error grows with sharper attention."""
+def test_tc_error_comes_from_the_keys():
+    """docs/benchmarks.md's reading of ``benchmarks/tc_rounding.py``: the fp16 keys make "tc"'s error, the fp16
+    probabilities and values hardly add to it; folding the softmax scale into the query (the former kernel)
+    added a rounding that doubled it at sharp attention; the error grows with sharper attention."""
     emu = load("benchmarks/tc_rounding.py")
-    sharp = emu.one_step(q_scale=8, bits=4, seed=0, tokens=1024, qpk=8)
-    plain = emu.one_step(q_scale=1, bits=4, seed=0, tokens=1024, qpk=8)
-    assert sharp["query and keys exact"] < sharp["tc (all four)"] / 4
-    assert sharp["P exact"] > sharp["tc (all four)"] / 2 and sharp["values exact"] > sharp["tc (all four)"] / 2
-    assert sharp["tc (all four)"] > 2 * plain["tc (all four)"]
-    assert plain["tc (all four)"] < 2e-3  # the float64 check's data: within the issue's 1e-2 with a margin
+
+    def worst(q_scale: float) -> dict:  # the script's default run: worst of 4 seeds, 4,096 tokens, 16 query heads
+        runs = [emu.one_step(q_scale=q_scale, bits=4, seed=seed, tokens=4096, qpk=16) for seed in range(4)]
+        return {name: max(r[name] for r in runs) for name in runs[0]}
+
+    sharp, plain = worst(8), worst(1)
+    assert sharp["keys exact"] < sharp["tc"] / 4
+    assert sharp["P exact"] > sharp["tc"] / 2 and sharp["values exact"] > sharp["tc"] / 2
+    assert sharp["former tc (query x scale in fp16)"] > 1.5 * sharp["tc"]
+    assert sharp["tc"] > 2 * plain["tc"]
+    assert plain["tc"] < 2e-3  # the float64 check's data: within the issue's 1e-2 with a margin
     # for scale: FlashAttention's bf16 roundings of the same cache err more, sharp or not
     for case in (sharp, plain):
-        assert case["bf16 attention (FlashAttention)"] > 2 * case["tc (all four)"]
+        assert case["bf16 attention (FlashAttention)"] > 2 * case["tc"]

@@ -6,7 +6,9 @@ request, KV head and split; the open group and the reduction are that module's l
 memory:
 
 * scores ``S = q . K^T``: A = the query heads of one KV head in fp16 (padded to 16 rows, loaded once; a bf16 query
-  clamped to fp16's range); B = the group's keys dequantized in fp16, ``(c / 2**bits) * (2**bits s) + m``;
+  clamped to fp16's range, and not scaled: the softmax scale and log2(e) multiply the float32 scores, since folded
+  into the query they were a rounding of their own); B = the group's keys dequantized in fp16,
+  ``(c / 2**bits) * (2**bits s) + m``;
   Dequantized keys and values must lie in fp16's range (|x| <= 65504; KIVI's stored scale and minimum already
   do); ``2**bits s`` overflows above a scale of 16,376 (2-bit) or 4,094 (4-bit), i.e. a channel range of about
   49k (2-bit) or 61k (4-bit) within one group, where "fma" (float32) would be needed;
@@ -231,15 +233,18 @@ def _decode_tc_kernel(
         per_split = gl.cdiv(n_full, NUM_SPLITS)
         g_lo = split * per_split
         g_hi = gl.minimum(n_full, g_lo + per_split)
-        # q as the A operand, fp16 (softmax scale and log2(e) folded in); MMA index k = 16 kc + 8 e + 2 j + p is
-        # channel j * CPT + w * KPW + p * HALF + b with w * HALF + b = 2 kc + e
+        # q as the A operand in fp16 as the model gave it (a bf16 or fp16 query is exact in fp16; the softmax scale
+        # and log2(e) multiply the float32 scores instead: folded into q they rounded it, which doubled the error at
+        # sharp attention, benchmarks/tc_rounding.py); MMA index k = 16 kc + 8 e + 2 j + p is channel
+        # j * CPT + w * KPW + p * HALF + b with w * HALF + b = 2 kc + e
         qk = gl.arange(0, D, layout=gl.SliceLayout(0, A16))
         qr = gl.arange(0, 16, layout=gl.SliceLayout(1, A16))
         pair = (qk // 16) * 2 + (qk // 8) % 2
         qch = ((qk // 2) % 4) * CPT + (pair // HALF) * KPW + (qk % 2) * HALF + pair % HALF
         q = gl.load(q_ptr + q_start * stride_qt + gl.expand_dims(h * QPK + qr, 1) * stride_qh
                     + gl.expand_dims(qch, 0), mask=gl.expand_dims(qr < QPK, 1), other=0.0).to(gl.float32)
-        q = gl.minimum(gl.maximum(q * (sm_scale * LOG2E_TC), -65504.0), 65504.0).to(gl.float16)
+        q = gl.minimum(gl.maximum(q, -65504.0), 65504.0).to(gl.float16)
+        qscale = sm_scale * LOG2E_TC
         bt_row = block_table_ptr + r * stride_bt
         for g in range(g_lo, g_hi):
             blk = gl.load(bt_row + g // GROUPS_PER_PAGE).to(gl.int64)
@@ -260,11 +265,11 @@ def _decode_tc_kernel(
             kd = gl.reshape(gl.permute(kd, (0, 1, 2, 4, 3)), [G, 4, KWT * HALF // 2, 2, 2])  # (w, b) -> (kc, e)
             kd = gl.reshape(gl.permute(kd, (2, 3, 1, 4, 0)), [D, G])  # k = 16 kc + 8 e + 2 j + p
             kd = gl.convert_layout(kd, B16, assert_trivial=True)
-            s = mma_v2(q, kd, gl.full([16, G], 0.0, gl.float32, MMA))
+            s = mma_v2(q, kd, gl.full([16, G], 0.0, gl.float32, MMA))  # times qscale: log2 units
             # online softmax, base 2; with RESCALE_SLACK > 0 a row's running max (and so acc, l) moves only when the
             # group's max exceeds it by more than the slack (FlashAttention-4's conditional rescaling): the
             # probabilities are then at most 2**slack (fp16 holds them), and most groups skip the 64 multiplies
-            m_new = gl.maximum(m_i, gl.max(s, axis=1))
+            m_new = gl.maximum(m_i, gl.max(s, axis=1) * qscale)
             if RESCALE_SLACK > 0:
                 grow = m_new > m_i + RESCALE_SLACK
                 if gl.max(grow.to(gl.int32), axis=0) > 0:  # one branch for the warp
@@ -278,7 +283,7 @@ def _decode_tc_kernel(
                 acc = acc * gl.expand_dims(alpha, 1)
                 l_i = l_i * alpha
                 m_i = m_new
-            prob = gl.exp2(s - gl.expand_dims(m_i, 1))
+            prob = gl.exp2(s * qscale - gl.expand_dims(m_i, 1))  # one FFMA per score
             l_i = l_i + gl.sum(prob, axis=1)
             # values -> B operand [G (k = token), D (n: channel (n % 8) * CPTV + n // 8)]
             pa = gl.convert_layout(prob.to(gl.float16), A16, assert_trivial=True)
