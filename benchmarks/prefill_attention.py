@@ -6,7 +6,6 @@ on bf16 and fp8 caches, for the prompt chunks a prefill-heavy engine step carrie
     python benchmarks/prefill_attention.py --configs kivi2 --prefill-unpack bytes --bulk-groups 0   # previous kernel
     python benchmarks/prefill_attention.py --configs kivi2 --bulk-groups 4 --bulk-dot 16   # the bulk loop's options
     python benchmarks/prefill_attention.py --configs kivi2 --exact --flash-first-chunks   # exact, first chunks in FA
-    python benchmarks/prefill_attention.py --configs kivi2 --store-heads 1 2 4 8   # store: KV heads per program
 
 Why: on kivi-bench's `long` workload (256 x (3584 + 512), Llama-2-7B shape) steps full of prompt chunks took
 672-816 ms with KIVI against 401 ms with fp8 (docs/benchmarks.md), although a decode step is faster. With KIVI's
@@ -88,9 +87,6 @@ def parse_args():
     p.add_argument("--flash-first-chunks", action="store_true",
                    help="with --exact: first chunks (cases without +P) through vLLM's FlashAttention, as the engine "
                         "runs them (kivi_vllm.kernels.flash)")
-    p.add_argument("--store-heads", type=int, nargs="+", default=None,
-                   help="KIVI: also time the stores with these KV heads per program in phase 1 (store's "
-                        "heads_per_program; store_us is the default's)")
     p.add_argument("--eager", action="store_true", help="time the Python call, not a CUDA-graph replay")
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -138,7 +134,6 @@ def kivi_cell(bits, B, C, P, hq, h, d, io, device, args):
     cache (:func:`kivi_inputs`); returns the row's fields (times in µs)."""
     from kivi_vllm.kernels import forward, store
     from kivi_vllm.kernels.prefill import block_q_for, resolve_bulk_groups
-    from kivi_vllm.kernels.store import default_heads_per_program
 
     q, key, value, out, qsl, qsl_host, seq_lens = io
     bq = args.block_q or block_q_for(hq, h)
@@ -157,18 +152,13 @@ def kivi_cell(bits, B, C, P, hq, h, d, io, device, args):
                 prefill_warps=args.prefill_warps, prefill_bulk_groups=args.bulk_groups,
                 prefill_bulk_dot=args.bulk_dot, first_chunk_attention=flash, max_query_len=C)
 
-    def stores(heads=None):
+    def stores():
         store(kv_cache, key, value, slot, qsl, seq_lens, lay, 0)
-        store(kv_cache, key, value, slot, qsl, seq_lens, lay, 1, heads_per_program=heads)
+        store(kv_cache, key, value, slot, qsl, seq_lens, lay, 1)
 
     ms, mode = bench(step, device, args.eager)
     sms, _ = bench(stores, device, args.eager)
-    by_heads = {}
-    for heads in args.store_heads or []:
-        by_heads[heads] = bench(lambda heads=heads: stores(heads), device, args.eager)[0] * 1e3
-        log(f"    store, {heads} KV heads per phase-1 program: {by_heads[heads]:.1f} us")
-    return dict(status="ok", time_us=ms * 1e3, store_us=sms * 1e3, store_us_by_heads=by_heads, timing=mode,
-                block_q=bq, store_heads_default=default_heads_per_program(1, h),
+    return dict(status="ok", time_us=ms * 1e3, store_us=sms * 1e3, timing=mode, block_q=bq,
                 prefill_warps=args.prefill_warps, prefill_unpack=args.prefill_unpack,
                 bulk_groups=resolve_bulk_groups(lay, args.bulk_groups, args.prefill_unpack),
                 bulk_dot=args.bulk_dot,

@@ -181,24 +181,6 @@ def test_store_bit_exact(mix, residual, bits):
     assert diff.numel() == 0, f"{len(diff)} bytes differ, first at (block, head, byte) {diff[:4].tolist()}"
 
 
-@pytest.mark.parametrize("heads_per_program", [2, 3])
-@pytest.mark.parametrize("residual", ["kv", "k"])
-def test_store_heads_per_program(heads_per_program, residual):
-    """Programs that write several KV heads one after the other (3 heads: 2 per program leaves a partial last
-    program) write the reference's bytes, both phases, on the mixed batch."""
-    lay = PageLayout(64, 64, 2, 2, 32, residual, torch.bfloat16)
-    b = Batch(lay, MIXES["mixed"], 6, 3, torch.bfloat16, seed_of("hpp", heads_per_program, residual), pad_tokens=3)
-    _, cache_ref = b.reference()
-    cache = b.cache.clone().to(DEV)
-    args = (cache, b.k.to(DEV), b.v.to(DEV), b.slot_mapping.to(DEV), b.qsl.to(DEV), b.seq_lens.to(DEV), lay)
-    K.store(*args, 0, heads_per_program=heads_per_program)
-    K.store(*args, 1, heads_per_program=heads_per_program)
-    diff = (cache_ref != cache.cpu()).nonzero()
-    assert diff.numel() == 0, f"{len(diff)} bytes differ, first at (block, head, byte) {diff[:4].tolist()}"
-    with pytest.raises(ValueError, match="heads_per_program"):
-        K.store(*args, 1, heads_per_program=0)
-
-
 @pytest.mark.parametrize("mix", sorted(MIXES))
 @pytest.mark.parametrize("residual", ["kv", "k"])
 @pytest.mark.parametrize("gqa", [1, 3])

@@ -26,19 +26,19 @@ from .common import check_cache, check_rows, find_request, layout_args, pack_row
 
 @triton.jit
 def _store_kernel(
-    kv_ptr, key_ptr, value_ptr, slot_ptr, qsl_ptr, seq_lens_ptr, num_reqs, num_heads,
+    kv_ptr, key_ptr, value_ptr, slot_ptr, qsl_ptr, seq_lens_ptr, num_reqs,
     stride_cache_block, stride_cache_head, stride_kt, stride_kh, stride_vt, stride_vh,
     STAGE_DTYPE: tl.constexpr, PHASE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr, RECORD_BYTES: tl.constexpr,
     OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KM: tl.constexpr, OFF_VC: tl.constexpr,
     OFF_VS: tl.constexpr, OFF_VM: tl.constexpr, OFF_KSTAGE: tl.constexpr, OFF_VSTAGE: tl.constexpr,
-    RESIDUAL_KV: tl.constexpr, HEADS: tl.constexpr,
+    RESIDUAL_KV: tl.constexpr,
 ):
     G: tl.constexpr = GROUP_SIZE
     NVG: tl.constexpr = HEAD_PAD // V_GROUP  # value channel groups per token (padded)
     t = tl.program_id(0)
-    h0 = tl.program_id(1) * HEADS  # this program's KV heads: h0 .. h0 + HEADS - 1 (those below num_heads)
+    h = tl.program_id(1)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     r = find_request(qsl_ptr, num_reqs, t)
     q_start = tl.load(qsl_ptr + r)
@@ -53,95 +53,77 @@ def _store_kernel(
         blk = slot // BLOCK_SIZE
         grp = (slot % BLOCK_SIZE) // G
         p = slot % G
+        page = kv_ptr + blk * stride_cache_block + h * stride_cache_head
+        rec = page + grp * RECORD_BYTES
         d = tl.arange(0, HEAD_PAD)
         dmask = d < HEAD_SIZE
         group_end = pos - p + G  # one past the group's last position
-        # a token of a group that completes later in this step has nothing to write (residual "kv")
-        work = (p == G - 1) | (group_end > seq_len) | (not RESIDUAL_KV)
-        for hh in range(tl.where(work, HEADS, 0)):
-            h = h0 + hh
-            if h < num_heads:
-                page = kv_ptr + blk * stride_cache_block + h * stride_cache_head
-                rec = page + grp * RECORD_BYTES
-                k_stage = (page + OFF_KSTAGE).to(tl.pointer_type(STAGE_DTYPE))
-                if not RESIDUAL_KV:
-                    # residual="k": every value is quantized per token on arrival into its record row
-                    v = tl.load(value_ptr + t * stride_vt + h * stride_vh + d, mask=dmask, other=0.0).to(tl.float32)
-                    vq, vs, vm = quantize(tl.reshape(v, (1, NVG, V_GROUP)), 2, V_BITS)
-                    vb = pack_rows(tl.reshape(vq, (1, HEAD_PAD)), 1, HEAD_PAD, V_BITS)
-                    nb = tl.arange(0, HEAD_PAD * V_BITS // 8)
-                    tl.store(rec + OFF_VC + p * (HEAD_SIZE * V_BITS // 8) + nb[None, :], vb,
-                             mask=nb[None, :] < HEAD_SIZE * V_BITS // 8)
-                    ci = tl.arange(0, NVG)
-                    cmask = ci < HEAD_SIZE // V_GROUP
-                    tl.store((rec + OFF_VS).to(tl.pointer_type(tl.float16)) + p * (HEAD_SIZE // V_GROUP) + ci,
-                             tl.reshape(vs, (NVG,)), mask=cmask)
-                    tl.store((rec + OFF_VM).to(tl.pointer_type(tl.float16)) + p * (HEAD_SIZE // V_GROUP) + ci,
-                             tl.reshape(vm, (NVG,)), mask=cmask)
-                if p == G - 1:
-                    # This token completes its group: gather the G tokens (earlier steps' from the stage, this step's
-                    # from key/value), quantize, write the record.
-                    i = tl.arange(0, G)
-                    j = pos - p + i  # positions of the group
-                    from_step = j >= ctx
-                    rows = t - p + i  # batch rows of this step's tokens
-                    m2 = dmask[None, :]
-                    k = tl.load(key_ptr + rows[:, None] * stride_kt + h * stride_kh + d[None, :],
-                                mask=from_step[:, None] & m2, other=0.0).to(STAGE_DTYPE).to(tl.float32)
-                    k_old = tl.load(k_stage + i[:, None] * HEAD_SIZE + d[None, :], mask=(~from_step[:, None]) & m2,
-                                    other=0.0).to(tl.float32)
-                    k = tl.where(from_step[:, None], k, k_old)
-                    if RESIDUAL_KV:
-                        v_stage = (page + OFF_VSTAGE).to(tl.pointer_type(STAGE_DTYPE))
-                        v = tl.load(value_ptr + rows[:, None] * stride_vt + h * stride_vh + d[None, :],
-                                    mask=from_step[:, None] & m2, other=0.0).to(STAGE_DTYPE).to(tl.float32)
-                        v_old = tl.load(v_stage + i[:, None] * HEAD_SIZE + d[None, :], mask=(~from_step[:, None]) & m2,
-                                        other=0.0).to(tl.float32)
-                        v = tl.where(from_step[:, None], v, v_old)
-                    # the last record of a page shares bytes with the stage: every stage read above happens before any
-                    # record write below
-                    tl.debug_barrier()
-                    # keys: per channel over the G tokens (padded channels are quantized but never stored)
-                    kq, ks, km = quantize(k, 0, K_BITS)
-                    kb = pack_rows(kq, G, HEAD_PAD, K_BITS)
-                    nbk = tl.arange(0, HEAD_PAD * K_BITS // 8)
-                    tl.store(rec + OFF_KC + i[:, None] * (HEAD_SIZE * K_BITS // 8) + nbk[None, :], kb,
-                             mask=nbk[None, :] < HEAD_SIZE * K_BITS // 8)
-                    f16 = tl.pointer_type(tl.float16)
-                    tl.store((rec + OFF_KS).to(f16) + d, tl.reshape(ks, (HEAD_PAD,)), mask=dmask)
-                    tl.store((rec + OFF_KM).to(f16) + d, tl.reshape(km, (HEAD_PAD,)), mask=dmask)
-                    if RESIDUAL_KV:
-                        # values: per token over channel groups of V_GROUP
-                        vq, vs, vm = quantize(tl.reshape(v, (G, NVG, V_GROUP)), 2, V_BITS)
-                        vb = pack_rows(tl.reshape(vq, (G, HEAD_PAD)), G, HEAD_PAD, V_BITS)
-                        nbv = tl.arange(0, HEAD_PAD * V_BITS // 8)
-                        tl.store(rec + OFF_VC + i[:, None] * (HEAD_SIZE * V_BITS // 8) + nbv[None, :], vb,
-                                 mask=nbv[None, :] < HEAD_SIZE * V_BITS // 8)
-                        ci = tl.arange(0, NVG)
-                        cmask = ci[None, :] < HEAD_SIZE // V_GROUP
-                        off = i[:, None] * (HEAD_SIZE // V_GROUP) + ci[None, :]
-                        tl.store((rec + OFF_VS).to(f16) + off, tl.reshape(vs, (G, NVG)), mask=cmask)
-                        tl.store((rec + OFF_VM).to(f16) + off, tl.reshape(vm, (G, NVG)), mask=cmask)
-                elif group_end > seq_len:
-                    # the group stays open after this step: stage the token exactly (index = position mod G)
-                    kx = tl.load(key_ptr + t * stride_kt + h * stride_kh + d, mask=dmask)
-                    tl.store(k_stage + p * HEAD_SIZE + d, kx.to(STAGE_DTYPE), mask=dmask)
-                    if RESIDUAL_KV:
-                        vx = tl.load(value_ptr + t * stride_vt + h * stride_vh + d, mask=dmask)
-                        v_stage = (page + OFF_VSTAGE).to(tl.pointer_type(STAGE_DTYPE))
-                        tl.store(v_stage + p * HEAD_SIZE + d, vx.to(STAGE_DTYPE), mask=dmask)
-
-
-#: KV heads per program of phase 1 (prompt tokens after each request's first group); see
-#: :func:`default_heads_per_program`.
-PHASE1_HEADS_PER_PROGRAM = 1
-
-
-def default_heads_per_program(phase: int, num_kv_heads: int) -> int:
-    """KV heads per program of :func:`store`: 1 in phase 0 (a decode step's one token per request: as many
-    programs as possible), :data:`PHASE1_HEADS_PER_PROGRAM` (at most ``num_kv_heads``) in phase 1, where a prompt
-    chunk gives one program per token and KV head, and all but one token in G of a completed group only exit."""
-    return 1 if phase == 0 else max(1, min(PHASE1_HEADS_PER_PROGRAM, num_kv_heads))
+        k_stage = (page + OFF_KSTAGE).to(tl.pointer_type(STAGE_DTYPE))
+        if not RESIDUAL_KV:
+            # residual="k": every value is quantized per token on arrival into its record row
+            v = tl.load(value_ptr + t * stride_vt + h * stride_vh + d, mask=dmask, other=0.0).to(tl.float32)
+            vq, vs, vm = quantize(tl.reshape(v, (1, NVG, V_GROUP)), 2, V_BITS)
+            vb = pack_rows(tl.reshape(vq, (1, HEAD_PAD)), 1, HEAD_PAD, V_BITS)
+            nb = tl.arange(0, HEAD_PAD * V_BITS // 8)
+            tl.store(rec + OFF_VC + p * (HEAD_SIZE * V_BITS // 8) + nb[None, :], vb,
+                     mask=nb[None, :] < HEAD_SIZE * V_BITS // 8)
+            ci = tl.arange(0, NVG)
+            cmask = ci < HEAD_SIZE // V_GROUP
+            tl.store((rec + OFF_VS).to(tl.pointer_type(tl.float16)) + p * (HEAD_SIZE // V_GROUP) + ci,
+                     tl.reshape(vs, (NVG,)), mask=cmask)
+            tl.store((rec + OFF_VM).to(tl.pointer_type(tl.float16)) + p * (HEAD_SIZE // V_GROUP) + ci,
+                     tl.reshape(vm, (NVG,)), mask=cmask)
+        if p == G - 1:
+            # This token completes its group: gather the G tokens (earlier steps' from the stage, this step's
+            # from key/value), quantize, write the record.
+            i = tl.arange(0, G)
+            j = pos - p + i  # positions of the group
+            from_step = j >= ctx
+            rows = t - p + i  # batch rows of this step's tokens
+            m2 = dmask[None, :]
+            k = tl.load(key_ptr + rows[:, None] * stride_kt + h * stride_kh + d[None, :],
+                        mask=from_step[:, None] & m2, other=0.0).to(STAGE_DTYPE).to(tl.float32)
+            k_old = tl.load(k_stage + i[:, None] * HEAD_SIZE + d[None, :], mask=(~from_step[:, None]) & m2,
+                            other=0.0).to(tl.float32)
+            k = tl.where(from_step[:, None], k, k_old)
+            if RESIDUAL_KV:
+                v_stage = (page + OFF_VSTAGE).to(tl.pointer_type(STAGE_DTYPE))
+                v = tl.load(value_ptr + rows[:, None] * stride_vt + h * stride_vh + d[None, :],
+                            mask=from_step[:, None] & m2, other=0.0).to(STAGE_DTYPE).to(tl.float32)
+                v_old = tl.load(v_stage + i[:, None] * HEAD_SIZE + d[None, :], mask=(~from_step[:, None]) & m2,
+                                other=0.0).to(tl.float32)
+                v = tl.where(from_step[:, None], v, v_old)
+            # the last record of a page shares bytes with the stage: every stage read above happens before any
+            # record write below
+            tl.debug_barrier()
+            # keys: per channel over the G tokens (padded channels are quantized but never stored)
+            kq, ks, km = quantize(k, 0, K_BITS)
+            kb = pack_rows(kq, G, HEAD_PAD, K_BITS)
+            nbk = tl.arange(0, HEAD_PAD * K_BITS // 8)
+            tl.store(rec + OFF_KC + i[:, None] * (HEAD_SIZE * K_BITS // 8) + nbk[None, :], kb,
+                     mask=nbk[None, :] < HEAD_SIZE * K_BITS // 8)
+            tl.store((rec + OFF_KS).to(tl.pointer_type(tl.float16)) + d, tl.reshape(ks, (HEAD_PAD,)), mask=dmask)
+            tl.store((rec + OFF_KM).to(tl.pointer_type(tl.float16)) + d, tl.reshape(km, (HEAD_PAD,)), mask=dmask)
+            if RESIDUAL_KV:
+                # values: per token over channel groups of V_GROUP
+                vq, vs, vm = quantize(tl.reshape(v, (G, NVG, V_GROUP)), 2, V_BITS)
+                vb = pack_rows(tl.reshape(vq, (G, HEAD_PAD)), G, HEAD_PAD, V_BITS)
+                nbv = tl.arange(0, HEAD_PAD * V_BITS // 8)
+                tl.store(rec + OFF_VC + i[:, None] * (HEAD_SIZE * V_BITS // 8) + nbv[None, :], vb,
+                         mask=nbv[None, :] < HEAD_SIZE * V_BITS // 8)
+                ci = tl.arange(0, NVG)
+                cmask = ci[None, :] < HEAD_SIZE // V_GROUP
+                off = i[:, None] * (HEAD_SIZE // V_GROUP) + ci[None, :]
+                tl.store((rec + OFF_VS).to(tl.pointer_type(tl.float16)) + off, tl.reshape(vs, (G, NVG)), mask=cmask)
+                tl.store((rec + OFF_VM).to(tl.pointer_type(tl.float16)) + off, tl.reshape(vm, (G, NVG)), mask=cmask)
+        elif group_end > seq_len:
+            # the group stays open after this step: stage the token exactly (index = position mod G)
+            kx = tl.load(key_ptr + t * stride_kt + h * stride_kh + d, mask=dmask)
+            tl.store(k_stage + p * HEAD_SIZE + d, kx.to(STAGE_DTYPE), mask=dmask)
+            if RESIDUAL_KV:
+                vx = tl.load(value_ptr + t * stride_vt + h * stride_vh + d, mask=dmask)
+                v_stage = (page + OFF_VSTAGE).to(tl.pointer_type(STAGE_DTYPE))
+                tl.store(v_stage + p * HEAD_SIZE + d, vx.to(STAGE_DTYPE), mask=dmask)
 
 
 def store(
@@ -154,7 +136,6 @@ def store(
     layout: PageLayout,
     phase: int,
     num_reqs: int | None = None,
-    heads_per_program: int | None = None,
 ) -> None:
     """Write this step's tokens of one phase (see the module docstring) into the KIVI pages, in place.
 
@@ -167,12 +148,10 @@ def store(
         layout: the page layout (bytes from :class:`PageLayout`).
         phase: 0 = tokens of each request's first group (reads the stage), 1 = the others (launch after 0).
         num_reqs: requests to consider (default ``len(seq_lens)``).
-        heads_per_program: KV heads one program writes, one after the other (default :func:`heads_per_program`):
-            the grid is ``(T, ceil(num_kv_heads / heads_per_program))``.
 
     Raises:
-        ValueError: wrong cache shape/dtype, key/value shapes that do not match the layout, key/value not
-            contiguous in head_size, or ``heads_per_program`` below 1.
+        ValueError: wrong cache shape/dtype, key/value shapes that do not match the layout, or key/value not
+            contiguous in head_size.
     """
     check_cache(kv_cache, layout)
     T, H, D = key.shape
@@ -181,13 +160,10 @@ def store(
                          f"{kv_cache.shape[1]} KV heads of size {layout.head_size}")
     check_rows(key, value)
     n = len(seq_lens) if num_reqs is None else num_reqs
-    hpp = default_heads_per_program(phase, H) if heads_per_program is None else heads_per_program
-    if hpp < 1:
-        raise ValueError(f"KIVI store: heads_per_program must be at least 1, got {hpp}")
     if T == 0 or n == 0:
         return
-    _store_kernel[(T, triton.cdiv(H, hpp))](
-        kv_cache, key, value, slot_mapping, query_start_loc, seq_lens, n, H,
+    _store_kernel[(T, H)](
+        kv_cache, key, value, slot_mapping, query_start_loc, seq_lens, n,
         kv_cache.stride(0), kv_cache.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        STAGE_DTYPE=stage_dtype(layout), PHASE=phase, HEADS=hpp, num_warps=4, **layout_args(layout),
+        STAGE_DTYPE=stage_dtype(layout), PHASE=phase, num_warps=4, **layout_args(layout),
     )
