@@ -6,6 +6,7 @@ on bf16 and fp8 caches, for the prompt chunks a prefill-heavy engine step carrie
     python benchmarks/prefill_attention.py --configs kivi2 --prefill-unpack bytes --bulk-groups 0   # previous kernel
     python benchmarks/prefill_attention.py --configs kivi2 --bulk-groups 4 --bulk-dot 16   # the bulk loop's options
     python benchmarks/prefill_attention.py --configs kivi2 --exact --flash-first-chunks   # exact, first chunks in FA
+    python benchmarks/prefill_attention.py --configs kivi2 --store-warps 2 4 8 16   # the store's warps per program
 
 Why: on kivi-bench's `long` workload (256 x (3584 + 512), Llama-2-7B shape) steps full of prompt chunks took
 672-816 ms with KIVI against 401 ms with fp8 (docs/benchmarks.md), although a decode step is faster. With KIVI's
@@ -87,6 +88,9 @@ def parse_args():
     p.add_argument("--flash-first-chunks", action="store_true",
                    help="with --exact: first chunks (cases without +P) through vLLM's FlashAttention, as the engine "
                         "runs them (kivi_vllm.kernels.flash)")
+    p.add_argument("--store-warps", type=int, nargs="+", default=None,
+                   help="KIVI: also time the stores with these warps per program (store's num_warps; store_us is "
+                        "the default's)")
     p.add_argument("--eager", action="store_true", help="time the Python call, not a CUDA-graph replay")
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -152,13 +156,20 @@ def kivi_cell(bits, B, C, P, hq, h, d, io, device, args):
                 prefill_warps=args.prefill_warps, prefill_bulk_groups=args.bulk_groups,
                 prefill_bulk_dot=args.bulk_dot, first_chunk_attention=flash, max_query_len=C)
 
-    def stores():
-        store(kv_cache, key, value, slot, qsl, seq_lens, lay, 0)
-        store(kv_cache, key, value, slot, qsl, seq_lens, lay, 1)
+    def stores(warps=4):
+        store(kv_cache, key, value, slot, qsl, seq_lens, lay, 0, num_warps=warps)
+        store(kv_cache, key, value, slot, qsl, seq_lens, lay, 1, num_warps=warps)
 
     ms, mode = bench(step, device, args.eager)
     sms, _ = bench(stores, device, args.eager)
-    return dict(status="ok", time_us=ms * 1e3, store_us=sms * 1e3, timing=mode, block_q=bq,
+    by_warps, same_bytes = {}, {}
+    written = kv_cache.clone()  # the stores rewrite the same bytes on every call (nothing cached before the chunk)
+    for warps in args.store_warps or []:
+        by_warps[warps] = bench(lambda warps=warps: stores(warps), device, args.eager)[0] * 1e3
+        same_bytes[warps] = bool(torch.equal(kv_cache, written)) if P == 0 else None
+        log(f"    store, {warps} warps per program: {by_warps[warps]:.1f} us, same bytes {same_bytes[warps]}")
+    return dict(status="ok", time_us=ms * 1e3, store_us=sms * 1e3, store_us_by_warps=by_warps,
+                store_same_bytes_by_warps=same_bytes, timing=mode, block_q=bq,
                 prefill_warps=args.prefill_warps, prefill_unpack=args.prefill_unpack,
                 bulk_groups=resolve_bulk_groups(lay, args.bulk_groups, args.prefill_unpack),
                 bulk_dot=args.bulk_dot,

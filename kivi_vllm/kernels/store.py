@@ -136,6 +136,7 @@ def store(
     layout: PageLayout,
     phase: int,
     num_reqs: int | None = None,
+    num_warps: int = 4,
 ) -> None:
     """Write this step's tokens of one phase (see the module docstring) into the KIVI pages, in place.
 
@@ -148,6 +149,7 @@ def store(
         layout: the page layout (bytes from :class:`PageLayout`).
         phase: 0 = tokens of each request's first group (reads the stage), 1 = the others (launch after 0).
         num_reqs: requests to consider (default ``len(seq_lens)``).
+        num_warps: warps per program (Triton's; a group's [G, head_size] keys and values spread over them).
 
     Raises:
         ValueError: wrong cache shape/dtype, key/value shapes that do not match the layout, or key/value not
@@ -165,5 +167,5 @@ def store(
     _store_kernel[(T, H)](
         kv_cache, key, value, slot_mapping, query_start_loc, seq_lens, n,
         kv_cache.stride(0), kv_cache.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        STAGE_DTYPE=stage_dtype(layout), PHASE=phase, num_warps=4, **layout_args(layout),
+        STAGE_DTYPE=stage_dtype(layout), PHASE=phase, num_warps=num_warps, **layout_args(layout),
     )
