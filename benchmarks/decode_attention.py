@@ -3,6 +3,7 @@ FlashAttention 3 with a bf16 and an fp8 KV cache, on the same batch, with a copy
 
     python benchmarks/decode_attention.py --out docs/measurements/decode_attention.json   # H200, full grid
     python benchmarks/decode_attention.py --quick                                         # B 16 64, L 1024 4096
+    python benchmarks/decode_attention.py --configs kivi2 --split-target 1024 --long-context 16384   # split rule
 
 One layer, one decode step: B requests, each with context L (this step's token included) and one query token;
 shapes "llama2-7b" (32 query heads, 32 KV heads, head size 128) and "gqa" (32 / 8 / 128); bf16 activations.
@@ -83,6 +84,12 @@ def parse_args():
     p.add_argument("--maxnreg", type=int, default=None, help="KIVI fma/tc decode: register cap per thread")
     p.add_argument("--rescale-slack", type=float, default=None,
                    help="KIVI tc decode: conditional-rescaling slack, log2 units (default decode_tc.RESCALE_SLACK)")
+    p.add_argument("--split-target", type=int, default=None,
+                   help="KIVI decode: split_min_groups from split_min_groups_for(batch groups, KV heads, this "
+                        "target of programs) (default: none, each request over all the splits)")
+    p.add_argument("--long-context", type=int, default=None,
+                   help="request 0's context instead of L (one long request in a batch of L-token ones; the "
+                        "store is then not timed)")
     p.add_argument("--eager", action="store_true", help="time the Python call, not a CUDA-graph replay")
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # "cpu": Triton-interpreter smoke run
     a = p.parse_args()
@@ -148,10 +155,12 @@ def kivi_cell(bits, B, L, hq, h, d, io, device, args, kern):
     q, key, value, out, qsl, seq_lens = io
     lay = PageLayout(block_size=KIVI_BLOCK, head_size=d, k_bits=bits, v_bits=bits, group_size=GROUP, residual="kv",
                      residual_dtype=torch.bfloat16)
-    nblk = math.ceil(L / KIVI_BLOCK)
+    L0 = args.long_context or L  # request 0's context
+    nblk = math.ceil(max(L, L0) / KIVI_BLOCK)
     cache_bytes = B * nblk * h * lay.page_bytes
     n_full, n_staged = (L - 1) // GROUP, (L - 1) % GROUP
     kv_bytes = B * h * (n_full * lay.record_bytes + n_staged * d * 2 * 2)
+    kv_bytes += h * (((L0 - 1) // GROUP - n_full) * lay.record_bytes + ((L0 - 1) % GROUP - n_staged) * d * 2 * 2)
     io_bytes = B * h * d * 2 * 2 + 2 * B * hq * d * 2
     row = dict(cache_gib=cache_bytes / GIB, bytes=kv_bytes + io_bytes, page_bytes=lay.page_bytes,
                record_bytes=lay.record_bytes)
@@ -164,6 +173,13 @@ def kivi_cell(bits, B, L, hq, h, d, io, device, args, kern):
     pad = triton.next_power_of_2(d)  # partials: m, l and a [HEAD_PAD] accumulator per (request, head, split), fp32
     slots = splits + (kernel != "mma")  # the FMA and TC paths' open group has its own partial slot
     row.update(kernel=kernel, num_splits=splits, aux_bytes=2 * B * hq * slots * (2 + pad) * 4)
+    split_min = None
+    if args.split_target:
+        from kivi_vllm.kernels.decode import split_min_groups_for
+
+        row.update(split_target=args.split_target, split_min_groups=split_min_groups_for(
+            (B - 1) * n_full + (L0 - 1) // GROUP, h, args.split_target))
+        split_min = torch.tensor([row["split_min_groups"]], dtype=torch.int32, device=device)
     kv_cache = random_bytes(cache_bytes, device).view(B * nblk, h, lay.page_bytes)
     block_table = torch.randperm(B * nblk, device=device).to(torch.int32).view(B, nblk)
     def slots_at(pos):  # cache slot of each request's token at position pos[r]
@@ -176,8 +192,10 @@ def kivi_cell(bits, B, L, hq, h, d, io, device, args, kern):
     ms, mode = bench(lambda: decode(q, key, value, kv_cache, block_table, qsl, seq_lens, lay, scale, out,
                                     num_splits=splits, num_stages=args.num_stages, num_warps=args.num_warps,
                                     lane_rows=args.lane_rows, kernel=kernel, maxnreg=args.maxnreg,
-                                    rescale_slack=args.rescale_slack),
+                                    rescale_slack=args.rescale_slack, split_min_groups=split_min),
                      device, args.eager)
+    if args.long_context:  # the store's slots below assume context L everywhere
+        return dict(row, status="ok", time_us=ms * 1e3, timing=mode, long_context=L0)
     sms, _ = bench(lambda: store(kv_cache, key, value, slot, qsl, seq_lens, lay, 0), device, args.eager)
     # the store in a steady state: request r at position L - 1 - (r mod G), so 1 request in G completes a group in
     # this step and the others only write a stage row (what a decode step of a running batch sees)
@@ -191,9 +209,10 @@ def fa3_cell(fp8, B, L, hq, h, d, io, device, args, fa):
     varlen, scheduler_metadata = fa
     q, _, _, out, qsl, seq_lens = io
     dt, isz = (torch.float8_e4m3fn, 1) if fp8 else (torch.bfloat16, 2)
-    nblk = math.ceil(L / FA_BLOCK)
+    L0 = args.long_context or L  # request 0's context
+    nblk = math.ceil(max(L, L0) / FA_BLOCK)
     cache_bytes = B * nblk * FA_BLOCK * h * 2 * d * isz
-    row = dict(cache_gib=cache_bytes / GIB, bytes=B * L * h * d * 2 * isz + B * hq * d * (isz + 2))
+    row = dict(cache_gib=cache_bytes / GIB, bytes=((B - 1) * L + L0) * h * d * 2 * isz + B * hq * d * (isz + 2))
     if cache_bytes > args.max_cache_gib * GIB:
         return dict(row, status=f"skipped (cache {cache_bytes / GIB:.2f} GiB > {args.max_cache_gib} GiB)")
     # vLLM 0.26, NHD: physical [num_blocks, block_size, Hkv, 2*D]; forward() splits the last dim into K | V views
@@ -205,13 +224,13 @@ def fa3_cell(fp8, B, L, hq, h, d, io, device, args, fa):
     # fp8 KV cache: vLLM 0.26 quantizes the query to fp8 (x / _q_scale, clamp to +-448, cast) before the backend
     qq = (q.float() / one).clamp(-448.0, 448.0).to(dt) if fp8 else q
     meta = scheduler_metadata(
-        batch_size=B, max_seqlen_q=1, max_seqlen_k=L, num_heads_q=hq, num_heads_kv=h, headdim=d,
+        batch_size=B, max_seqlen_q=1, max_seqlen_k=max(L, L0), num_heads_q=hq, num_heads_kv=h, headdim=d,
         cache_seqlens=seq_lens, qkv_dtype=dt, cu_seqlens_q=qsl, page_size=FA_BLOCK, causal=True,
         window_size=(-1, -1), num_splits=args.fa_num_splits)
 
     def fn():
         varlen(q=qq, k=k_cache, v=v_cache, out=out, cu_seqlens_q=qsl, max_seqlen_q=1, seqused_k=seq_lens,
-               max_seqlen_k=L, softmax_scale=d**-0.5, causal=True, alibi_slopes=None, window_size=[-1, -1],
+               max_seqlen_k=max(L, L0), softmax_scale=d**-0.5, causal=True, alibi_slopes=None, window_size=[-1, -1],
                block_table=block_table, softcap=0, scheduler_metadata=meta, fa_version=3, q_descale=descale,
                k_descale=descale, v_descale=descale, num_splits=args.fa_num_splits)
 
@@ -328,6 +347,8 @@ def main():
                         out = torch.empty_like(q)
                         qsl = torch.arange(B + 1, dtype=torch.int32, device=device)
                         seq_lens = torch.full((B,), L, dtype=torch.int32, device=device)
+                        if args.long_context:
+                            seq_lens[0] = args.long_context
                         io = (q, key, value, out, qsl, seq_lens)
                         if config.startswith("kivi"):
                             row = kivi_cell(int(config[-1]), B, L, hq, h, d, io, device, args, kern)

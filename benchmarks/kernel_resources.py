@@ -33,7 +33,7 @@ from kivi_vllm.layout import PageLayout
 POINTERS = {"q_ptr": "*bf16", "key_ptr": "*bf16", "value_ptr": "*bf16", "kv_ptr": "*u8", "block_table_ptr": "*i32",
             "seq_lens_ptr": "*i32", "qsl_ptr": "*i32", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32",
             "part_acc_ptr": "*fp32", "sm_scale": "fp32", "out_ptr": "*bf16", "tile_req_ptr": "*i32",
-            "tile_start_ptr": "*i32"}
+            "tile_start_ptr": "*i32", "split_min_ptr": "*i32"}
 REGS_PER_SM, SMEM_PER_SM, MAX_WARPS = 65536, 228 * 1024, 64  # H100/H200 (sm_90)
 
 

@@ -129,7 +129,8 @@ class Batch:
 
     def kernels(self, streaming=True, block_q=None, num_splits=None, decode_stages=1, decode_kernel=None,
                 decode_lane_rows=None, prefill_unpack="words", prefill_bulk_groups=None, prefill_bulk_dot="fp32",
-                first_chunk_attention=None, decode_maxnreg=None, decode_rescale_slack=None):
+                first_chunk_attention=None, decode_maxnreg=None, decode_rescale_slack=None,
+                decode_split_min_groups=None):
         d = lambda x: x.to(DEV)  # noqa: E731
         cache = d(self.cache.clone())
         out = torch.full_like(d(self.q), float("nan"), dtype=self.out_dtype)  # poisoned: real rows must be written
@@ -144,6 +145,8 @@ class Batch:
                   prefill_bulk_groups=prefill_bulk_groups, prefill_bulk_dot=prefill_bulk_dot,
                   first_chunk_attention=first_chunk_attention, decode_maxnreg=decode_maxnreg,
                   decode_rescale_slack=decode_rescale_slack,
+                  decode_split_min_groups=None if decode_split_min_groups is None else d(
+                      torch.tensor([decode_split_min_groups], dtype=torch.int32)),
                   max_query_len=max(b - a for a, b in itertools.pairwise(self.qsl_host)))
         return out.cpu(), cache.cpu()
 
@@ -366,6 +369,31 @@ def test_decode_variants_agree(num_splits, dtype, kernel, decode_stages, lane_ro
     out, _ = b.kernels(num_splits=num_splits, decode_stages=decode_stages, decode_kernel=kernel,
                        decode_lane_rows=lane_rows)
     assert rel_err(out[:4], out_ref[:4]) < TOL
+
+
+@pytest.mark.parametrize("kernel", ["fma", "mma"])
+@pytest.mark.parametrize("min_groups", [2, 5, 100])
+def test_decode_split_min_groups(kernel, min_groups):
+    """Splits of at least ``split_min_groups`` groups (fewer splits in use, the rest empty) give the reference's
+    answer: contexts of 12, 1, 0 and 8 complete groups over 4 splits, so 2 leaves 3 splits of 4 groups for the
+    first request, 5 leaves 3 splits (5, 5, 2), 100 one split per request."""
+    lay = PageLayout(64, 64, 2, 2, 16, "kv", torch.float32)
+    b = Batch(lay, [(200, 1), (17, 1), (0, 1), (129, 1)], 4, 2, torch.float32, seed_of("minsplit", kernel),
+              out_dtype=torch.float32, pad_reqs=1)
+    out_ref, _ = b.reference()
+    out, _ = b.kernels(num_splits=4, decode_kernel=kernel, decode_split_min_groups=min_groups)
+    assert rel_err(out[:4], out_ref[:4]) < TOL
+
+
+def test_split_min_groups_for():
+    """ceil(total groups x KV heads / target programs), at least 1; bad input refused."""
+    rule = importlib.import_module("kivi_vllm.kernels.decode").split_min_groups_for
+    assert rule(64 * 127, 8, 1024) == 64  # batch 64 at 4k context, 8 KV heads: 2 splits of 64 groups
+    assert rule(256 * 127, 8, 1024) == 254  # batch 256: one split per request
+    assert rule(16 * 31, 8, 1024) == 4  # batch 16 at 1k: 8 splits of 4 groups
+    assert rule(0, 8, 1024) == 1
+    with pytest.raises(ValueError, match="target_programs"):
+        rule(10, 8, 0)
 
 
 @pytest.mark.parametrize("lane_rows", [2, 4])

@@ -48,6 +48,7 @@ def forward(
     decode_lane_rows: int | None = None,
     decode_maxnreg: int | None = None,
     decode_rescale_slack: float | None = None,
+    decode_split_min_groups: torch.Tensor | None = None,
     prefill_unpack: str = "words",
     prefill_warps: int = 4,
     prefill_bulk_groups: int | None = None,
@@ -89,7 +90,8 @@ def forward(
             "kv", after store phase 0 with "k", before store phase 1 either way).
         block_q: the ``block_q`` the tiles were made with; num_splits, decode_stages (``num_stages``), decode_warps (``num_warps``),
             decode_kernel (``kernel``), decode_lane_rows (``lane_rows``), decode_maxnreg (``maxnreg``),
-            decode_rescale_slack (``rescale_slack``): see :func:`.decode.decode`;
+            decode_rescale_slack (``rescale_slack``), decode_split_min_groups (``split_min_groups``): see
+            :func:`.decode.decode`;
             prefill_unpack (``unpack``), prefill_warps (``num_warps``), prefill_bulk_groups (``bulk_groups``),
             prefill_bulk_dot (``bulk_dot``): see :func:`.prefill.prefill`.
         first_chunk_attention: with ``streaming`` False only, a function ``(query, key, value, cu_seqlens,
@@ -114,7 +116,7 @@ def forward(
     args = (query, key, value, kv_cache, block_table, query_start_loc, seq_lens)
     decode(*args, layout, scale, out, num_reqs=n, num_splits=num_splits, num_stages=decode_stages,
            num_warps=decode_warps, kernel=decode_kernel, lane_rows=decode_lane_rows, maxnreg=decode_maxnreg,
-           rescale_slack=decode_rescale_slack)
+           rescale_slack=decode_rescale_slack, split_min_groups=decode_split_min_groups)
     store_phase = partial(store, kv_cache, key, value, slot_mapping, query_start_loc, seq_lens, layout, num_reqs=n)
     if tiles is None:
         store_phase(0)

@@ -36,6 +36,8 @@ Dao et al. 2023; vLLM ``triton_decode_attention.py``).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -50,7 +52,7 @@ def _decode_split_kernel(
     q_ptr, key_ptr, value_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr,
     part_m_ptr, part_l_ptr, part_acc_ptr, sm_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_cache_block, stride_cache_head, stride_bt,
+    stride_cache_block, stride_cache_head, stride_bt, split_min_ptr,
     QPK: tl.constexpr, QPK_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, SLOTS: tl.constexpr, DO_GROUPS: tl.constexpr,
     SPLIT_OFFSET: tl.constexpr, STAGE_DTYPE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
@@ -96,7 +98,7 @@ def _decode_split_kernel(
     if (q_len == 1) & (seq_len > 0):
         p = seq_len - 1
         n_full = p // G  # complete groups, all read from records
-        per_split = tl.cdiv(n_full, NUM_SPLITS)
+        per_split = tl.maximum(tl.cdiv(n_full, NUM_SPLITS), tl.load(split_min_ptr))  # split_min_groups_for
         g_lo = split * per_split
         g_hi = tl.minimum(n_full, g_lo + per_split)
         # softmax in base 2: fold log2(e) and the softmax scale into q once
@@ -209,7 +211,7 @@ def _decode_fma_kernel(
     q_ptr, key_ptr, value_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr,
     part_m_ptr, part_l_ptr, part_acc_ptr, sm_scale, one_bits,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_cache_block, stride_cache_head, stride_bt,
+    stride_cache_block, stride_cache_head, stride_bt, split_min_ptr,
     QPK: tl.constexpr, QPK_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, SLOTS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr, RECORD_BYTES: tl.constexpr,
@@ -263,7 +265,7 @@ def _decode_fma_kernel(
     if (q_len == 1) & (seq_len > 0):
         p = seq_len - 1
         n_full = p // G  # complete groups, all read from records
-        per_split = tl.cdiv(n_full, NUM_SPLITS)
+        per_split = tl.maximum(tl.cdiv(n_full, NUM_SPLITS), tl.load(split_min_ptr))  # split_min_groups_for
         g_lo = split * per_split
         g_hi = tl.minimum(n_full, g_lo + per_split)
         # softmax in base 2: fold log2(e) and the softmax scale into q once; q in the key word layout
@@ -369,6 +371,33 @@ def default_num_splits(kernel: str, num_reqs: int, num_kv_heads: int) -> int:
     return num_splits_for(num_reqs, num_kv_heads, target_programs=16384, max_splits=32)
 
 
+@functools.cache
+def _one_group(device: torch.device) -> torch.Tensor:
+    """A [1] int32 tensor holding 1 on ``device`` (decode()'s ``split_min_groups`` when none is given; one per
+    device for the process, so CUDA graphs may capture it)."""
+    return torch.ones(1, dtype=torch.int32, device=device)
+
+
+def split_min_groups_for(total_groups: int, num_kv_heads: int, target_programs: int) -> int:
+    """The ``split_min_groups`` of :func:`decode` that spreads a batch's work over about ``target_programs``
+    programs: ``ceil(total_groups x num_kv_heads / target_programs)``, at least 1, where ``total_groups`` is the
+    sum over the decode requests of their complete groups (``(seq_len - 1) // G``). Every program then reads at
+    most about the same number of groups, whatever the mix of context lengths: a long request gets more splits
+    than a short one (up to ``num_splits``), a batch of short ones fewer. Why: on the H200 (2026-11-30, seventh
+    session, ``benchmarks/decode_attention.py --kernel tc --num-splits N``, docs/benchmarks.md) "tc" at 8 KV heads
+    was fastest with about 1,024 programs whatever the batch (e.g. batch 64 / 4k: 158 µs at 2 splits against 225 at
+    the default 32), but a fixed low split count would leave one long request in a batch of short ones to a few
+    programs; this rule adapts per step. Not the default yet: measured only as fixed split counts.
+
+    Raises:
+        ValueError: ``target_programs`` below 1 or a negative ``total_groups``.
+    """
+    if target_programs < 1 or total_groups < 0:
+        raise ValueError(f"KIVI decode: need target_programs >= 1 and total_groups >= 0, got {target_programs}, "
+                         f"{total_groups}")
+    return max(1, -(-total_groups * num_kv_heads // target_programs))
+
+
 def default_lane_rows(qpk: int, group_size: int, v_bits: int = 2) -> int:
     """``lane_rows`` of the FMA decode kernel when the caller gives none: with 2-bit values 4 at 1 query head per KV
     head (MHA) and 2 with more (GQA); with 4-bit values 1; never more than the group size. Measured on the H200
@@ -449,6 +478,7 @@ def decode(
     kernel: str | None = None,
     maxnreg: int | None = None,
     rescale_slack: float | None = None,
+    split_min_groups: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of every one-token request of the batch over its KIVI pages (before this step's store).
 
@@ -479,6 +509,10 @@ def decode(
             equal on the H200, docs/benchmarks.md).
         rescale_slack: "tc" only (ignored by the others): see :func:`.decode_tc.tc_constexprs` (default
             ``decode_tc.RESCALE_SLACK``).
+        split_min_groups: [1] int32 on the device (read by the kernels, so a CUDA graph replays it): every split
+            takes at least this many complete groups of its request, ``max(ceil(groups / num_splits), this)``, and
+            the splits past a request's groups only write empty partials (e.g. :func:`split_min_groups_for`). None:
+            1, each request's groups over all ``num_splits`` splits.
 
     Returns:
         ``out``.
@@ -521,9 +555,11 @@ def decode(
     part_m = torch.empty(R * HQ * slots, dtype=torch.float32, device=query.device)
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty(R * HQ * slots * pad, dtype=torch.float32, device=query.device)
+    if split_min_groups is None:
+        split_min_groups = _one_group(query.device)
     args = (query, key, value, kv_cache, block_table, seq_lens, query_start_loc, part_m, part_l, part_acc, scale,
             query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-            kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0))
+            kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0), split_min_groups)
     mma = mma_constexprs(layout, qpk, num_stages, dot_args(query))
     if kernel in ("fma", "tc"):
         if kernel == "fma":
@@ -533,7 +569,7 @@ def decode(
             decode_tc.tc_kernel()[(R, H, S)](
                 query, kv_cache, block_table, seq_lens, query_start_loc, part_m, part_l, part_acc, scale,
                 query.stride(0), query.stride(1), kv_cache.stride(0), kv_cache.stride(1),
-                block_table.stride(0), num_warps=num_warps or 1, maxnreg=maxnreg,
+                block_table.stride(0), split_min_groups, num_warps=num_warps or 1, maxnreg=maxnreg,
                 **decode_tc.tc_constexprs(layout, qpk, S,
                                           decode_tc.RESCALE_SLACK if rescale_slack is None else rescale_slack))
         # the open group (stage rows and this step's token) in slot S

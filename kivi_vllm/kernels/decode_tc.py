@@ -154,7 +154,7 @@ def tc_constexprs(layout: PageLayout, qpk: int, num_splits: int, rescale_slack: 
 def _decode_tc_kernel(
     q_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr,
     part_m_ptr, part_l_ptr, part_acc_ptr, sm_scale,
-    stride_qt, stride_qh, stride_cache_block, stride_cache_head, stride_bt,
+    stride_qt, stride_qh, stride_cache_block, stride_cache_head, stride_bt, split_min_ptr,
     QPK: gl.constexpr, NUM_SPLITS: gl.constexpr, SLOTS: gl.constexpr,
     K_LAY: gl.constexpr, KS_LAY: gl.constexpr, V_LAY: gl.constexpr, MMA: gl.constexpr,
     KWT: gl.constexpr, VWT: gl.constexpr, VCW: gl.constexpr, KEY_ASM: gl.constexpr, VAL_ASM: gl.constexpr,
@@ -230,7 +230,7 @@ def _decode_tc_kernel(
     if (q_len == 1) & (seq_len > 0):
         p = seq_len - 1
         n_full = p // G  # complete groups, all read from records
-        per_split = gl.cdiv(n_full, NUM_SPLITS)
+        per_split = gl.maximum(gl.cdiv(n_full, NUM_SPLITS), gl.load(split_min_ptr))  # decode.split_min_groups_for
         g_lo = split * per_split
         g_hi = gl.minimum(n_full, g_lo + per_split)
         # q as the A operand in fp16 as the model gave it (a bf16 or fp16 query is exact in fp16; the softmax scale
