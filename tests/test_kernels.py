@@ -385,6 +385,15 @@ def test_decode_split_min_groups(kernel, min_groups):
     assert rel_err(out[:4], out_ref[:4]) < TOL
 
 
+def test_decode_groups():
+    """Complete groups read by the decode requests only (query length 1): (200-1)//16 + (17-1)//16 + 0 (an empty
+    context) = 13; the 40-token prefill request does not count."""
+    mod = importlib.import_module("kivi_vllm.kernels.decode")
+    qsl = np.array([0, 1, 2, 42, 43])
+    assert mod.decode_groups(qsl, np.array([200, 17, 60, 0]), 16) == 12 + 1 + 0
+    assert mod.decode_groups(qsl, np.array([16, 33, 60, 1]), 16) == 0 + 2 + 0
+
+
 def test_split_min_groups_for():
     """ceil(total groups x KV heads / target programs), at least 1; bad input refused."""
     rule = importlib.import_module("kivi_vllm.kernels.decode").split_min_groups_for

@@ -13,7 +13,8 @@ from vllm.v1.attention.backend import AttentionCGSupport, AttentionMetadataBuild
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from ..config import KiviConfig
-from ..kernels.decode import cuda_capability, default_kernel
+from ..kernels.decode import (SPLIT_TARGET_PROGRAMS, cuda_capability, decode_groups, default_kernel,
+                              split_min_groups_for)
 from ..kernels.flash import first_chunk_attention
 from ..kernels.prefill import block_q_for, prefill_tiles
 from ..layout import PageLayout
@@ -122,6 +123,9 @@ class KiviMetadata:
             saves the FlashAttention launch when False: the kernels find first chunks on the device either way.
         query_start_loc_host, seq_lens_host: host copies for the PyTorch path (None on the Triton path, which
             never synchronizes with the device).
+        split_min_groups: [1] int32 device buffer of the builder, :func:`kivi_vllm.kernels.decode.decode`'s
+            ``split_min_groups`` for this step, or None (the decode kernel has no entry in
+            ``SPLIT_TARGET_PROGRAMS``: each request's groups over all splits).
     """
 
     num_actual_tokens: int
@@ -138,6 +142,7 @@ class KiviMetadata:
     has_first_chunks: bool = True
     query_start_loc_host: list[int] | None = None
     seq_lens_host: list[int] | None = None
+    split_min_groups: torch.Tensor | None = None
 
 
 class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
@@ -170,8 +175,14 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
         mc = vllm_config.model_config
         heads = (mc.get_num_attention_heads(vllm_config.parallel_config),
                  mc.get_num_kv_heads(vllm_config.parallel_config))
+        self.split_min = None
         if self.triton:
             self.block_q = block_q_for(*heads)
+            kernel = default_kernel(self.layout, heads[0] // heads[1], cuda_capability(torch.device(device)))
+            self.split_target = SPLIT_TARGET_PROGRAMS.get(kernel)
+            self.num_kv_heads = heads[1]
+            if self.split_target:  # written every step, read by the decode kernels (so graphs replay it)
+                self.split_min = torch.ones(1, dtype=torch.int32, device=device)
         global _capacity_logged, _path_logged
         if not _path_logged:
             _path_logged = True
@@ -205,7 +216,13 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
         if not self.triton:
             meta.query_start_loc_host = cm.query_start_loc_cpu[: n + 1].tolist()
             meta.seq_lens_host = cm.seq_lens[:n].tolist()
-        elif cm.max_query_len > 1:
+            return meta
+        if self.split_min is not None and cm.seq_lens_cpu_upper_bound is not None:
+            groups = decode_groups(np.asarray(cm.query_start_loc_cpu[: n + 1]),
+                                   np.asarray(cm.seq_lens_cpu_upper_bound[:n]), self.layout.group_size)
+            self.split_min.fill_(split_min_groups_for(groups, self.num_kv_heads, self.split_target))
+            meta.split_min_groups = self.split_min
+        if cm.max_query_len > 1:
             qsl = np.asarray(cm.query_start_loc_cpu[: n + 1])
             # seq_lens_cpu_upper_bound is exact for prefill rows (KIVI refuses speculative decoding)
             if self.exact_triton and cm.seq_lens_cpu_upper_bound is not None:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -376,6 +377,20 @@ def _one_group(device: torch.device) -> torch.Tensor:
     """A [1] int32 tensor holding 1 on ``device`` (decode()'s ``split_min_groups`` when none is given; one per
     device for the process, so CUDA graphs may capture it)."""
     return torch.ones(1, dtype=torch.int32, device=device)
+
+
+#: Target programs of :func:`split_min_groups_for` per decode kernel when the engine runs it (the metadata builder
+#: computes ``split_min_groups`` every step for a kernel listed here). Empty until the per-step rule is timed on the
+#: GPU (docs/benchmarks.md, seventh session: "tc" was fastest at about 1,024 programs with fixed split counts).
+SPLIT_TARGET_PROGRAMS: dict[str, int] = {}
+
+
+def decode_groups(query_start_loc: np.ndarray, seq_lens: np.ndarray, group_size: int) -> int:
+    """Complete groups the decode requests of a step read, ``sum((seq_len - 1) // G)`` over requests of query
+    length 1 (host arrays: ``query_start_loc`` [num_reqs + 1], ``seq_lens`` [num_reqs], context after the step;
+    an upper bound of it is fine: it only sets the split size)."""
+    one = np.diff(query_start_loc) == 1
+    return int((np.maximum(seq_lens[one].astype(np.int64) - 1, 0) // group_size).sum())
 
 
 def split_min_groups_for(total_groups: int, num_kv_heads: int, target_programs: int) -> int:
