@@ -89,7 +89,8 @@ def parse_args():
                         "target of programs) (default: none, each request over all the splits)")
     p.add_argument("--long-context", type=int, default=None,
                    help="request 0's context instead of L (one long request in a batch of L-token ones; the "
-                        "store is then not timed)")
+                        "store is then not timed; every request gets the long one's pages, so cache_gib counts "
+                        "them and --max-cache-gib applies to that)")
     p.add_argument("--eager", action="store_true", help="time the Python call, not a CUDA-graph replay")
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # "cpu": Triton-interpreter smoke run
     a = p.parse_args()
@@ -235,7 +236,7 @@ def fa3_cell(fp8, B, L, hq, h, d, io, device, args, fa):
                k_descale=descale, v_descale=descale, num_splits=args.fa_num_splits)
 
     ms, mode = bench(fn, device, args.eager)
-    return dict(row, status="ok", time_us=ms * 1e3, timing=mode)
+    return dict(row, status="ok", time_us=ms * 1e3, timing=mode, long_context=args.long_context)
 
 
 def load_fa3():

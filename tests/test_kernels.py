@@ -372,17 +372,36 @@ def test_decode_variants_agree(num_splits, dtype, kernel, decode_stages, lane_ro
 
 
 @pytest.mark.parametrize("kernel", ["fma", "mma"])
-@pytest.mark.parametrize("min_groups", [2, 5, 100])
-def test_decode_split_min_groups(kernel, min_groups):
-    """Splits of at least ``split_min_groups`` groups (fewer splits in use, the rest empty) give the reference's
-    answer: contexts of 12, 1, 0 and 8 complete groups over 4 splits, so 2 leaves 3 splits of 4 groups for the
-    first request, 5 leaves 3 splits (5, 5, 2), 100 one split per request."""
+@pytest.mark.parametrize("min_groups", [1, 4, 5, 100])
+def test_decode_split_min_groups(kernel, min_groups, monkeypatch):
+    """Splits of at least ``split_min_groups`` groups: the output is the reference's, and the partition is the one
+    asked for. Request 0 has 12 complete groups over 4 splits: per split max(3, min_groups) groups, so min 1 uses all
+    4 splits (3 groups each), 4 uses 3 (4, 4, 4), 5 uses 3 (5, 5, 2) and 100 only the first; the splits past the
+    groups write an empty partial (max -inf), read from the decode's partial buffer."""
     lay = PageLayout(64, 64, 2, 2, 16, "kv", torch.float32)
     b = Batch(lay, [(200, 1), (17, 1), (0, 1), (129, 1)], 4, 2, torch.float32, seed_of("minsplit", kernel),
               out_dtype=torch.float32, pad_reqs=1)
     out_ref, _ = b.reference()
+    made = []
+    empty = torch.empty
+
+    def recording_empty(*args, **kwargs):  # decode() allocates its partials (max first) with torch.empty
+        t = empty(*args, **kwargs)
+        made.append(t)
+        return t
+
+    monkeypatch.setattr(torch, "empty", recording_empty)
     out, _ = b.kernels(num_splits=4, decode_kernel=kernel, decode_split_min_groups=min_groups)
+    monkeypatch.undo()
     assert rel_err(out[:4], out_ref[:4]) < TOL
+    hq, slots = 4, 4 + (kernel == "fma")  # the FMA path's open group has its own slot after the splits
+    part_m = next(t for t in made if t.dtype == torch.float32 and t.numel() == 5 * hq * slots).view(5, hq, slots)
+    used = {1: 4, 4: 3, 5: 3, 100: 1}[min_groups]
+    expected = torch.tensor([split < used for split in range(4)])
+    if kernel == "mma":
+        expected[3] = True  # the MMA path's last split also attends to the open group
+    m0 = part_m[0, :, :4].cpu()  # request 0, query heads x its 4 split slots
+    assert (torch.isfinite(m0) == expected[None, :]).all(), m0
 
 
 def test_decode_groups():

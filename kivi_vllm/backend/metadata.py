@@ -13,7 +13,7 @@ from vllm.v1.attention.backend import AttentionCGSupport, AttentionMetadataBuild
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from ..config import KiviConfig
-from ..kernels.decode import (SPLIT_TARGET_PROGRAMS, cuda_capability, decode_groups, default_kernel,
+from ..kernels.decode import (SPLIT_TARGET_PROGRAMS, cuda_capability, decode_groups, default_kernel, one_group,
                               split_min_groups_for)
 from ..kernels.flash import first_chunk_attention
 from ..kernels.prefill import block_q_for, prefill_tiles
@@ -178,10 +178,12 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
         self.split_min = None
         if self.triton:
             self.block_q = block_q_for(*heads)
+            one_group(torch.device(device))  # decode()'s default split_min_groups, made before any graph capture
             kernel = default_kernel(self.layout, heads[0] // heads[1], cuda_capability(torch.device(device)))
             self.split_target = SPLIT_TARGET_PROGRAMS.get(kernel)
             self.num_kv_heads = heads[1]
-            if self.split_target:  # written every step, read by the decode kernels (so graphs replay it)
+            if self.split_target:  # written every step, read by the decode kernels (so graphs replay it); one
+                # buffer for every step: vLLM's micro-batching (two batches in flight per step) would need two
                 self.split_min = torch.ones(1, dtype=torch.int32, device=device)
         global _capacity_logged, _path_logged
         if not _path_logged:

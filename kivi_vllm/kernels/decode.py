@@ -373,9 +373,10 @@ def default_num_splits(kernel: str, num_reqs: int, num_kv_heads: int) -> int:
 
 
 @functools.cache
-def _one_group(device: torch.device) -> torch.Tensor:
-    """A [1] int32 tensor holding 1 on ``device`` (decode()'s ``split_min_groups`` when none is given; one per
-    device for the process, so CUDA graphs may capture it)."""
+def one_group(device: torch.device) -> torch.Tensor:
+    """A [1] int32 tensor holding 1 on ``device``: decode()'s ``split_min_groups`` when none is given; one per
+    device for the process, so CUDA graphs may capture it. Make it before any capture (the metadata builder does):
+    made inside one, its fill would only run at replay."""
     return torch.ones(1, dtype=torch.int32, device=device)
 
 
@@ -571,7 +572,7 @@ def decode(
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty(R * HQ * slots * pad, dtype=torch.float32, device=query.device)
     if split_min_groups is None:
-        split_min_groups = _one_group(query.device)
+        split_min_groups = one_group(query.device)
     args = (query, key, value, kv_cache, block_table, seq_lens, query_start_loc, part_m, part_l, part_acc, scale,
             query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
             kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0), split_min_groups)

@@ -6,8 +6,9 @@ request, KV head and split; the open group and the reduction are that module's l
 memory:
 
 * scores ``S = q . K^T``: A = the query heads of one KV head in fp16 (padded to 16 rows, loaded once; a bf16 query
-  clamped to fp16's range, and not scaled: the softmax scale and log2(e) multiply the float32 scores, since folded
-  into the query they were a rounding of their own); B = the group's keys dequantized in fp16,
+  clamped to fp16's range, |q| <= 65504, and not scaled: the softmax scale and log2(e) multiply the float32 scores,
+  since folded into the query they were a rounding of their own; a bf16 query is then exact in fp16 unless it lies
+  below fp16's normal range, 6.1e-5); B = the group's keys dequantized in fp16,
   ``(c / 2**bits) * (2**bits s) + m``;
   Dequantized keys and values must lie in fp16's range (|x| <= 65504; KIVI's stored scale and minimum already
   do); ``2**bits s`` overflows above a scale of 16,376 (2-bit) or 4,094 (4-bit), i.e. a channel range of about
