@@ -157,6 +157,7 @@ def test_metrics_keep_vllms_and_add_the_kivi_cache_facts(server):
     # and which code runs the attention (the PyTorch path on a CPU)
     path = [ln for ln in startup.splitlines() if "KIVI attention: " in ln]
     assert len(path) == 1 and "PyTorch path (kivi_vllm.reference; the Triton kernels run on CUDA devices only)" in path[0]
+    assert path[0].endswith("prefill: PyTorch path, streaming rule")
 
 
 def test_api_key_guards_the_api_as_in_vllm(server):

@@ -108,6 +108,7 @@ def test_attention_path_in_the_startup_log():
     assert "1 query head per KV head" in attention_path_summary(lay, 32, 32, True, (9, 0))
     assert "decode kernel 'fma'" in attention_path_summary(lay, 32, 8, True, None)  # ROCm: no 'tc'
     assert "PyTorch path" in attention_path_summary(lay, 32, 8, False)
+    assert attention_path_summary(lay, 32, 8, False, prefill_rule="exact").endswith("prefill: PyTorch path, exact rule")
     assert line.endswith("; prefill: Triton prefill kernel")  # the streaming rule
     exact = attention_path_summary(lay, 32, 8, True, (9, 0), (True, "FlashAttention 3 (...)"))
     assert exact.endswith("prefill: first chunks by FlashAttention 3 (...), continuation chunks by the Triton prefill kernel")

@@ -67,7 +67,7 @@ def use_triton(device: torch.device | str) -> bool:
 
 def attention_path_summary(layout: PageLayout, num_heads: int, num_kv_heads: int, triton: bool,
                            capability: tuple[int, int] | None = None,
-                           first_chunks: tuple[bool, str] | None = None) -> str:
+                           first_chunks: tuple[bool, str] | None = None, prefill_rule: str = "streaming") -> str:
     """One line for the start-up log: which code runs the KIVI layers' attention on this worker.
 
     Args:
@@ -78,6 +78,7 @@ def attention_path_summary(layout: PageLayout, num_heads: int, num_kv_heads: int
             the CPU and ROCm.
         first_chunks: under prefill="exact", :func:`kivi_vllm.kernels.flash.first_chunk_attention`'s
             ``(fn is not None, what)``; None under the streaming rule (the Triton prefill kernel does all).
+        prefill_rule: "streaming" or "exact" (named on the PyTorch path, which computes every prefill row).
 
     Returns:
         e.g. ``"KIVI attention: Triton kernels; decode kernel 'tc' (tensor cores, ...) at 4 query heads per KV head,
@@ -86,7 +87,8 @@ def attention_path_summary(layout: PageLayout, num_heads: int, num_kv_heads: int
     if not triton:
         why = ("KIVI_ATTENTION_PATH=torch" if os.environ.get("KIVI_ATTENTION_PATH") == "torch"
                else "the Triton kernels run on CUDA devices only")
-        return f"KIVI attention: PyTorch path (kivi_vllm.reference; {why}); steps are not captured in CUDA graphs"
+        return (f"KIVI attention: PyTorch path (kivi_vllm.reference; {why}); steps are not captured in CUDA graphs; "
+                f"prefill: PyTorch path, {prefill_rule} rule")
     qpk = num_heads // num_kv_heads
     kernel = default_kernel(layout, qpk, capability)
     prefill = "Triton prefill kernel"
@@ -193,7 +195,7 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
                 fn, what = first_chunk_attention(mc.dtype, self.layout.head_size)
                 first = (fn is not None, what)
             logger.info("%s", attention_path_summary(self.layout, *heads, self.triton,
-                                                     cuda_capability(torch.device(device)), first))
+                                                     cuda_capability(torch.device(device)), first, cfg.prefill))
         num_blocks = vllm_config.cache_config.num_gpu_blocks
         if num_blocks and not _capacity_logged:
             _capacity_logged = True
