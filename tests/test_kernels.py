@@ -404,6 +404,16 @@ def test_decode_split_min_groups(kernel, min_groups, monkeypatch):
     assert (torch.isfinite(m0) == expected[None, :]).all(), m0
 
 
+def test_decode_split_min_groups_checked():
+    """A split_min_groups that is not one int32 on the query's device is refused before any launch."""
+    lay = PageLayout(64, 64, 2, 2, 16, "kv", torch.float32)
+    b = Batch(lay, [(40, 1)], 2, 2, torch.float32, seed_of("minsplit-checked"))
+    for bad in (torch.ones(1, dtype=torch.int64), torch.ones(2, dtype=torch.int32)):
+        with pytest.raises(ValueError, match="split_min_groups must be one int32"):
+            K.decode(b.q, b.k, b.v, b.cache, b.block_table, b.qsl, b.seq_lens, lay, 0.125, torch.empty_like(b.q),
+                     split_min_groups=bad)
+
+
 def test_decode_groups():
     """Complete groups read by the decode requests only (query length 1): (200-1)//16 + (17-1)//16 + 0 (an empty
     context) = 13; the 40-token prefill request does not count."""

@@ -537,7 +537,8 @@ def decode(
         ValueError: shapes that do not match the layout, num_heads not a multiple of num_kv_heads, tensors not
             contiguous in head_size, num_splits not a power of 2, lane_rows not a power of 2 dividing the group
             size, an unknown kernel, or "tc" off NVIDIA GPUs of compute capability 8.0+, outside
-            :func:`tc_supports`, with num_warps other than 1 or with rescale_slack outside [0, 15].
+            :func:`tc_supports`, with num_warps other than 1 or with rescale_slack outside [0, 15], or
+            split_min_groups not one int32 on the query's device.
     """
     HQ, H = check_attention("decode", query, key, value, out, kv_cache, layout)
     R = len(seq_lens) if num_reqs is None else num_reqs
@@ -573,6 +574,10 @@ def decode(
     part_acc = torch.empty(R * HQ * slots * pad, dtype=torch.float32, device=query.device)
     if split_min_groups is None:
         split_min_groups = one_group(query.device)
+    elif (split_min_groups.dtype != torch.int32 or split_min_groups.numel() != 1
+          or split_min_groups.device != query.device):
+        raise ValueError(f"KIVI decode: split_min_groups must be one int32 on {query.device}, got "
+                         f"{split_min_groups.dtype} {tuple(split_min_groups.shape)} on {split_min_groups.device}")
     args = (query, key, value, kv_cache, block_table, seq_lens, query_start_loc, part_m, part_l, part_acc, scale,
             query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
             kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0), split_min_groups)
