@@ -176,10 +176,11 @@ def kivi_cell(bits, B, L, hq, h, d, io, device, args, kern):
     row.update(kernel=kernel, num_splits=splits, aux_bytes=2 * B * hq * slots * (2 + pad) * 4)
     split_min = None
     if args.split_target:
-        from kivi_vllm.kernels.decode import split_min_groups_for
+        from kivi_vllm.kernels.decode import decode_groups, split_min_groups_for
 
-        row.update(split_target=args.split_target, split_min_groups=split_min_groups_for(
-            (B - 1) * n_full + (L0 - 1) // GROUP, h, args.split_target))
+        groups = decode_groups(qsl.cpu().numpy(), seq_lens.cpu().numpy(), GROUP)  # as the metadata builder does
+        row.update(split_target=args.split_target,
+                   split_min_groups=split_min_groups_for(groups, h, args.split_target))
         split_min = torch.tensor([row["split_min_groups"]], dtype=torch.int32, device=device)
     kv_cache = random_bytes(cache_bytes, device).view(B * nblk, h, lay.page_bytes)
     block_table = torch.randperm(B * nblk, device=device).to(torch.int32).view(B, nblk)

@@ -75,23 +75,23 @@ def main() -> None:
     # other group and head sizes; decode() picks each shape's kernel (default_kernel) unless --decode-kernel
     grid += [(128, 1, 2, "kv", 16), (128, 2, 2, "kv", 64), (128, 1, 4, "k", 128), (128, 4, 2, "kv", 128),
              (80, 1, 2, "kv", 16), (96, 2, 4, "k", 32), (256, 1, 2, "kv", 32), (256, 2, 4, "kv", 64)]
+    streaming = a.prefill == "streaming"
     t_start = time.time()
     for head, gqa, bits, residual, group in grid[a.first_shape:]:
         hkv = 2
         lay = PageLayout(512, head, bits, bits, group, residual, torch.bfloat16)
+        flash, what = None, None
+        if a.flash_first_chunks:
+            from kivi_vllm.kernels.flash import first_chunk_attention
+
+            flash, what = first_chunk_attention(torch.bfloat16, head)
+            if flash is None:
+                raise SystemExit(f"--flash-first-chunks: {what}")
         for case in range(3):
             reqs = mixed_batch(rng, a.batch)
             seed = rng.randrange(2**31)
             b = Batch(lay, reqs, hkv * gqa, hkv, torch.bfloat16, seed, pad_tokens=2)
-            streaming = a.prefill == "streaming"
             out_ref, cache_ref = b.reference(streaming=streaming, device=DEV)
-            flash, what = None, None
-            if a.flash_first_chunks:
-                from kivi_vllm.kernels.flash import first_chunk_attention
-
-                flash, what = first_chunk_attention(torch.bfloat16, head)
-                if flash is None:
-                    raise SystemExit(f"--flash-first-chunks: {what}")
             kernel = a.decode_kernel
             if kernel == "tc" and tc_supports(lay, gqa):
                 kernel = None

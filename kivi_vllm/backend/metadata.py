@@ -221,17 +221,16 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
             meta.query_start_loc_host = cm.query_start_loc_cpu[: n + 1].tolist()
             meta.seq_lens_host = cm.seq_lens[:n].tolist()
             return meta
-        if self.split_min is not None and cm.seq_lens_cpu_upper_bound is not None:
-            groups = decode_groups(np.asarray(cm.query_start_loc_cpu[: n + 1]),
-                                   np.asarray(cm.seq_lens_cpu_upper_bound[:n]), self.layout.group_size)
+        qsl = np.asarray(cm.query_start_loc_cpu[: n + 1])  # host views, no copies
+        # seq_lens_cpu_upper_bound is exact for prefill rows (KIVI refuses speculative decoding)
+        seq = None if cm.seq_lens_cpu_upper_bound is None else np.asarray(cm.seq_lens_cpu_upper_bound[:n])
+        if self.split_min is not None and seq is not None:
+            groups = decode_groups(qsl, seq, self.layout.group_size)
             self.split_min.fill_(split_min_groups_for(groups, self.num_kv_heads, self.split_target))
             meta.split_min_groups = self.split_min
         if cm.max_query_len > 1:
-            qsl = np.asarray(cm.query_start_loc_cpu[: n + 1])
-            # seq_lens_cpu_upper_bound is exact for prefill rows (KIVI refuses speculative decoding)
-            if self.exact_triton and cm.seq_lens_cpu_upper_bound is not None:
+            if self.exact_triton and seq is not None:
                 q_len = np.diff(qsl)
-                seq = np.asarray(cm.seq_lens_cpu_upper_bound[:n])
                 meta.has_first_chunks = bool(((q_len > 1) & (seq == q_len)).any())
             tile_req, tile_start = prefill_tiles(qsl, self.block_q)
             if len(tile_req):
