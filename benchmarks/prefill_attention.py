@@ -7,6 +7,7 @@ on bf16 and fp8 caches, for the prompt chunks a prefill-heavy engine step carrie
     python benchmarks/prefill_attention.py --configs kivi2 --bulk-groups 4 --bulk-dot 16   # the bulk loop's options
     python benchmarks/prefill_attention.py --configs kivi2 --exact --flash-first-chunks   # exact, first chunks in FA
     python benchmarks/prefill_attention.py --configs kivi2 --store-warps 2 4 8 16   # the store's warps per program
+    python benchmarks/prefill_attention.py --configs kivi2 --store-probe   # the store: phases, skip_by_slot, floor
 
 Why: on kivi-bench's `long` workload (256 x (3584 + 512), Llama-2-7B shape) steps full of prompt chunks took
 672-816 ms with KIVI against 401 ms with fp8 (docs/benchmarks.md), although a decode step is faster. With KIVI's
@@ -91,6 +92,9 @@ def parse_args():
     p.add_argument("--store-warps", type=int, nargs="+", default=None,
                    help="KIVI: also time the stores with these warps per program (store's num_warps; store_us is "
                         "the default's)")
+    p.add_argument("--store-probe", action="store_true",
+                   help="KIVI: also time each store phase alone, the stores without skip_by_slot (same bytes "
+                        "checked) and with every slot -1 (each program exits after its slot load: the grid's floor)")
     p.add_argument("--eager", action="store_true", help="time the Python call, not a CUDA-graph replay")
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -156,11 +160,11 @@ def kivi_cell(bits, B, C, P, hq, h, d, io, device, args):
                 prefill_warps=args.prefill_warps, prefill_bulk_groups=args.bulk_groups,
                 prefill_bulk_dot=args.bulk_dot, first_chunk_attention=flash, max_query_len=C)
 
-    def stores(warps=4):
-        store(kv_cache, key, value, slot, qsl, seq_lens, lay, 0, num_warps=warps)
-        store(kv_cache, key, value, slot, qsl, seq_lens, lay, 1, num_warps=warps)
+    def stores(warps=4, slots=slot, phases=(0, 1), skip_by_slot=True):
+        for ph in phases:
+            store(kv_cache, key, value, slots, qsl, seq_lens, lay, ph, num_warps=warps, skip_by_slot=skip_by_slot)
 
-    pristine = kv_cache.clone() if args.store_warps else None  # the random bytes before any store
+    pristine = kv_cache.clone() if args.store_warps or args.store_probe else None  # the random bytes
     ms, mode = bench(step, device, args.eager)
     sms, _ = bench(stores, device, args.eager)
     by_warps, same_bytes = {}, {}
@@ -174,8 +178,19 @@ def kivi_cell(bits, B, C, P, hq, h, d, io, device, args):
         same_bytes[warps] = bool(torch.equal(kv_cache, written))
         by_warps[warps] = bench(lambda warps=warps: stores(warps), device, args.eager)[0] * 1e3
         log(f"    store, {warps} warps per program: {by_warps[warps]:.1f} us, same bytes {same_bytes[warps]}")
+    probe = {}
+    if args.store_probe:
+        kv_cache.copy_(pristine)
+        stores(skip_by_slot=False)
+        probe["no_skip_same_bytes"] = bool(torch.equal(kv_cache, written))
+        none = torch.full_like(slot, -1)
+        for name, kw in (("phase0", dict(phases=(0,))), ("phase1", dict(phases=(1,))),
+                         ("no_skip", dict(skip_by_slot=False)), ("all_slots_minus1", dict(slots=none))):
+            probe[name + "_us"] = bench(lambda kw=kw: stores(**kw), device, args.eager)[0] * 1e3
+        log("    store probe: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
+                                           for k, v in probe.items()))
     return dict(status="ok", time_us=ms * 1e3, store_us=sms * 1e3, store_us_by_warps=by_warps,
-                store_same_bytes_by_warps=same_bytes, timing=mode, block_q=bq,
+                store_same_bytes_by_warps=same_bytes, store_probe=probe, timing=mode, block_q=bq,
                 prefill_warps=args.prefill_warps, prefill_unpack=args.prefill_unpack,
                 bulk_groups=resolve_bulk_groups(lay, args.bulk_groups, args.prefill_unpack),
                 bulk_dot=args.bulk_dot,

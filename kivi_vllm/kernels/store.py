@@ -25,8 +25,8 @@ from .common import check_cache, check_rows, find_request, layout_args, pack_row
 
 
 @triton.jit
-def _store_kernel(
-    kv_ptr, key_ptr, value_ptr, slot_ptr, qsl_ptr, seq_lens_ptr, num_reqs,
+def _store_token(
+    kv_ptr, key_ptr, value_ptr, qsl_ptr, seq_lens_ptr, num_reqs, t, slot, h,
     stride_cache_block, stride_cache_head, stride_kt, stride_kh, stride_vt, stride_vh,
     STAGE_DTYPE: tl.constexpr, PHASE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
@@ -35,11 +35,9 @@ def _store_kernel(
     OFF_VS: tl.constexpr, OFF_VM: tl.constexpr, OFF_KSTAGE: tl.constexpr, OFF_VSTAGE: tl.constexpr,
     RESIDUAL_KV: tl.constexpr,
 ):
+    """One token's store (module docstring) once :func:`_store_kernel` found it may have work."""
     G: tl.constexpr = GROUP_SIZE
     NVG: tl.constexpr = HEAD_PAD // V_GROUP  # value channel groups per token (padded)
-    t = tl.program_id(0)
-    h = tl.program_id(1)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
     r = find_request(qsl_ptr, num_reqs, t)
     q_start = tl.load(qsl_ptr + r)
     q_end = tl.load(qsl_ptr + r + 1)
@@ -48,7 +46,7 @@ def _store_kernel(
     ctx = seq_len - (q_end - q_start)  # tokens cached before this step
     pos = ctx + (t - q_start)  # this token's position in its sequence
     first_group = (pos // G) == (ctx // G)
-    mine = (slot >= 0) & (t < q_end) & (first_group == (PHASE == 0))
+    mine = (t < q_end) & (first_group == (PHASE == 0))
     if mine:
         blk = slot // BLOCK_SIZE
         grp = (slot % BLOCK_SIZE) // G
@@ -126,6 +124,38 @@ def _store_kernel(
                 tl.store(v_stage + p * HEAD_SIZE + d, vx.to(STAGE_DTYPE), mask=dmask)
 
 
+@triton.jit
+def _store_kernel(
+    kv_ptr, key_ptr, value_ptr, slot_ptr, qsl_ptr, seq_lens_ptr, num_reqs, num_rows,
+    stride_cache_block, stride_cache_head, stride_kt, stride_kh, stride_vt, stride_vh,
+    STAGE_DTYPE: tl.constexpr, PHASE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr, RECORD_BYTES: tl.constexpr,
+    OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KM: tl.constexpr, OFF_VC: tl.constexpr,
+    OFF_VS: tl.constexpr, OFF_VM: tl.constexpr, OFF_KSTAGE: tl.constexpr, OFF_VSTAGE: tl.constexpr,
+    RESIDUAL_KV: tl.constexpr, SKIP_BY_SLOT: tl.constexpr = True,
+):
+    G: tl.constexpr = GROUP_SIZE
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    busy = slot >= 0
+    if SKIP_BY_SLOT and RESIDUAL_KV:
+        # A token whose group is completed later in this step has nothing to do: the completing token quantizes
+        # it from ``key``/``value``. Slots are unique in a step and a group never spans two blocks, so that token
+        # is the row ``G - 1 - p`` further down iff its slot is ``G - 1 - p`` further too. Deciding this from two
+        # loads spares the request search to all but 1 in G prompt tokens (and the open group's).
+        ahead = G - 1 - slot % G
+        last = tl.load(slot_ptr + t + ahead, mask=(t + ahead < num_rows) & (ahead > 0), other=-1)
+        busy = busy & ((ahead == 0) | (last != slot + ahead))
+    if busy:
+        _store_token(kv_ptr, key_ptr, value_ptr, qsl_ptr, seq_lens_ptr, num_reqs, t, slot, h,
+                     stride_cache_block, stride_cache_head, stride_kt, stride_kh, stride_vt, stride_vh,
+                     STAGE_DTYPE, PHASE, BLOCK_SIZE, GROUP_SIZE, HEAD_SIZE, HEAD_PAD, K_BITS, V_BITS, V_GROUP,
+                     RECORD_BYTES, OFF_KC, OFF_KS, OFF_KM, OFF_VC, OFF_VS, OFF_VM, OFF_KSTAGE, OFF_VSTAGE,
+                     RESIDUAL_KV)
+
+
 def store(
     kv_cache: torch.Tensor,
     key: torch.Tensor,
@@ -137,6 +167,7 @@ def store(
     phase: int,
     num_reqs: int | None = None,
     num_warps: int = 4,
+    skip_by_slot: bool = True,
 ) -> None:
     """Write this step's tokens of one phase (see the module docstring) into the KIVI pages, in place.
 
@@ -150,6 +181,9 @@ def store(
         phase: 0 = tokens of each request's first group (reads the stage), 1 = the others (launch after 0).
         num_reqs: requests to consider (default ``len(seq_lens)``).
         num_warps: warps per program (Triton's; a group's [G, head_size] keys and values spread over them).
+        skip_by_slot: with residual="kv", a program whose token's group is completed by a later row of this step
+            exits after two slot loads, before the request search (same bytes written; False: every program
+            searches, as before; ``benchmarks/prefill_attention.py --store-probe`` times both).
 
     Raises:
         ValueError: wrong cache shape/dtype, key/value shapes that do not match the layout, or key/value not
@@ -165,7 +199,8 @@ def store(
     if T == 0 or n == 0:
         return
     _store_kernel[(T, H)](
-        kv_cache, key, value, slot_mapping, query_start_loc, seq_lens, n,
+        kv_cache, key, value, slot_mapping, query_start_loc, seq_lens, n, T,
         kv_cache.stride(0), kv_cache.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        STAGE_DTYPE=stage_dtype(layout), PHASE=phase, num_warps=num_warps, **layout_args(layout),
+        STAGE_DTYPE=stage_dtype(layout), PHASE=phase, SKIP_BY_SLOT=skip_by_slot, num_warps=num_warps,
+        **layout_args(layout),
     )
