@@ -3,7 +3,7 @@ FlashAttention 3 with a bf16 and an fp8 KV cache, on the same batch, with a copy
 
     python benchmarks/decode_attention.py --out docs/measurements/decode_attention.json   # H200, full grid
     python benchmarks/decode_attention.py --quick                                         # B 16 64, L 1024 4096
-    python benchmarks/decode_attention.py --configs kivi2 --split-target 1024 --long-context 16384   # split rule
+    python benchmarks/decode_attention.py --configs kivi2 --work-target 0 --long-context 16384   # split grid
 
 One layer, one decode step: B requests, each with context L (this step's token included) and one query token;
 shapes "llama2-7b" (32 query heads, 32 KV heads, head size 128) and "gqa" (32 / 8 / 128); bf16 activations.
@@ -55,6 +55,7 @@ import sys
 import time
 import traceback
 
+import numpy as np
 import torch
 
 SHAPES = {"llama2-7b": (32, 32, 128), "gqa": (32, 8, 128),  # query heads, KV heads, head size
@@ -84,14 +85,22 @@ def parse_args():
     p.add_argument("--maxnreg", type=int, default=None, help="KIVI fma/tc decode: register cap per thread")
     p.add_argument("--rescale-slack", type=float, default=None,
                    help="KIVI tc decode: conditional-rescaling slack, log2 units (default decode_tc.RESCALE_SLACK)")
-    p.add_argument("--split-target", type=int, default=None,
-                   help="KIVI decode: split_min_groups from split_min_groups_for(batch groups, KV heads, this "
-                        "target of programs) (default: none, each request over all the splits)")
+    p.add_argument("--work-target", type=int, default=None,
+                   help="KIVI fma/tc decode: a work list in waves of this many programs (decode.decode_work, as "
+                        "the metadata builder makes it); default decode.wave_programs of the kernel (SMs x "
+                        "WORK_PROGRAMS_PER_SM: 'tc' only), as the engine runs it; 0: the split grid")
+    p.add_argument("--work-variant", choices=["as-built", "no-empty", "slot-major", "no-empty-slot-major"],
+                   default="as-built", help="KIVI decode work list, for measurements: drop the unused rows (grid = "
+                        "the items, not the capacity) and/or order the items slot-major (all requests' slot 0 first, "
+                        "as the split grid orders its programs)")
     p.add_argument("--long-context", type=int, default=None,
                    help="request 0's context instead of L (one long request in a batch of L-token ones; the "
                         "store is then not timed; every request gets the long one's pages, so cache_gib counts "
                         "them and --max-cache-gib applies to that)")
     p.add_argument("--eager", action="store_true", help="time the Python call, not a CUDA-graph replay")
+    p.add_argument("--profile", action="store_true",
+                   help="KIVI: also print the GPU time of each kernel of the decode call (torch.profiler, mean of "
+                        "20 eager calls; kernel_us in JSON)")
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # "cpu": Triton-interpreter smoke run
     a = p.parse_args()
     if a.quick:
@@ -131,6 +140,21 @@ def bench(fn, device, eager):
     ms = triton.testing.do_bench(run, warmup=25, rep=100, return_mode="median")
     del graph
     return ms, mode
+
+
+def kernel_times(fn, calls=20):
+    """{kernel name (first 40 characters): mean GPU µs per call} of ``fn`` over ``calls`` eager calls
+    (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return {e.key[:40]: round(e.device_time_total / calls, 1) for e in prof.key_averages()
+            if e.device_time_total > 0}
 
 
 def free(device):
@@ -174,14 +198,19 @@ def kivi_cell(bits, B, L, hq, h, d, io, device, args, kern):
     pad = triton.next_power_of_2(d)  # partials: m, l and a [HEAD_PAD] accumulator per (request, head, split), fp32
     slots = splits + (kernel != "mma")  # the FMA and TC paths' open group has its own partial slot
     row.update(kernel=kernel, num_splits=splits, aux_bytes=2 * B * hq * slots * (2 + pad) * 4)
-    split_min = None
-    if args.split_target:
-        from kivi_vllm.kernels.decode import decode_groups, split_min_groups_for
+    from kivi_vllm.kernels.decode import decode_work, wave_programs
 
-        groups = decode_groups(qsl.cpu().numpy(), seq_lens.cpu().numpy(), GROUP)  # as the metadata builder does
-        row.update(split_target=args.split_target,
-                   split_min_groups=split_min_groups_for(groups, h, args.split_target))
-        split_min = torch.tensor([row["split_min_groups"]], dtype=torch.int32, device=device)
+    target = (wave_programs(kernel, torch.device(device)) or 0) if args.work_target is None else args.work_target
+    work = None
+    if target and kernel != "mma":
+        items, counts = decode_work(qsl.cpu().numpy(), seq_lens.cpu().numpy(), GROUP, B, h, target, splits)
+        used = int(counts.sum())
+        if "slot-major" in args.work_variant:
+            items[:used] = items[:used][np.argsort(items[:used, 1], kind="stable")]
+        if "no-empty" in args.work_variant:
+            items = items[:max(used, B)]
+        work = (torch.from_numpy(items).to(device), torch.from_numpy(counts).to(device))
+        row.update(work_target=target, work_items=used, work_variant=args.work_variant)
     kv_cache = random_bytes(cache_bytes, device).view(B * nblk, h, lay.page_bytes)
     block_table = torch.randperm(B * nblk, device=device).to(torch.int32).view(B, nblk)
     def slots_at(pos):  # cache slot of each request's token at position pos[r]
@@ -194,8 +223,12 @@ def kivi_cell(bits, B, L, hq, h, d, io, device, args, kern):
     ms, mode = bench(lambda: decode(q, key, value, kv_cache, block_table, qsl, seq_lens, lay, scale, out,
                                     num_splits=splits, num_stages=args.num_stages, num_warps=args.num_warps,
                                     lane_rows=args.lane_rows, kernel=kernel, maxnreg=args.maxnreg,
-                                    rescale_slack=args.rescale_slack, split_min_groups=split_min),
+                                    rescale_slack=args.rescale_slack, work=work),
                      device, args.eager)
+    if args.profile and device == "cuda":
+        row["kernel_us"] = kernel_times(lambda: decode(q, key, value, kv_cache, block_table, qsl, seq_lens, lay, scale,
+                                                       out, num_splits=splits, kernel=kernel, work=work))
+        log(f"    kernels: {row['kernel_us']}")
     if args.long_context:  # the store's slots below assume context L everywhere
         return dict(row, status="ok", time_us=ms * 1e3, timing=mode, long_context=L0)
     sms, _ = bench(lambda: store(kv_cache, key, value, slot, qsl, seq_lens, lay, 0), device, args.eager)

@@ -33,7 +33,7 @@ from kivi_vllm.layout import PageLayout
 POINTERS = {"q_ptr": "*bf16", "key_ptr": "*bf16", "value_ptr": "*bf16", "kv_ptr": "*u8", "block_table_ptr": "*i32",
             "seq_lens_ptr": "*i32", "qsl_ptr": "*i32", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32",
             "part_acc_ptr": "*fp32", "sm_scale": "fp32", "out_ptr": "*bf16", "tile_req_ptr": "*i32",
-            "tile_start_ptr": "*i32", "split_min_ptr": "*i32"}
+            "tile_start_ptr": "*i32", "work_ptr": "*i32", "count_ptr": "*i32"}
 REGS_PER_SM, SMEM_PER_SM, MAX_WARPS = 65536, 228 * 1024, 64  # H100/H200 (sm_90)
 
 
@@ -81,6 +81,8 @@ def compiled_resources(fn, consts: dict, num_warps: int, maxnreg: int | None = N
     from triton.experimental.gluon._runtime import GluonASTSource, GluonJITFunction
 
     names = fn.arg_names
+    # constexprs the caller left at their defaults (e.g. WORK_LIST) are constexprs still, not i32 arguments
+    consts = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **consts}
     sig = {n: "constexpr" if n in consts else POINTERS.get(n, "i32") for n in names}
     source = GluonASTSource if isinstance(fn, GluonJITFunction) else triton.compiler.ASTSource
     # what the launcher's JIT specializes on an H200: 16-byte aligned tensors and strides divisible by 16 (vLLM's

@@ -21,7 +21,8 @@ A case ``BxC`` is B requests whose chunk is C prompt tokens with nothing cached 
 One layer, bf16 activations, shapes "llama2-7b" (32 query / 32 KV heads) and "gqa" (32 / 8), head size 128.
 
 * kivi2 / kivi4: ``kivi_vllm.kernels.forward`` for the whole step (prefill phase 0, the stores of the chunk's
-  tokens, prefill phase 1, as the engine runs them, and its decode launches, which exit at once here) over ``PageLayout(512, 128, b, b, 32, "kv", bf16)``; its store part is timed
+  tokens over the rows with work, ``store_rows``, prefill phase 1, as the engine runs them, and its decode launches,
+  which exit at once here) over ``PageLayout(512, 128, b, b, 32, "kv", bf16)``; its store part is timed
   alone too (``store_us``: phase 0 + phase 1). ``--exact`` runs prefill="exact" instead (a chunk's own tokens
   exact; only groups cached before it dequantized), the KIVI paper's prefill; ``--exact --flash-first-chunks``
   computes the first chunks' attention with vLLM's FlashAttention, as the engine does (``kivi_vllm.kernels.flash``;
@@ -93,8 +94,9 @@ def parse_args():
                    help="KIVI: also time the stores with these warps per program (store's num_warps; store_us is "
                         "the default's)")
     p.add_argument("--store-probe", action="store_true",
-                   help="KIVI: also time each store phase alone, the stores without skip_by_slot (same bytes "
-                        "checked) and with every slot -1 (each program exits after its slot load: the grid's floor)")
+                   help="KIVI: also time each store phase alone, the stores over every row instead of the listed "
+                        "ones (store_rows), with and without skip_by_slot (same bytes checked), and over every row "
+                        "with every slot -1 (each program exits after its slot load: that grid's floor)")
     p.add_argument("--eager", action="store_true", help="time the Python call, not a CUDA-graph replay")
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -154,15 +156,20 @@ def kivi_cell(bits, B, C, P, hq, h, d, io, device, args):
         if flash is None:
             raise RuntimeError(f"--flash-first-chunks: {flash_what}")
 
+    from kivi_vllm.kernels.store import store_rows
+
+    rows = torch.from_numpy(store_rows(qsl_host.numpy(), seq_lens.cpu().numpy(), GROUP)).to(device)  # as the builder
+
     def step():
-        forward(q, key, value, kv_cache, block_table, qsl, seq_lens, slot, lay, d**-0.5, out, tiles,
+        forward(q, key, value, kv_cache, block_table, qsl, seq_lens, slot, lay, d**-0.5, out, tiles, store_rows=rows,
                 streaming=not args.exact, block_q=bq, prefill_unpack=args.prefill_unpack,
                 prefill_warps=args.prefill_warps, prefill_bulk_groups=args.bulk_groups,
                 prefill_bulk_dot=args.bulk_dot, first_chunk_attention=flash, max_query_len=C)
 
-    def stores(warps=4, slots=slot, phases=(0, 1), skip_by_slot=True):
+    def stores(warps=4, slots=slot, phases=(0, 1), skip_by_slot=True, listed=rows):
         for ph in phases:
-            store(kv_cache, key, value, slots, qsl, seq_lens, lay, ph, num_warps=warps, skip_by_slot=skip_by_slot)
+            store(kv_cache, key, value, slots, qsl, seq_lens, lay, ph, num_warps=warps, skip_by_slot=skip_by_slot,
+                  rows=listed)
 
     pristine = kv_cache.clone() if args.store_warps or args.store_probe else None  # the random bytes
     ms, mode = bench(step, device, args.eager)
@@ -180,12 +187,15 @@ def kivi_cell(bits, B, C, P, hq, h, d, io, device, args):
         log(f"    store, {warps} warps per program: {by_warps[warps]:.1f} us, same bytes {same_bytes[warps]}")
     probe = {}
     if args.store_probe:
-        kv_cache.copy_(pristine)
-        stores(skip_by_slot=False)
-        probe["no_skip_same_bytes"] = bool(torch.equal(kv_cache, written))
+        for name, kw in (("no_rows", dict(listed=None)), ("no_rows_no_skip", dict(listed=None, skip_by_slot=False))):
+            kv_cache.copy_(pristine)
+            stores(**kw)
+            probe[name + "_same_bytes"] = bool(torch.equal(kv_cache, written))
         none = torch.full_like(slot, -1)
-        for name, kw in (("phase0", dict(phases=(0,))), ("phase1", dict(phases=(1,))),
-                         ("no_skip", dict(skip_by_slot=False)), ("all_slots_minus1", dict(slots=none))):
+        probe["rows"] = rows.numel()
+        for name, kw in (("phase0", dict(phases=(0,))), ("phase1", dict(phases=(1,))), ("no_rows", dict(listed=None)),
+                         ("no_rows_no_skip", dict(listed=None, skip_by_slot=False)),
+                         ("all_slots_minus1", dict(slots=none, listed=None))):
             probe[name + "_us"] = bench(lambda kw=kw: stores(**kw), device, args.eager)[0] * 1e3
         log("    store probe: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
                                            for k, v in probe.items()))

@@ -8,7 +8,8 @@ against the float64 reference on one decode batch per shape, at several query he
 
 ``--q-scale`` multiplies the queries (the default data already has logits of standard deviation ~4.7: the top
 key takes ~42% of a row's weight; 8 gives ~94%; ``benchmarks/tc_rounding.py``), which widens the score ranges and exercises "tc"'s conditional
-rescaling; ``--rescale-slack`` and ``--maxnreg`` pass decode()'s options of those names.
+rescaling; ``--rescale-slack`` and ``--maxnreg`` pass decode()'s options of those names; ``--work-target`` the
+decode work list's target (the engine's by default).
 
 Prints one line per (shape, kernel): relative error of the attention output against
 ``kivi_vllm.reference.forward`` (float32 outputs) and whether any output is NaN.
@@ -49,9 +50,13 @@ def main() -> None:
                     help="multiply the queries (sharper attention, wider score ranges: exercises the rescaling)")
     ap.add_argument("--rescale-slack", type=float, default=None, help="tc: decode()'s rescale_slack")
     ap.add_argument("--maxnreg", type=int, default=None, help="fma/tc: decode()'s maxnreg")
+    ap.add_argument("--work-target", type=int, default=None,
+                    help="fma/tc: a work list (decode.decode_work) in waves of this many programs; default "
+                         "decode.wave_programs of the kernel, as the engine runs it; 0: the split grid")
     a = ap.parse_args()
     if DEV != "cuda":
         raise SystemExit("decode_kernels_check.py needs a CUDA device (the CPU tests cover small shapes)")
+    from kivi_vllm.kernels.decode import wave_programs
     from kivi_vllm.kernels.decode import tc_supports as supports
 
     reqs = [(c, 1) for c in a.contexts]
@@ -66,10 +71,13 @@ def main() -> None:
             if kernel == "tc" and supports(lay, hq // hkv):
                 print(f"{hq // hkv} {bits} {residual} D={head} G={group} tc: not supported ({supports(lay, hq // hkv)})")
                 continue
-            out, _ = b.kernels(decode_kernel=kernel, decode_maxnreg=a.maxnreg, decode_rescale_slack=a.rescale_slack)
+            target = wave_programs(kernel, torch.device(DEV)) if a.work_target is None else a.work_target
+            target = target if kernel != "mma" else None
+            out, _ = b.kernels(decode_kernel=kernel, decode_maxnreg=a.maxnreg, decode_rescale_slack=a.rescale_slack,
+                               decode_work_target=target or None)
             err = rel_err(out, ref)
             worst = max(worst, err if not out.isnan().any() else float("inf"))
-            print(f"{hq // hkv} {bits} {residual} D={head} G={group} {kernel} rel err {err:.2e} "
+            print(f"{hq // hkv} {bits} {residual} D={head} G={group} {kernel} work {target or '-'} rel err {err:.2e} "
                   f"nan {bool(out.isnan().any())}", flush=True)
     print(f"worst rel err {worst:.2e} ({'ok' if worst < 1e-2 else 'FAIL'}: bound 1e-2)")
     sys.exit(0 if worst < 1e-2 else 1)

@@ -58,6 +58,8 @@ def _load_kernels():
 
 
 K, PREFILL = _load_kernels()
+DECODE = importlib.import_module("kivi_vllm.kernels.decode")
+STORE = importlib.import_module("kivi_vllm.kernels.store")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -130,7 +132,7 @@ class Batch:
     def kernels(self, streaming=True, block_q=None, num_splits=None, decode_stages=1, decode_kernel=None,
                 decode_lane_rows=None, prefill_unpack="words", prefill_bulk_groups=None, prefill_bulk_dot="fp32",
                 first_chunk_attention=None, decode_maxnreg=None, decode_rescale_slack=None,
-                decode_split_min_groups=None):
+                decode_work_target=None, work_seq_lens=None, store_rows=False):
         d = lambda x: x.to(DEV)  # noqa: E731
         cache = d(self.cache.clone())
         out = torch.full_like(d(self.q), float("nan"), dtype=self.out_dtype)  # poisoned: real rows must be written
@@ -145,10 +147,22 @@ class Batch:
                   prefill_bulk_groups=prefill_bulk_groups, prefill_bulk_dot=prefill_bulk_dot,
                   first_chunk_attention=first_chunk_attention, decode_maxnreg=decode_maxnreg,
                   decode_rescale_slack=decode_rescale_slack,
-                  decode_split_min_groups=None if decode_split_min_groups is None else d(
-                      torch.tensor([decode_split_min_groups], dtype=torch.int32)),
-                  max_query_len=max(b - a for a, b in itertools.pairwise(self.qsl_host)))
+                  decode_work=None if decode_work_target is None else self.work(decode_work_target, num_splits,
+                                                                                 decode_kernel, work_seq_lens),
+                  max_query_len=max(b - a for a, b in itertools.pairwise(self.qsl_host)),
+                  store_rows=d(torch.from_numpy(STORE.store_rows(self.qsl.numpy(), self.seq_lens.numpy(),
+                                                                 self.layout.group_size))) if store_rows else None)
         return out.cpu(), cache.cpu()
+
+    def work(self, target, num_splits, kernel, seq_lens=None):
+        """The decode work list of this batch on DEV, as the metadata builder makes it (host ``seq_lens`` default
+        to the batch's own; a test may pass others, e.g. upper bounds)."""
+        R, hkv = len(self.seq_lens), self.k.shape[1]
+        splits = num_splits or DECODE.default_num_splits(kernel or "fma", R, hkv)
+        seq = self.seq_lens.numpy() if seq_lens is None else np.asarray(seq_lens)
+        items, counts = DECODE.decode_work(self.qsl.numpy(), seq, self.layout.group_size, R, hkv, target,
+                                           splits)
+        return torch.from_numpy(items).to(DEV), torch.from_numpy(counts).to(DEV)
 
 
 TOL = 1e-4 if DEV == "cpu" else 1e-2  # float32 outputs; see the module docstring
@@ -182,6 +196,36 @@ def test_store_bit_exact(mix, residual, bits):
     assert not out[: b.qsl_host[-1]].isnan().any()
     diff = (cache_ref != cache_ker).nonzero()
     assert diff.numel() == 0, f"{len(diff)} bytes differ, first at (block, head, byte) {diff[:4].tolist()}"
+
+
+@pytest.mark.parametrize("mix", sorted(MIXES))
+def test_store_rows_bit_exact(mix):
+    """The stores over the listed rows only (store_rows: group-completing and open-group tokens, what the metadata
+    builder gives steps with prompt chunks) write the reference's bytes, attention included."""
+    lay = PageLayout(64, 64, 2, 2, 16, "kv", torch.bfloat16)
+    b = Batch(lay, MIXES[mix], 4, 2, torch.bfloat16, seed_of("rows", mix), pad_tokens=3, out_dtype=torch.float32)
+    out_ref, cache_ref = b.reference()
+    out, cache = b.kernels(store_rows=True)
+    n = b.qsl_host[-1]
+    assert torch.equal(cache, cache_ref) and rel_err(out[:n], out_ref[:n]) < TOL
+
+
+def test_store_rows_are_the_rows_with_work():
+    """store_rows against a per-token reading of the rule: position p of a request with seq_len s stores iff p % G
+    == G - 1 or p >= (s // G) * G, or the request has one token; padding rows past the last request never."""
+    G = 16
+    qsl = np.array([0, 1, 41, 42, 90, 90, 125])  # decode, 40-token first chunk, decode, continuation, empty, chunk
+    seq = np.array([33, 40, 64, 100, 0, 35])
+    want = []
+    for r in range(len(seq)):
+        L = qsl[r + 1] - qsl[r]
+        for i in range(L):
+            p = seq[r] - L + i
+            if L == 1 or p % G == G - 1 or p >= seq[r] // G * G:
+                want.append(qsl[r] + i)
+    got = STORE.store_rows(qsl, seq, G)
+    assert got.dtype == np.int32 and got.tolist() == want
+    assert 0 in got and 41 in got  # both decode rows
 
 
 @pytest.mark.parametrize("mix", sorted(MIXES))
@@ -371,17 +415,20 @@ def test_decode_variants_agree(num_splits, dtype, kernel, decode_stages, lane_ro
     assert rel_err(out[:4], out_ref[:4]) < TOL
 
 
-@pytest.mark.parametrize("kernel", ["fma", "mma"])
-@pytest.mark.parametrize("min_groups", [1, 4, 5, 100])
-def test_decode_split_min_groups(kernel, min_groups, monkeypatch):
-    """Splits of at least ``split_min_groups`` groups: the output is the reference's, and the partition is the one
-    asked for. Request 0 has 12 complete groups over 4 splits: per split max(3, min_groups) groups, so min 1 uses all
-    4 splits (3 groups each), 4 uses 3 (4, 4, 4), 5 uses 3 (5, 5, 2) and 100 only the first; the splits past the
-    groups write an empty partial (max -inf), read from the decode's partial buffer."""
+@pytest.mark.parametrize("target", [1, 8, 40])
+@pytest.mark.parametrize("host_seq", ["exact", "upper", "low"])
+def test_decode_work_list(target, host_seq, monkeypatch):
+    """The FMA kernel over a work list (decode_work, in waves of ``target`` programs) gives the reference's answer,
+    and writes exactly the slots the list names: request 0 (12 complete groups, 4 splits) has as many finite
+    partial maxima as it has items with keys. Host sequence lengths that are upper bounds (+40) or too low (17: one
+    complete group, one item) still cover every group, because each request's last item runs to the end of what
+    the device reads. A prefill request, a request without complete groups and a padding request get no item."""
     lay = PageLayout(64, 64, 2, 2, 16, "kv", torch.float32)
-    b = Batch(lay, [(200, 1), (17, 1), (0, 1), (129, 1)], 4, 2, torch.float32, seed_of("minsplit", kernel),
-              out_dtype=torch.float32, pad_reqs=1)
+    b = Batch(lay, [(200, 1), (17, 1), (0, 1), (40, 9), (129, 1)], 4, 2, torch.float32,
+              seed_of("work", target, host_seq), out_dtype=torch.float32, pad_reqs=1)
     out_ref, _ = b.reference()
+    seq = b.seq_lens.numpy()
+    seq = {"exact": seq, "upper": np.where(seq > 0, seq + 40, 0), "low": np.where(seq > 0, 17, 0)}[host_seq]
     made = []
     empty = torch.empty
 
@@ -391,47 +438,88 @@ def test_decode_split_min_groups(kernel, min_groups, monkeypatch):
         return t
 
     monkeypatch.setattr(torch, "empty", recording_empty)
-    out, _ = b.kernels(num_splits=4, decode_kernel=kernel, decode_split_min_groups=min_groups)
+    out, _ = b.kernels(num_splits=4, decode_kernel="fma", decode_work_target=target, work_seq_lens=seq)
     monkeypatch.undo()
-    assert rel_err(out[:4], out_ref[:4]) < TOL
-    hq, slots = 4, 4 + (kernel == "fma")  # the FMA path's open group has its own slot after the splits
-    part_m = next(t for t in made if t.dtype == torch.float32 and t.numel() == 5 * hq * slots).view(5, hq, slots)
-    used = {1: 4, 4: 3, 5: 3, 100: 1}[min_groups]
-    expected = torch.tensor([split < used for split in range(4)])
-    if kernel == "mma":
-        expected[3] = True  # the MMA path's last split also attends to the open group
-    m0 = part_m[0, :, :4].cpu()  # request 0, query heads x its 4 split slots
-    assert (torch.isfinite(m0) == expected[None, :]).all(), m0
+    n = b.qsl_host[-1]
+    assert rel_err(out[:n], out_ref[:n]) < TOL
+    items, counts = b.work(target, 4, "fma", seq)
+    counts = counts.cpu()
+    assert counts[3] == 0 and counts[5] == 0  # prefill, padding
+    assert counts[2] == 0 or host_seq != "exact"  # no complete group (by the host's count)
+    part_m = next(t for t in made if t.dtype == torch.float32 and t.numel() == 6 * 4 * 5).view(6, 4, 5)
+    m0 = part_m[0, :, :4].cpu()  # request 0, query heads x its 4 split slots (slot 4: the open group)
+    mine = items.cpu()[items.cpu()[:, 0] == 0]
+    n0 = (201 - 1) // 16  # the groups request 0 has on the device
+    # an item has keys iff its range, clamped to the device's groups, is not empty (upper bounds can empty the last)
+    has_keys = mine[:, 2] < torch.clamp(mine[:, 3], max=n0)
+    assert 1 <= len(mine) <= 4 and (torch.isfinite(m0[:, : len(mine)]) == has_keys[None, :]).all(), (mine, m0)
+    assert has_keys.any()
 
 
-def test_decode_split_min_groups_checked():
-    """A split_min_groups that is not one int32 on the query's device is refused before any launch."""
+def test_decode_work_partition():
+    """decode_work's list, checked item by item: every decode request with complete groups has items in slot order
+    that cover its groups [0, n) without overlap, none empty, the last ending at WORK_END, at most min(n,
+    max_splits) of them; other requests have none; the list has work_capacity rows (whole waves), every row used
+    unless every request is at its cap; the sizes balance (uniform batches: a wave of 1,056 programs at 8 KV heads
+    is 132 rows: 2 items per request at batch 64, 8 at batch 16; a long request among short ones gets items of about
+    the short ones' size)."""
+    D = DECODE
+    rng = np.random.default_rng(0)
+
+    def check(qsl, seq, G, H, wave, splits):
+        R = len(seq)
+        items, counts = D.decode_work(qsl, seq, G, R, H, wave, splits)
+        cap = D.work_capacity(R, H, wave)
+        assert items.shape == (cap, 4) and counts.shape == (R,) and cap % max(1, wave // H) == 0 and cap >= R
+        used = items[items[:, 0] >= 0]
+        assert len(used) == counts.sum() and (items[len(used):, 0] == -1).all()
+        n = np.where(np.diff(qsl) == 1, np.maximum(seq - 1, 0) // G, 0)
+        for r in range(R):
+            mine = used[used[:, 0] == r]
+            assert len(mine) == counts[r]
+            if n[r] == 0:
+                assert counts[r] == 0
+                continue
+            assert 1 <= len(mine) <= min(n[r], splits) and (mine[:, 1] == np.arange(len(mine))).all()
+            assert mine[0, 2] == 0 and (mine[1:, 2] == mine[:-1, 3]).all() and mine[-1, 3] == D.WORK_END
+            ends = np.append(mine[:-1, 3], n[r])
+            assert (ends > mine[:, 2]).all() and (ends <= n[r]).all()
+        assert len(used) == cap or (counts == np.minimum(n, splits)).all()
+        sizes = np.where(used[:, 3] == D.WORK_END, n[used[:, 0]], used[:, 3]) - used[:, 2]
+        return counts, sizes
+
+    for _ in range(50):
+        R = int(rng.integers(1, 40))
+        q_len = rng.choice([0, 1, 1, 1, 7], R)
+        seq = np.where(q_len > 0, rng.integers(1, 5000, R) + q_len, 0)
+        check(np.concatenate([[0], np.cumsum(q_len)]), seq, 32, int(rng.choice([1, 8, 32])),
+              int(rng.choice([1, 64, 1056])), int(rng.choice([1, 4, 32])))
+    ones = lambda R: np.arange(R + 1)  # noqa: E731
+    c, sz = check(ones(64), np.full(64, 4096), 32, 8, 1056, 32)  # 127 groups each
+    assert c.sum() == 132 and set(c) == {2, 3} and sz.max() == 64
+    c, sz = check(ones(16), np.full(16, 1024), 32, 8, 1056, 32)
+    assert c.sum() == 132 and set(c) == {8, 9}
+    c, sz = check(ones(256), np.full(256, 4096), 32, 8, 1056, 8)  # 2 waves: 264 rows
+    assert c.sum() == 264 and set(c) == {1, 2}
+    c, sz = check(ones(64), np.array([16384] + [1024] * 63), 32, 8, 1056, 32)  # 511 and 31 groups
+    assert c[0] == 17 and c.sum() == 132 and sz.max() == 31  # the long one in items no larger than a short one
+    c, sz = check(ones(256), np.array([16384] + [1024] * 255), 32, 8, 1056, 8)
+    assert c[0] == 8 and sz.max() == 64  # at most max_splits items: 511 / 8
+    with pytest.raises(ValueError, match="decode_work"):
+        D.decode_work(ones(2), np.array([5, 5]), 32, 2, 8, 0, 4)
+
+
+def test_decode_work_checked():
+    """A work list with the MMA kernel, of the wrong dtype or with fewer rows than requests is refused."""
     lay = PageLayout(64, 64, 2, 2, 16, "kv", torch.float32)
-    b = Batch(lay, [(40, 1)], 2, 2, torch.float32, seed_of("minsplit-checked"))
-    for bad in (torch.ones(1, dtype=torch.int64), torch.ones(2, dtype=torch.int32)):
-        with pytest.raises(ValueError, match="split_min_groups must be one int32"):
+    b = Batch(lay, [(40, 1), (70, 1)], 2, 2, torch.float32, seed_of("work-checked"))
+    good = (torch.full((4, 4), -1, dtype=torch.int32), torch.zeros(2, dtype=torch.int32))
+    bad = {"'mma'": ("mma", good), "work must be": ("fma", (good[0].long(), good[1])),
+           "work must be ": ("fma", (good[0][:1], good[1]))}
+    for match, (kernel, work) in bad.items():
+        with pytest.raises(ValueError, match=match.strip()):
             K.decode(b.q, b.k, b.v, b.cache, b.block_table, b.qsl, b.seq_lens, lay, 0.125, torch.empty_like(b.q),
-                     split_min_groups=bad)
-
-
-def test_decode_groups():
-    """Complete groups read by the decode requests only (query length 1): (200-1)//16 + (17-1)//16 + 0 (an empty
-    context) = 13; the 40-token prefill request does not count."""
-    mod = importlib.import_module("kivi_vllm.kernels.decode")
-    qsl = np.array([0, 1, 2, 42, 43])
-    assert mod.decode_groups(qsl, np.array([200, 17, 60, 0]), 16) == 12 + 1 + 0
-    assert mod.decode_groups(qsl, np.array([16, 33, 60, 1]), 16) == 0 + 2 + 0
-
-
-def test_split_min_groups_for():
-    """ceil(total groups x KV heads / target programs), at least 1; bad input refused."""
-    rule = importlib.import_module("kivi_vllm.kernels.decode").split_min_groups_for
-    assert rule(64 * 127, 8, 1024) == 64  # batch 64 at 4k context, 8 KV heads: 2 splits of 64 groups
-    assert rule(256 * 127, 8, 1024) == 254  # batch 256: one split per request
-    assert rule(16 * 31, 8, 1024) == 4  # batch 16 at 1k: 8 splits of 4 groups
-    assert rule(0, 8, 1024) == 1
-    with pytest.raises(ValueError, match="target_programs"):
-        rule(10, 8, 0)
+                     kernel=kernel, work=work)
 
 
 @pytest.mark.parametrize("lane_rows", [2, 4])

@@ -44,6 +44,7 @@ for head, g, kb, vb, qpk in %(tc)s:
     out["tc"].append(kr.compiled_resources(tc.tc_kernel(), tc.tc_constexprs(lay, qpk, 8), 1))
 lay = PageLayout(512, 128, 2, 2, 32, "kv", torch.bfloat16)
 out["tc_slack0"] = kr.compiled_resources(tc.tc_kernel(), tc.tc_constexprs(lay, 4, 8, 0.0), 1)
+out["tc_work"] = kr.compiled_resources(tc.tc_kernel(), dict(tc.tc_constexprs(lay, 4, 8), WORK_LIST=True), 1)
 out["slack_errors"] = []
 for slack in (16.0, -1.0):
     try:
@@ -88,6 +89,16 @@ def test_tc_rescaling_is_a_branch(compiled):
     assert slack8["ptx_ops"]["bra"] == slack0["ptx_ops"]["bra"] + 1  # conditional branches (bra.uni: jumps)
     # probabilities reach 2**slack: 2**16 is infinite in fp16
     assert all(e and "rescale_slack must lie in [0, 15]" in e for e in compiled["slack_errors"])
+
+
+def test_tc_work_list_keeps_the_loop_and_the_programs_per_sm(compiled):
+    """The work-list variant of "tc" (what the engine runs) compiles to the same group loop as the split grid's, and
+    fits the programs per SM that decode.WORK_PROGRAMS_PER_SM sizes its waves with."""
+    from kivi_vllm.kernels.decode import WORK_PROGRAMS_PER_SM
+
+    split, work = compiled["tc"][0], compiled["tc_work"]
+    assert work["loops"][0]["instructions"] == split["loops"][0]["instructions"]
+    assert work["spill_bytes"] == 0 and work["programs_per_sm"] == WORK_PROGRAMS_PER_SM["tc"]
 
 
 @pytest.mark.parametrize("i", range(len(PREFILL_SHAPES)))
@@ -142,3 +153,27 @@ def test_tc_decode_refuses_the_cpu():
     with pytest.raises(ValueError, match="compute capability 8.0 or newer only"):
         decode(q, kv, kv, cache, torch.zeros(1, 1, dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32),
                torch.tensor([1], dtype=torch.int32), lay, 0.125, torch.zeros_like(q), kernel="tc")
+
+
+def test_builder_fills_the_work_buffers_in_place():
+    """The metadata builder's decode work list (what "tc" reads under CUDA graphs): each step's list lands in the
+    same device buffers (a captured graph replays their addresses), equals decode_work's for that step, and without
+    host sequence lengths every decode request gets one item running to the end."""
+    import numpy as np
+
+    from kivi_vllm.backend.metadata import KiviMetadataBuilder
+    from kivi_vllm.kernels.decode import WORK_END, decode_work, work_capacity
+
+    b = object.__new__(KiviMetadataBuilder)  # no vLLM config: only the state _fill_work reads
+    b.layout = PageLayout(512, 128, 2, 2, 32, "kv", torch.bfloat16)
+    b.decode_kernel, b.num_kv_heads, b.work_wave, b.work_reqs = "tc", 8, 1056, 64
+    b.work = (torch.full((work_capacity(64, 8, 1056), 4), -1, dtype=torch.int32), torch.zeros(64, dtype=torch.int32))
+    ptrs = (b.work[0].data_ptr(), b.work[1].data_ptr())
+    for n, seq in ((3, np.array([4096, 100, 33])), (5, np.array([16384, 1024, 0, 2048, 40]))):
+        qsl = np.arange(n + 1)
+        items, counts = b._fill_work(qsl, seq, n)
+        want_items, want_counts = decode_work(qsl, seq, 32, n, 8, 1056, 32)
+        assert (items.data_ptr(), counts.data_ptr()) == ptrs
+        assert torch.equal(items, torch.from_numpy(want_items)) and torch.equal(counts, torch.from_numpy(want_counts))
+    items, counts = b._fill_work(np.array([0, 1, 8, 9]), None, 3)  # request 1 is a 7-token chunk
+    assert counts.tolist() == [1, 0, 1] and items[:2, 0].tolist() == [0, 2] and (items[:2, 3] == WORK_END).all()

@@ -95,7 +95,7 @@ class KiviAttentionImpl(AttentionImpl):
                 m.slot_mapping[:n], m.layout, self.scale, output[:n], m.tiles, num_reqs=m.num_reqs,
                 streaming=self.config.prefill == "streaming", block_q=m.block_q,
                 first_chunk_attention=flash, max_query_len=m.max_query_len,
-                decode_split_min_groups=m.split_min_groups,
+                decode_work=m.decode_work, store_rows=m.store_rows,
             )
             return output
         reference.forward(

@@ -13,10 +13,11 @@ from vllm.v1.attention.backend import AttentionCGSupport, AttentionMetadataBuild
 from vllm.v1.kv_cache_interface import FullAttentionSpec
 
 from ..config import KiviConfig
-from ..kernels.decode import (SPLIT_TARGET_PROGRAMS, cuda_capability, decode_groups, default_kernel, one_group,
-                              split_min_groups_for)
+from ..kernels.decode import (cuda_capability, decode_work, default_kernel, default_num_splits, wave_programs,
+                              work_capacity)
 from ..kernels.flash import first_chunk_attention
 from ..kernels.prefill import block_q_for, prefill_tiles
+from ..kernels.store import store_rows
 from ..layout import PageLayout
 from ..spec import KiviAttentionSpec, capacity_summary
 
@@ -120,14 +121,17 @@ class KiviMetadata:
             every request has one query token (the CUDA-graph case).
         block_q: query tokens per prefill tile (the tiles were made with it; set whenever ``tiles`` is).
         max_query_len: the longest query of the step (FlashAttention for first chunks under prefill="exact").
+        store_rows: int32 device tensor of the rows the stores have work for (:func:`kivi_vllm.kernels.store.store_rows`),
+            set with ``tiles`` under residual="kv" when the host knows the sequence lengths; else None (every row).
         has_first_chunks: a multi-token request had nothing cached before the step, by the host's
             ``seq_lens_cpu_upper_bound`` (worked out under prefill="exact" only; True when not worked out); only
             saves the FlashAttention launch when False: the kernels find first chunks on the device either way.
         query_start_loc_host, seq_lens_host: host copies for the PyTorch path (None on the Triton path, which
             never synchronizes with the device).
-        split_min_groups: [1] int32 device buffer of the builder, :func:`kivi_vllm.kernels.decode.decode`'s
-            ``split_min_groups`` for this step, or None (the decode kernel has no entry in
-            ``SPLIT_TARGET_PROGRAMS``: each request's groups over all splits).
+        decode_work: (items, counts), views of the builder's int32 device buffers holding this step's decode work
+            list (:func:`kivi_vllm.kernels.decode.decode_work`, :func:`~kivi_vllm.kernels.decode.decode`'s
+            ``work``), or None (the decode kernel has no entry in ``WORK_PROGRAMS_PER_SM``, or the batch is larger
+            than the buffers: the split grid).
     """
 
     num_actual_tokens: int
@@ -144,7 +148,8 @@ class KiviMetadata:
     has_first_chunks: bool = True
     query_start_loc_host: list[int] | None = None
     seq_lens_host: list[int] | None = None
-    split_min_groups: torch.Tensor | None = None
+    decode_work: tuple[torch.Tensor, torch.Tensor] | None = None
+    store_rows: torch.Tensor | None = None
 
 
 class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
@@ -177,16 +182,21 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
         mc = vllm_config.model_config
         heads = (mc.get_num_attention_heads(vllm_config.parallel_config),
                  mc.get_num_kv_heads(vllm_config.parallel_config))
-        self.split_min = None
+        self.work = None
         if self.triton:
             self.block_q = block_q_for(*heads)
-            one_group(torch.device(device))  # decode()'s default split_min_groups, made before any graph capture
-            kernel = default_kernel(self.layout, heads[0] // heads[1], cuda_capability(torch.device(device)))
-            self.split_target = SPLIT_TARGET_PROGRAMS.get(kernel)
+            self.decode_kernel = default_kernel(self.layout, heads[0] // heads[1], cuda_capability(torch.device(device)))
+            self.work_wave = wave_programs(self.decode_kernel, torch.device(device))
             self.num_kv_heads = heads[1]
-            if self.split_target:  # written every step, read by the decode kernels (so graphs replay it); one
-                # buffer for every step: vLLM's micro-batching (two batches in flight per step) would need two
-                self.split_min = torch.ones(1, dtype=torch.int32, device=device)
+            if self.work_wave:
+                # The decode work list, written every step and read by the decode kernels (so CUDA graphs replay
+                # it), for batches of up to max(max_num_seqs, the largest CUDA-graph batch) requests; one pair of
+                # buffers for every step (vLLM's micro-batching, two batches in flight per step, would need two).
+                cc = vllm_config.compilation_config
+                self.work_reqs = max(vllm_config.scheduler_config.max_num_seqs, cc.max_cudagraph_capture_size or 0)
+                cap = work_capacity(self.work_reqs, heads[1], self.work_wave)
+                self.work = (torch.full((cap, 4), -1, dtype=torch.int32, device=device),
+                             torch.zeros(self.work_reqs, dtype=torch.int32, device=device))
         global _capacity_logged, _path_logged
         if not _path_logged:
             _path_logged = True
@@ -224,10 +234,8 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
         qsl = np.asarray(cm.query_start_loc_cpu[: n + 1])  # host views, no copies
         # seq_lens_cpu_upper_bound is exact for prefill rows (KIVI refuses speculative decoding)
         seq = None if cm.seq_lens_cpu_upper_bound is None else np.asarray(cm.seq_lens_cpu_upper_bound[:n])
-        if self.split_min is not None and seq is not None:
-            groups = decode_groups(qsl, seq, self.layout.group_size)
-            self.split_min.fill_(split_min_groups_for(groups, self.num_kv_heads, self.split_target))
-            meta.split_min_groups = self.split_min
+        if self.work is not None and n <= self.work_reqs:
+            meta.decode_work = self._fill_work(qsl, seq, n)
         if cm.max_query_len > 1:
             if self.exact_triton and seq is not None:
                 q_len = np.diff(qsl)
@@ -237,4 +245,21 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
                 meta.block_q = self.block_q
                 meta.tiles = (torch.from_numpy(tile_req).to(self.device, non_blocking=True),
                               torch.from_numpy(tile_start).to(self.device, non_blocking=True))
+                if self.layout.residual == "kv" and seq is not None:  # exact for prefill rows
+                    meta.store_rows = torch.from_numpy(store_rows(qsl, seq, self.layout.group_size)).to(
+                        self.device, non_blocking=True)
         return meta
+
+    def _fill_work(self, qsl: np.ndarray, seq: np.ndarray | None, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """This step's decode work list (:func:`kivi_vllm.kernels.decode.decode_work` for ``n`` requests, the
+        launch's default ``num_splits``) copied into the builder's device buffers; views of them are returned.
+        Without host sequence lengths (``seq`` None; vLLM 0.26 always gives them) every one-token request gets one
+        item over all its groups: slower for long requests, never wrong."""
+        if seq is None:  # 1 complete group each: one item, ending at WORK_END
+            seq = np.where(np.diff(qsl) == 1, 1 + self.layout.group_size, 0)
+        splits = default_num_splits(self.decode_kernel, n, self.num_kv_heads)
+        items, counts = decode_work(qsl, seq, self.layout.group_size, n, self.num_kv_heads, self.work_wave, splits)
+        dev_items, dev_counts = self.work[0][: len(items)], self.work[1][:n]
+        dev_items.copy_(torch.from_numpy(items), non_blocking=True)
+        dev_counts.copy_(torch.from_numpy(counts), non_blocking=True)
+        return dev_items, dev_counts

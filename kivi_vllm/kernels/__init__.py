@@ -48,13 +48,14 @@ def forward(
     decode_lane_rows: int | None = None,
     decode_maxnreg: int | None = None,
     decode_rescale_slack: float | None = None,
-    decode_split_min_groups: torch.Tensor | None = None,
+    decode_work: tuple[torch.Tensor, torch.Tensor] | None = None,
     prefill_unpack: str = "words",
     prefill_warps: int = 4,
     prefill_bulk_groups: int | None = None,
     prefill_bulk_dot: str = "fp32",
     first_chunk_attention: Callable | None = None,
     max_query_len: int | None = None,
+    store_rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One layer step on the GPU: the same result as :func:`kivi_vllm.reference.forward` (store, then attention
     with the streaming visibility rule), as a fixed sequence of launches::
@@ -90,7 +91,7 @@ def forward(
             "kv", after store phase 0 with "k", before store phase 1 either way).
         block_q: the ``block_q`` the tiles were made with; num_splits, decode_stages (``num_stages``), decode_warps (``num_warps``),
             decode_kernel (``kernel``), decode_lane_rows (``lane_rows``), decode_maxnreg (``maxnreg``),
-            decode_rescale_slack (``rescale_slack``), decode_split_min_groups (``split_min_groups``): see
+            decode_rescale_slack (``rescale_slack``), decode_work (``work``): see
             :func:`.decode.decode`;
             prefill_unpack (``unpack``), prefill_warps (``num_warps``), prefill_bulk_groups (``bulk_groups``),
             prefill_bulk_dot (``bulk_dot``): see :func:`.prefill.prefill`.
@@ -100,6 +101,8 @@ def forward(
             computes first chunks too (pass None for a step without first chunks: the result is the same, the
             FlashAttention launch is saved).
         max_query_len: the longest query of the batch (host int; needed with ``first_chunk_attention``).
+        store_rows: residual="kv" only: the rows the stores have work for (:func:`.store.store_rows`, int32 on the
+            device), for steps with ``tiles``; None: one store program per row.
 
     Returns:
         ``out``.
@@ -116,8 +119,9 @@ def forward(
     args = (query, key, value, kv_cache, block_table, query_start_loc, seq_lens)
     decode(*args, layout, scale, out, num_reqs=n, num_splits=num_splits, num_stages=decode_stages,
            num_warps=decode_warps, kernel=decode_kernel, lane_rows=decode_lane_rows, maxnreg=decode_maxnreg,
-           rescale_slack=decode_rescale_slack, split_min_groups=decode_split_min_groups)
-    store_phase = partial(store, kv_cache, key, value, slot_mapping, query_start_loc, seq_lens, layout, num_reqs=n)
+           rescale_slack=decode_rescale_slack, work=decode_work)
+    store_phase = partial(store, kv_cache, key, value, slot_mapping, query_start_loc, seq_lens, layout, num_reqs=n,
+                          rows=store_rows)
     if tiles is None:
         store_phase(0)
         return out

@@ -36,8 +36,6 @@ Dao et al. 2023; vLLM ``triton_decode_attention.py``).
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 import triton
@@ -53,7 +51,7 @@ def _decode_split_kernel(
     q_ptr, key_ptr, value_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr,
     part_m_ptr, part_l_ptr, part_acc_ptr, sm_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_cache_block, stride_cache_head, stride_bt, split_min_ptr,
+    stride_cache_block, stride_cache_head, stride_bt,
     QPK: tl.constexpr, QPK_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, SLOTS: tl.constexpr, DO_GROUPS: tl.constexpr,
     SPLIT_OFFSET: tl.constexpr, STAGE_DTYPE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
@@ -99,7 +97,7 @@ def _decode_split_kernel(
     if (q_len == 1) & (seq_len > 0):
         p = seq_len - 1
         n_full = p // G  # complete groups, all read from records
-        per_split = tl.maximum(tl.cdiv(n_full, NUM_SPLITS), tl.load(split_min_ptr))  # split_min_groups_for
+        per_split = tl.cdiv(n_full, NUM_SPLITS)
         g_lo = split * per_split
         g_hi = tl.minimum(n_full, g_lo + per_split)
         # softmax in base 2: fold log2(e) and the softmax scale into q once
@@ -212,13 +210,14 @@ def _decode_fma_kernel(
     q_ptr, key_ptr, value_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr,
     part_m_ptr, part_l_ptr, part_acc_ptr, sm_scale, one_bits,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_cache_block, stride_cache_head, stride_bt, split_min_ptr,
+    stride_cache_block, stride_cache_head, stride_bt, work_ptr,
     QPK: tl.constexpr, QPK_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, SLOTS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr, RECORD_BYTES: tl.constexpr,
     OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KM: tl.constexpr, OFF_VC: tl.constexpr,
     OFF_VS: tl.constexpr, OFF_VM: tl.constexpr, OFF_KSTAGE: tl.constexpr, OFF_VSTAGE: tl.constexpr,
     RESIDUAL_KV: tl.constexpr, NUM_STAGES: tl.constexpr = 1, LANE_ROWS: tl.constexpr = 1,
+    WORK_LIST: tl.constexpr = False,
 ):
     """The same attention as :func:`_decode_split_kernel`, on CUDA cores: no MMA, no shared memory in the loop.
 
@@ -228,7 +227,11 @@ def _decode_fma_kernel(
     and ``sum_j p_j * min_j``. About 3 instructions per code (shift, LOP3, multiply-add) and 96 registers with one
     warp at 1 query head per KV head, G 32, head 128 (docs/benchmarks.md).
     Complete groups only: the open group (exact stage rows) is :func:`_decode_split_kernel` with ``DO_GROUPS``
-    False, a separate launch, so that its [G, D] tiles do not raise this kernel's register count."""
+    False, a separate launch, so that its [G, D] tiles do not raise this kernel's register count.
+
+    Program (r, h, split) of the grid (num_reqs, num_kv_heads, NUM_SPLITS) takes split ``split`` of request r's
+    groups; with ``WORK_LIST`` program (i, h) of the grid (work items, num_kv_heads, 1) takes work item i of
+    ``work_ptr`` (:func:`decode_work`: request, slot, first group, end group; request -1: nothing)."""
     G: tl.constexpr = GROUP_SIZE
     GROUPS_PER_PAGE: tl.constexpr = BLOCK_SIZE // GROUP_SIZE
     K_ROW: tl.constexpr = HEAD_SIZE * K_BITS // 8
@@ -241,6 +244,12 @@ def _decode_fma_kernel(
     r = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
+    if WORK_LIST:
+        item = work_ptr + tl.program_id(0) * 4
+        r = tl.load(item)
+        split = tl.load(item + 1)
+    live = r >= 0  # an unused work item: no request, writes nothing
+    r = tl.maximum(r, 0)
     q_start = tl.load(qsl_ptr + r).to(tl.int64)
     q_len = tl.load(qsl_ptr + r + 1) - q_start
     seq_len = tl.load(seq_lens_ptr + r)
@@ -263,12 +272,16 @@ def _decode_fma_kernel(
     m_i = tl.max(tl.max(zeros_s, axis=2), axis=1) + float("-inf")
     l_i = tl.sum(tl.sum(zeros_s, axis=2), axis=1)
 
-    if (q_len == 1) & (seq_len > 0):
+    if (q_len == 1) & (seq_len > 0) & live:
         p = seq_len - 1
         n_full = p // G  # complete groups, all read from records
-        per_split = tl.maximum(tl.cdiv(n_full, NUM_SPLITS), tl.load(split_min_ptr))  # split_min_groups_for
-        g_lo = split * per_split
-        g_hi = tl.minimum(n_full, g_lo + per_split)
+        if WORK_LIST:  # the item's end is clamped to the device's group count (the host's may be an upper bound)
+            g_lo = tl.load(item + 2)
+            g_hi = tl.minimum(n_full, tl.load(item + 3))
+        else:
+            per_split = tl.cdiv(n_full, NUM_SPLITS)
+            g_lo = split * per_split
+            g_hi = tl.minimum(n_full, g_lo + per_split)
         # softmax in base 2: fold log2(e) and the softmax scale into q once; q in the key word layout
         q = tl.load(q_ptr + q_start * stride_qt + (h * QPK + rows)[:, None, None] * stride_qh + kch[None, :, :],
                     mask=rmask[:, None, None] & (kch < HEAD_SIZE)[None, :, :], other=0.0).to(tl.float32)
@@ -307,17 +320,20 @@ def _decode_fma_kernel(
 
     acc_out = tl.sum(acc, axis=2) + tl.sum(acc_m, axis=1)[:, None, :]  # [QPK_PAD, VPW, VW]: the GB partial sums
     base = (r * (QPK * tl.num_programs(1)) + h * QPK + rows) * SLOTS + split
-    tl.store(part_m_ptr + base, m_i, mask=rmask)
-    tl.store(part_l_ptr + base, l_i, mask=rmask)
+    wmask = rmask & live
+    tl.store(part_m_ptr + base, m_i, mask=wmask)
+    tl.store(part_l_ptr + base, l_i, mask=wmask)
     tl.store(part_acc_ptr + base[:, None, None] * HEAD_PAD + vch[None, :, :], acc_out,
-             mask=rmask[:, None, None])
+             mask=wmask[:, None, None])
 
 
 @triton.jit
-def _reduce_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, seq_lens_ptr, qsl_ptr, stride_ot, stride_oh,
-                   SLOTS: tl.constexpr, SLOTS_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr):
+def _reduce_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, seq_lens_ptr, qsl_ptr, count_ptr, stride_ot,
+                   stride_oh, SLOTS: tl.constexpr, SLOTS_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr,
+                   HEAD_PAD: tl.constexpr, WORK_LIST: tl.constexpr = False):
     """out = sum_s exp2(m_s - M) acc_s / sum_s exp2(m_s - M) l_s, with M = max_s m_s (splits without keys have
-    m_s = -inf and weigh 0)."""
+    m_s = -inf and weigh 0). With ``WORK_LIST`` request r's slots are its ``count_ptr[r]`` work items' and the last
+    (the open group's); the others were not written."""
     r = tl.program_id(0)
     hq = tl.program_id(1)
     q_start = tl.load(qsl_ptr + r).to(tl.int64)
@@ -325,6 +341,8 @@ def _reduce_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, seq_lens_ptr, 
     if (q_len == 1) & (tl.load(seq_lens_ptr + r) > 0):
         s = tl.arange(0, SLOTS_PAD)
         smask = s < SLOTS
+        if WORK_LIST:
+            smask = (s < tl.load(count_ptr + r)) | (s == SLOTS - 1)
         d = tl.arange(0, HEAD_PAD)
         base = (r * tl.num_programs(1) + hq) * SLOTS + s
         m = tl.load(part_m_ptr + base, mask=smask, other=float("-inf"))
@@ -372,46 +390,100 @@ def default_num_splits(kernel: str, num_reqs: int, num_kv_heads: int) -> int:
     return num_splits_for(num_reqs, num_kv_heads, target_programs=16384, max_splits=32)
 
 
-@functools.cache
-def one_group(device: torch.device) -> torch.Tensor:
-    """A [1] int32 tensor holding 1 on ``device``: decode()'s ``split_min_groups`` when none is given; one per
-    device for the process, so CUDA graphs may capture it. Make it before any capture (the metadata builder does):
-    made inside one, its fill would only run at replay."""
-    return torch.ones(1, dtype=torch.int32, device=device)
+#: Programs of a decode kernel resident on one SM at once, for the kernels that run a work list (the metadata
+#: builder makes one every step for a kernel listed here; the others keep the grid of :func:`default_num_splits`).
+#: "tc": 255 registers, one warp (offline sm_90 compile, ``benchmarks/kernel_resources.py``). Why a work list sized
+#: in waves of ``SMs x this``: on the H200 "tc" was fastest with about 1,024 programs whatever the batch
+#: (2026-11-30, seventh session: batch 64 / 4k at 8 KV heads, 158 µs with 2 splits against 225 at the default 32),
+#: and programs without work cost too: a work list that left a third of its rows empty took 245 µs of kernel time
+#: where the same items without the empty rows took 138 (eighth session, ``benchmarks/decode_attention.py
+#: --work-variant``, docs/benchmarks.md).
+WORK_PROGRAMS_PER_SM: dict[str, int] = {"tc": 8}
+
+#: End group of a request's last work item: "to the end", the kernel clamps it to the device's group count.
+WORK_END = 1 << 30
 
 
-#: Target programs of :func:`split_min_groups_for` per decode kernel when the engine runs it (the metadata builder
-#: computes ``split_min_groups`` every step for a kernel listed here). Empty until the per-step rule is timed on the
-#: GPU (docs/benchmarks.md, seventh session: "tc" was fastest at about 1,024 programs with fixed split counts).
-SPLIT_TARGET_PROGRAMS: dict[str, int] = {}
+def wave_programs(kernel: str, device: torch.device) -> int | None:
+    """Programs of ``kernel`` resident at once on ``device`` (SMs x :data:`WORK_PROGRAMS_PER_SM`): the wave a decode
+    work list is sized in; None for kernels that run the split grid, and off CUDA."""
+    if kernel not in WORK_PROGRAMS_PER_SM or device.type != "cuda":
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count * WORK_PROGRAMS_PER_SM[kernel]
 
 
-def decode_groups(query_start_loc: np.ndarray, seq_lens: np.ndarray, group_size: int) -> int:
-    """Complete groups the decode requests of a step read, ``sum((seq_len - 1) // G)`` over requests of query
-    length 1 (host arrays: ``query_start_loc`` [num_reqs + 1], ``seq_lens`` [num_reqs], context after the step;
-    an upper bound of it is fine: it only sets the split size)."""
-    one = np.diff(query_start_loc) == 1
-    return int((np.maximum(seq_lens[one].astype(np.int64) - 1, 0) // group_size).sum())
+def work_capacity(num_reqs: int, num_kv_heads: int, wave_programs: int) -> int:
+    """Rows (programs per KV head) of a decode work list: ``num_reqs`` rounded up to whole waves of ``per_head =
+    max(1, wave_programs // num_kv_heads)`` rows (one wave up to ``per_head`` requests; the rows beyond one per
+    request split the long ones). Depends only on the batch shape, so a CUDA graph captured for a batch size keeps
+    its grid. Measured on the H200 (eighth session, docs/benchmarks.md): forcing at least ``per_head / 2`` spare rows
+    (3 waves instead of 2 at batch 256, 8 KV heads) took 20% more time on uniform batches (703 against 583 µs at
+    256 / 4k), so the rows are not padded beyond the wave."""
+    per_head = max(1, wave_programs // num_kv_heads)
+    return max(1, -(-num_reqs // per_head)) * per_head
 
 
-def split_min_groups_for(total_groups: int, num_kv_heads: int, target_programs: int) -> int:
-    """The ``split_min_groups`` of :func:`decode` that spreads a batch's work over about ``target_programs``
-    programs: ``ceil(total_groups x num_kv_heads / target_programs)``, at least 1, where ``total_groups`` is the
-    sum over the decode requests of their complete groups (``(seq_len - 1) // G``). Every program then reads at
-    most about the same number of groups, whatever the mix of context lengths: a long request gets more splits
-    than a short one (up to ``num_splits``), a batch of short ones fewer. Why: on the H200 (2026-11-30, seventh
-    session, ``benchmarks/decode_attention.py --kernel tc --num-splits N``, docs/benchmarks.md) "tc" at 8 KV heads
-    was fastest with about 1,024 programs whatever the batch (e.g. batch 64 / 4k: 158 µs at 2 splits against 225 at
-    the default 32), but a fixed low split count would leave one long request in a batch of short ones to a few
-    programs; this rule adapts per step. Not the default yet: measured only as fixed split counts.
+def decode_work(query_start_loc: np.ndarray, seq_lens: np.ndarray, group_size: int, num_reqs: int,
+                num_kv_heads: int, wave_programs: int, max_splits: int) -> tuple[np.ndarray, np.ndarray]:
+    """A decode launch's work list: the complete groups of the step's one-token requests cut into contiguous
+    ranges, one per row of :func:`work_capacity`, so that the grid is whole waves of programs that all have work
+    (a batch of short requests gets few programs each, a long request among them many).
+
+    Each decode request (query length 1) with ``n_r = (seq_len - 1) // G >= 1`` complete groups gets ``k_r`` items
+    of ``n_r / k_r`` groups (rounded), ``1 <= k_r <= min(n_r, max_splits)``: first the fewest items that keep every
+    item at most ``s`` groups, ``s`` the smallest size for which they fit the rows (water-filling: the longest
+    request sets the step's time), then the rows left over, one at a time, to the requests with the most groups per
+    item, so that every row has work unless no request can take more (rows without work slow the launch down:
+    :data:`WORK_PROGRAMS_PER_SM`). Requests without complete groups get none (the open-group launch covers them). A
+    request's last item ends at :data:`WORK_END`: the kernel clamps it to the group count it reads on the device, so
+    ``seq_lens`` may be upper bounds (vLLM's ``seq_lens_cpu_upper_bound``). The scheduling idea is FlashInfer's
+    split-KV ``plan``; the slots are FlashDecoding's.
+
+    Args:
+        query_start_loc: host [>= num_reqs + 1] int; seq_lens: host [>= num_reqs] int, context after the step (an
+            upper bound is enough); num_reqs: requests of the launch (CUDA-graph padding included).
+        group_size, num_kv_heads, wave_programs: as :func:`work_capacity` (``wave_programs``: SMs x
+            :data:`WORK_PROGRAMS_PER_SM`); max_splits: the launch's ``num_splits`` (partial slots per request).
+
+    Returns:
+        items: [work_capacity, 4] int32 rows (request, slot, first group, end group), unused rows (-1, 0, 0, 0);
+        counts: [num_reqs] int32 items per request.
 
     Raises:
-        ValueError: ``target_programs`` below 1 or a negative ``total_groups``.
+        ValueError: num_reqs below 0, or num_kv_heads, wave_programs, max_splits or group_size below 1.
     """
-    if target_programs < 1 or total_groups < 0:
-        raise ValueError(f"KIVI decode: need target_programs >= 1 and total_groups >= 0, got {target_programs}, "
-                         f"{total_groups}")
-    return max(1, -(-total_groups * num_kv_heads // target_programs))
+    if num_reqs < 0 or min(num_kv_heads, wave_programs, max_splits, group_size) < 1:
+        raise ValueError(f"KIVI decode_work: need num_reqs >= 0 and positive num_kv_heads, wave_programs, "
+                         f"max_splits, group_size; got {num_reqs}, {num_kv_heads}, {wave_programs}, {max_splits}, "
+                         f"{group_size}")
+    cap = work_capacity(num_reqs, num_kv_heads, wave_programs)
+    qsl = np.asarray(query_start_loc[: num_reqs + 1], dtype=np.int64)
+    seq = np.asarray(seq_lens[:num_reqs], dtype=np.int64)
+    n = np.where(np.diff(qsl) == 1, np.maximum(seq - 1, 0) // group_size, 0)
+    kmax = np.minimum(n, max_splits)
+
+    def items_at(size):  # fewest items per request with none above ``size`` groups
+        return np.minimum(kmax, -(-n // size))
+
+    lo_s, hi_s = 1, max(1, int(n.max(initial=0)))  # smallest size whose items fit the rows
+    while lo_s < hi_s:
+        mid = (lo_s + hi_s) // 2
+        lo_s, hi_s = (lo_s, mid) if items_at(mid).sum() <= cap else (mid + 1, hi_s)
+    k = items_at(lo_s)
+    while (left := cap - int(k.sum())) > 0:
+        open_ = np.nonzero(k < kmax)[0]
+        if not len(open_):
+            break
+        take = open_[np.argsort(-n[open_] / k[open_], kind="stable")[:left]]
+        k[take] += 1
+    req = np.repeat(np.arange(num_reqs), k)
+    slot = np.arange(len(req)) - np.repeat(np.cumsum(k) - k, k)
+    lo = slot * n[req] // k[req]
+    hi = np.where(slot == k[req] - 1, WORK_END, (slot + 1) * n[req] // k[req])
+    items = np.zeros((cap, 4), dtype=np.int32)
+    items[:, 0] = -1
+    items[: len(req)] = np.stack([req, slot, lo, hi], axis=1)
+    return items, k.astype(np.int32)
 
 
 def default_lane_rows(qpk: int, group_size: int, v_bits: int = 2) -> int:
@@ -494,7 +566,7 @@ def decode(
     kernel: str | None = None,
     maxnreg: int | None = None,
     rescale_slack: float | None = None,
-    split_min_groups: torch.Tensor | None = None,
+    work: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention of every one-token request of the batch over its KIVI pages (before this step's store).
 
@@ -525,10 +597,10 @@ def decode(
             equal on the H200, docs/benchmarks.md).
         rescale_slack: "tc" only (ignored by the others): see :func:`.decode_tc.tc_constexprs` (default
             ``decode_tc.RESCALE_SLACK``).
-        split_min_groups: [1] int32 on the device (read by the kernels, so a CUDA graph replays it): every split
-            takes at least this many complete groups of its request, ``max(ceil(groups / num_splits), this)``, and
-            the splits past a request's groups only write empty partials (e.g. :func:`split_min_groups_for`). None:
-            1, each request's groups over all ``num_splits`` splits.
+        work: "fma" and "tc" only: (items [P, 4], counts [num_reqs]) int32 on the query's device, a work list from
+            :func:`decode_work` made with this launch's ``num_reqs`` and ``num_splits`` (read by the kernels, so a
+            CUDA graph replays whatever the buffers hold): the grid is (P, num_kv_heads) work items instead of
+            (num_reqs, num_kv_heads, num_splits). None: the split grid.
 
     Returns:
         ``out``.
@@ -537,8 +609,9 @@ def decode(
         ValueError: shapes that do not match the layout, num_heads not a multiple of num_kv_heads, tensors not
             contiguous in head_size, num_splits not a power of 2, lane_rows not a power of 2 dividing the group
             size, an unknown kernel, or "tc" off NVIDIA GPUs of compute capability 8.0+, outside
-            :func:`tc_supports`, with num_warps other than 1 or with rescale_slack outside [0, 15], or
-            split_min_groups not one int32 on the query's device.
+            :func:`tc_supports`, with num_warps other than 1 or with rescale_slack outside [0, 15], or a ``work``
+            with the "mma" kernel or that is not (int32 [P, 4] with P >= num_reqs, int32 [>= num_reqs]) on the
+            query's device.
     """
     HQ, H = check_attention("decode", query, key, value, out, kv_cache, layout)
     R = len(seq_lens) if num_reqs is None else num_reqs
@@ -561,6 +634,18 @@ def decode(
     if lane_rows < 1 or lane_rows & (lane_rows - 1) or layout.group_size % lane_rows:
         raise ValueError(f"KIVI decode: lane_rows must be a power of two dividing the group size "
                          f"{layout.group_size}, got {lane_rows}")
+    if work is not None:
+        items, counts = work
+        if kernel == "mma":
+            raise ValueError("KIVI decode: a work list needs the 'fma' or 'tc' kernel, not 'mma'")
+        if (items.dtype != torch.int32 or counts.dtype != torch.int32 or items.dim() != 2 or items.shape[1] != 4
+                or items.shape[0] < R or counts.numel() < R or items.device != query.device
+                or counts.device != query.device or not items.is_contiguous()):
+            raise ValueError(f"KIVI decode: work must be (int32 [>= {R}, 4] contiguous, int32 [>= {R}]) on "
+                             f"{query.device}, got {items.dtype} {tuple(items.shape)} on {items.device}, "
+                             f"{counts.dtype} {tuple(counts.shape)} on {counts.device}")
+    else:
+        items = counts = seq_lens  # placeholders, not read (WORK_LIST False)
     if R == 0:
         return out
     S = num_splits or default_num_splits(kernel, R, H)
@@ -572,25 +657,21 @@ def decode(
     part_m = torch.empty(R * HQ * slots, dtype=torch.float32, device=query.device)
     part_l = torch.empty_like(part_m)
     part_acc = torch.empty(R * HQ * slots * pad, dtype=torch.float32, device=query.device)
-    if split_min_groups is None:
-        split_min_groups = one_group(query.device)
-    elif (split_min_groups.dtype != torch.int32 or split_min_groups.numel() != 1
-          or split_min_groups.device != query.device):
-        raise ValueError(f"KIVI decode: split_min_groups must be one int32 on {query.device}, got "
-                         f"{split_min_groups.dtype} {tuple(split_min_groups.shape)} on {split_min_groups.device}")
+    grid = (R, H, S) if work is None else (items.shape[0], H, 1)
     args = (query, key, value, kv_cache, block_table, seq_lens, query_start_loc, part_m, part_l, part_acc, scale,
             query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-            kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0), split_min_groups)
+            kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0))
     mma = mma_constexprs(layout, qpk, num_stages, dot_args(query))
     if kernel in ("fma", "tc"):
         if kernel == "fma":
-            _decode_fma_kernel[(R, H, S)](*args[:11], ONE_F32_BITS, *args[11:], num_warps=num_warps or 1,
-                                          maxnreg=maxnreg, **fma_constexprs(layout, qpk, S, num_stages, lane_rows))
+            _decode_fma_kernel[grid](*args[:11], ONE_F32_BITS, *args[11:], items, num_warps=num_warps or 1,
+                                     maxnreg=maxnreg, WORK_LIST=work is not None,
+                                     **fma_constexprs(layout, qpk, S, num_stages, lane_rows))
         else:
-            decode_tc.tc_kernel()[(R, H, S)](
+            decode_tc.tc_kernel()[grid](
                 query, kv_cache, block_table, seq_lens, query_start_loc, part_m, part_l, part_acc, scale,
                 query.stride(0), query.stride(1), kv_cache.stride(0), kv_cache.stride(1),
-                block_table.stride(0), split_min_groups, num_warps=num_warps or 1, maxnreg=maxnreg,
+                block_table.stride(0), items, num_warps=num_warps or 1, maxnreg=maxnreg, WORK_LIST=work is not None,
                 **decode_tc.tc_constexprs(layout, qpk, S,
                                           decode_tc.RESCALE_SLACK if rescale_slack is None else rescale_slack))
         # the open group (stage rows and this step's token) in slot S
@@ -599,7 +680,7 @@ def decode(
     else:
         _decode_split_kernel[(R, H, S)](*args, NUM_SPLITS=S, SLOTS=slots, DO_GROUPS=True, SPLIT_OFFSET=0,
                                         num_warps=num_warps or 2, **mma)
-    _reduce_kernel[(R, HQ)](out, part_m, part_l, part_acc, seq_lens, query_start_loc, out.stride(0), out.stride(1),
-                            SLOTS=slots, SLOTS_PAD=triton.next_power_of_2(slots), HEAD_SIZE=layout.head_size,
-                            HEAD_PAD=pad, num_warps=4)
+    _reduce_kernel[(R, HQ)](out, part_m, part_l, part_acc, seq_lens, query_start_loc, counts, out.stride(0),
+                            out.stride(1), SLOTS=slots, SLOTS_PAD=triton.next_power_of_2(slots),
+                            HEAD_SIZE=layout.head_size, HEAD_PAD=pad, WORK_LIST=work is not None, num_warps=4)
     return out

@@ -155,7 +155,7 @@ def tc_constexprs(layout: PageLayout, qpk: int, num_splits: int, rescale_slack: 
 def _decode_tc_kernel(
     q_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr,
     part_m_ptr, part_l_ptr, part_acc_ptr, sm_scale,
-    stride_qt, stride_qh, stride_cache_block, stride_cache_head, stride_bt, split_min_ptr,
+    stride_qt, stride_qh, stride_cache_block, stride_cache_head, stride_bt, work_ptr,
     QPK: gl.constexpr, NUM_SPLITS: gl.constexpr, SLOTS: gl.constexpr,
     K_LAY: gl.constexpr, KS_LAY: gl.constexpr, V_LAY: gl.constexpr, MMA: gl.constexpr,
     KWT: gl.constexpr, VWT: gl.constexpr, VCW: gl.constexpr, KEY_ASM: gl.constexpr, VAL_ASM: gl.constexpr,
@@ -163,10 +163,11 @@ def _decode_tc_kernel(
     K_BITS: gl.constexpr, V_BITS: gl.constexpr, V_GROUP: gl.constexpr, RECORD_BYTES: gl.constexpr,
     OFF_KC: gl.constexpr, OFF_KS: gl.constexpr, OFF_KM: gl.constexpr, OFF_VC: gl.constexpr,
     OFF_VS: gl.constexpr, OFF_VM: gl.constexpr, OFF_KSTAGE: gl.constexpr, OFF_VSTAGE: gl.constexpr,
-    RESIDUAL_KV: gl.constexpr, RESCALE_SLACK: gl.constexpr,
+    RESIDUAL_KV: gl.constexpr, RESCALE_SLACK: gl.constexpr, WORK_LIST: gl.constexpr = False,
 ):
-    """Split ``program_id(2)`` of the complete groups of request ``program_id(0)``, KV head ``program_id(1)``: writes
-    its (max, sum, accumulator) partials for :func:`.decode._reduce_kernel` (slots as ``_decode_fma_kernel``)."""
+    """Split ``program_id(2)`` of the complete groups of request ``program_id(0)``, KV head ``program_id(1)`` (with
+    ``WORK_LIST``: work item ``program_id(0)`` of ``work_ptr``, as ``_decode_fma_kernel``): writes its (max, sum,
+    accumulator) partials for :func:`.decode._reduce_kernel` (slots as ``_decode_fma_kernel``)."""
     G: gl.constexpr = GROUP_SIZE
     D: gl.constexpr = HEAD_SIZE
     GROUPS_PER_PAGE: gl.constexpr = BLOCK_SIZE // GROUP_SIZE
@@ -185,6 +186,12 @@ def _decode_tc_kernel(
     r = gl.program_id(0)
     h = gl.program_id(1)
     split = gl.program_id(2)
+    if WORK_LIST:
+        item = work_ptr + gl.program_id(0) * 4
+        r = gl.load(item)
+        split = gl.load(item + 1)
+    live = r >= 0  # an unused work item: no request, writes nothing
+    r = gl.maximum(r, 0)
     q_start = gl.load(qsl_ptr + r).to(gl.int64)
     q_len = gl.load(qsl_ptr + r + 1) - q_start
     seq_len = gl.load(seq_lens_ptr + r)
@@ -228,12 +235,16 @@ def _decode_tc_kernel(
     v_sel = gl.expand_dims(((v_pos // 8) << 4) | ((v_pos // 8 + 4) << 12), 0)
     v_shift = gl.expand_dims(v_pos % 8 + V_BITS - 2, 0)
 
-    if (q_len == 1) & (seq_len > 0):
+    if (q_len == 1) & (seq_len > 0) & live:
         p = seq_len - 1
         n_full = p // G  # complete groups, all read from records
-        per_split = gl.maximum(gl.cdiv(n_full, NUM_SPLITS), gl.load(split_min_ptr))  # decode.split_min_groups_for
-        g_lo = split * per_split
-        g_hi = gl.minimum(n_full, g_lo + per_split)
+        if WORK_LIST:  # the item's end clamped to the device's group count (the host's may be an upper bound)
+            g_lo = gl.load(item + 2)
+            g_hi = gl.minimum(n_full, gl.load(item + 3))
+        else:
+            per_split = gl.cdiv(n_full, NUM_SPLITS)
+            g_lo = split * per_split
+            g_hi = gl.minimum(n_full, g_lo + per_split)
         # q as the A operand in fp16 as the model gave it (a bf16 or fp16 query is exact in fp16; the softmax scale
         # and log2(e) multiply the float32 scores instead: folded into q they rounded it, which doubled the error at
         # sharp attention, benchmarks/tc_rounding.py); MMA index k = 16 kc + 8 e + 2 j + p is channel
@@ -297,7 +308,7 @@ def _decode_tc_kernel(
             acc = mma_v2(pa, vd, acc)
 
     rows = gl.arange(0, 16, layout=ROW_LAY)
-    rmask = rows < QPK
+    rmask = (rows < QPK) & live
     base = (r * (QPK * gl.num_programs(1)) + h * QPK + rows) * SLOTS + split
     gl.store(part_m_ptr + base, m_i, mask=rmask)
     gl.store(part_l_ptr + base, l_i, mask=rmask)

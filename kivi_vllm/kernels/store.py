@@ -16,6 +16,7 @@ step is phase 0 only: one launch per layer.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -133,14 +134,16 @@ def _store_kernel(
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr, RECORD_BYTES: tl.constexpr,
     OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KM: tl.constexpr, OFF_VC: tl.constexpr,
     OFF_VS: tl.constexpr, OFF_VM: tl.constexpr, OFF_KSTAGE: tl.constexpr, OFF_VSTAGE: tl.constexpr,
-    RESIDUAL_KV: tl.constexpr, SKIP_BY_SLOT: tl.constexpr = True,
+    RESIDUAL_KV: tl.constexpr, SKIP_BY_SLOT: tl.constexpr = True, ROWS: tl.constexpr = False, rows_ptr=None,
 ):
     G: tl.constexpr = GROUP_SIZE
     t = tl.program_id(0)
     h = tl.program_id(1)
+    if ROWS:  # a list of the rows with work (store_rows), one program each
+        t = tl.load(rows_ptr + t)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     busy = slot >= 0
-    if SKIP_BY_SLOT and RESIDUAL_KV:
+    if SKIP_BY_SLOT and RESIDUAL_KV and not ROWS:
         # A token whose group is completed later in this step has nothing to do: the completing token quantizes
         # it from ``key``/``value``. Slots are unique in a step and a group never spans two blocks, so that token
         # is the row ``G - 1 - p`` further down iff its slot is ``G - 1 - p`` further too. Deciding this from two
@@ -156,6 +159,26 @@ def _store_kernel(
                      RESIDUAL_KV)
 
 
+def store_rows(query_start_loc: np.ndarray, seq_lens: np.ndarray, group_size: int) -> np.ndarray:
+    """The batch rows a store has work for (int32, ascending), from host arrays (``query_start_loc`` [num_reqs + 1],
+    ``seq_lens`` [num_reqs], context after the step): a token that completes its group (position ``p % G == G -
+    1``) or stays in its request's open group (``p >= (seq_len // G) * G``), and every token of a one-token
+    request (a decode token always does one or the other; kept whatever the host's length says). Every other token is quantized by the
+    token that completes its group, from ``key``/``value``, and needs no program of its own. For residual="kv" only
+    (with "k" every value is quantized on arrival). In a prompt chunk that is about 1 token in G: a grid of one
+    program per token was mostly programs without work, 752 of the 1,196 µs of a 4 x 4,096-token Llama-2-7B-shaped
+    store on the H200 (``benchmarks/prefill_attention.py --store-probe``, every slot -1; docs/benchmarks.md)."""
+    qsl = np.asarray(query_start_loc, dtype=np.int64)
+    seq = np.asarray(seq_lens[: len(qsl) - 1], dtype=np.int64)
+    lens = np.diff(qsl)
+    req = np.repeat(np.arange(len(lens)), lens)
+    row = np.arange(int(qsl[-1] - qsl[0])) + qsl[0]
+    pos = seq[req] - lens[req] + (row - qsl[req])
+    work = (pos % group_size == group_size - 1) | (pos >= (seq[req] // group_size) * group_size)
+    work |= lens[req] == 1  # a one-token request always has work (vLLM's host lengths are exact for prefill rows)
+    return row[work].astype(np.int32)
+
+
 def store(
     kv_cache: torch.Tensor,
     key: torch.Tensor,
@@ -168,6 +191,7 @@ def store(
     num_reqs: int | None = None,
     num_warps: int = 4,
     skip_by_slot: bool = True,
+    rows: torch.Tensor | None = None,
 ) -> None:
     """Write this step's tokens of one phase (see the module docstring) into the KIVI pages, in place.
 
@@ -184,10 +208,12 @@ def store(
         skip_by_slot: with residual="kv", a program whose token's group is completed by a later row of this step
             exits after two slot loads, before the request search (same bytes written; False: every program
             searches, as before; ``benchmarks/prefill_attention.py --store-probe`` times both).
+        rows: residual="kv" only: int32 [N] on the device, the rows with work (:func:`store_rows`); one program per
+            listed row instead of one per row of ``key``. None: every row.
 
     Raises:
-        ValueError: wrong cache shape/dtype, key/value shapes that do not match the layout, or key/value not
-            contiguous in head_size.
+        ValueError: wrong cache shape/dtype, key/value shapes that do not match the layout, key/value not
+            contiguous in head_size, or ``rows`` with residual="k" or not int32.
     """
     check_cache(kv_cache, layout)
     T, H, D = key.shape
@@ -196,11 +222,14 @@ def store(
                          f"{kv_cache.shape[1]} KV heads of size {layout.head_size}")
     check_rows(key, value)
     n = len(seq_lens) if num_reqs is None else num_reqs
-    if T == 0 or n == 0:
+    if rows is not None and (layout.residual != "kv" or rows.dtype != torch.int32):
+        raise ValueError(f"KIVI store: rows need residual 'kv' and int32, got {layout.residual!r}, {rows.dtype}")
+    grid = T if rows is None else rows.numel()
+    if grid == 0 or n == 0:
         return
-    _store_kernel[(T, H)](
+    _store_kernel[(grid, H)](
         kv_cache, key, value, slot_mapping, query_start_loc, seq_lens, n, T,
         kv_cache.stride(0), kv_cache.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        STAGE_DTYPE=stage_dtype(layout), PHASE=phase, SKIP_BY_SLOT=skip_by_slot, num_warps=num_warps,
-        **layout_args(layout),
+        STAGE_DTYPE=stage_dtype(layout), PHASE=phase, SKIP_BY_SLOT=skip_by_slot, ROWS=rows is not None,
+        rows_ptr=rows, num_warps=num_warps, **layout_args(layout),
     )
