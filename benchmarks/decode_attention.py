@@ -226,8 +226,10 @@ def kivi_cell(bits, B, L, hq, h, d, io, device, args, kern):
                                     rescale_slack=args.rescale_slack, work=work),
                      device, args.eager)
     if args.profile and device == "cuda":
-        row["kernel_us"] = kernel_times(lambda: decode(q, key, value, kv_cache, block_table, qsl, seq_lens, lay, scale,
-                                                       out, num_splits=splits, kernel=kernel, work=work))
+        row["kernel_us"] = kernel_times(lambda: decode(
+            q, key, value, kv_cache, block_table, qsl, seq_lens, lay, scale, out, num_splits=splits,
+            num_stages=args.num_stages, num_warps=args.num_warps, lane_rows=args.lane_rows, kernel=kernel,
+            maxnreg=args.maxnreg, rescale_slack=args.rescale_slack, work=work))
         log(f"    kernels: {row['kernel_us']}")
     if args.long_context:  # the store's slots below assume context L everywhere
         return dict(row, status="ok", time_us=ms * 1e3, timing=mode, long_context=L0)

@@ -211,8 +211,9 @@ def test_store_rows_bit_exact(mix):
 
 
 def test_store_rows_are_the_rows_with_work():
-    """store_rows against a per-token reading of the rule: position p of a request with seq_len s stores iff p % G
-    == G - 1 or p >= (s // G) * G, or the request has one token; padding rows past the last request never."""
+    """store_rows (vectorized over the batch) against a per-token loop over the same rule: position p of a request
+    with seq_len s stores iff p % G == G - 1 or p >= (s // G) * G, or the request has one token; an empty request
+    has no row. (The bytes such stores write: test_store_rows_bit_exact.)"""
     G = 16
     qsl = np.array([0, 1, 41, 42, 90, 90, 125])  # decode, 40-token first chunk, decode, continuation, empty, chunk
     seq = np.array([33, 40, 64, 100, 0, 35])
@@ -419,8 +420,8 @@ def test_decode_variants_agree(num_splits, dtype, kernel, decode_stages, lane_ro
 @pytest.mark.parametrize("host_seq", ["exact", "upper", "low"])
 def test_decode_work_list(target, host_seq, monkeypatch):
     """The FMA kernel over a work list (decode_work, in waves of ``target`` programs) gives the reference's answer,
-    and writes exactly the slots the list names: request 0 (12 complete groups, 4 splits) has as many finite
-    partial maxima as it has items with keys. Host sequence lengths that are upper bounds (+40) or too low (17: one
+    the reduction reading only the slots the list names (the partials start as NaN), and request 0 (12 complete
+    groups, 4 splits) has a finite partial maximum in each of its items' slots that has keys. Host sequence lengths that are upper bounds (+40) or too low (17: one
     complete group, one item) still cover every group, because each request's last item runs to the end of what
     the device reads. A prefill request, a request without complete groups and a padding request get no item."""
     lay = PageLayout(64, 64, 2, 2, 16, "kv", torch.float32)
@@ -434,6 +435,8 @@ def test_decode_work_list(target, host_seq, monkeypatch):
 
     def recording_empty(*args, **kwargs):  # decode() allocates its partials (max first) with torch.empty
         t = empty(*args, **kwargs)
+        if t.is_floating_point():  # NaN: a slot the reduction reads but no item wrote poisons the output
+            t.fill_(float("nan"))
         made.append(t)
         return t
 

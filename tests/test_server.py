@@ -419,3 +419,18 @@ def test_kivi_metrics_with_per_layer_bits():
     assert value("kivi:kv_cache_capacity_tokens") == 372 * 512
     assert value("kivi:kv_cache_dense_capacity_tokens") == dense == 46_500
     assert value("kivi:kv_cache_capacity_ratio") == pytest.approx(372 * 512 / dense)
+
+
+def test_impl_refuses_micro_batching():
+    """vLLM's micro-batching (dual batch overlap) would run two batches of one step with the metadata builder's single
+    set of decode work-list buffers: refused when the attention layer is built, with the reason."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+
+    from kivi_vllm.backend.impl import KiviAttentionImpl
+
+    cfg = VllmConfig()
+    with set_current_vllm_config(cfg):
+        KiviAttentionImpl(4, 64, 0.125, 2)  # the same layer without micro-batching is built
+    cfg.parallel_config.enable_dbo = True  # set after construction: VllmConfig turns it off on a CPU
+    with set_current_vllm_config(cfg), pytest.raises(NotImplementedError, match="micro-batching"):
+        KiviAttentionImpl(4, 64, 0.125, 2)

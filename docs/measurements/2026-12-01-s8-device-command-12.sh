@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # session 8, device command 12 (with the last of the 5 bundle parts): the work list with water-filling and spare rows
-# (decode.work_capacity / decode_work as committed): the GQA grid and one long request among short ones; then the
+# (an intermediate decode.work_capacity that kept half a wave of spare rows; not committed): the GQA grid and one long request among short ones; then the
 # engine: SmolLM2-135M greedy tokens, PyTorch path against the Triton path, eager and with CUDA graphs (work list in use)
 bash .devbundle/setup-on-device.sh > /tmp/setup.log 2>&1 || { tail -20 /tmp/setup.log; exit 1; }
 source /tmp/kivi-env.sh

@@ -20,8 +20,9 @@ class KiviAttentionImpl(AttentionImpl):
 
     Raises (at model construction, before weights load):
         NotImplementedError: ALiBi, sliding window, logits soft-cap, attention sinks, non-decoder attention,
-            layers that share another layer's KV cache, speculative decoding, decode context parallelism or hybrid
-            (attention + Mamba) models, none of which the KIVI path implements.
+            layers that share another layer's KV cache, speculative decoding, decode context parallelism,
+            micro-batching (``--enable-dbo``, ``ubatch_size`` > 1) or hybrid (attention + Mamba) models, none of which
+            the KIVI path implements.
         KiviConfigError: invalid KIVI settings in ``additional_config``, or per-layer bits for a layer index the
             model does not have.
     """
@@ -43,6 +44,9 @@ class KiviAttentionImpl(AttentionImpl):
             # a rejected draft could roll back across a group that was already quantized
             "speculative decoding": vllm_config.speculative_config is not None,
             "decode context parallelism": vllm_config.parallel_config.decode_context_parallel_size > 1,
+            # one set of the metadata builder's per-step buffers (decode work list): two batches in flight would
+            # read each other's
+            "micro-batching (dual batch overlap)": vllm_config.parallel_config.use_ubatching,
             "hybrid attention/Mamba layers": bool(model_config is not None and model_config.is_hybrid),
         }
         bad = [name for name, present in unsupported.items() if present]

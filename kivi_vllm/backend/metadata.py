@@ -191,7 +191,8 @@ class KiviMetadataBuilder(AttentionMetadataBuilder[KiviMetadata]):
             if self.work_wave:
                 # The decode work list, written every step and read by the decode kernels (so CUDA graphs replay
                 # it), for batches of up to max(max_num_seqs, the largest CUDA-graph batch) requests; one pair of
-                # buffers for every step (vLLM's micro-batching, two batches in flight per step, would need two).
+                # buffers for every step (vLLM's micro-batching, two batches in flight per step, would need two: the
+                # impl refuses it at model construction).
                 cc = vllm_config.compilation_config
                 self.work_reqs = max(vllm_config.scheduler_config.max_num_seqs, cc.max_cudagraph_capture_size or 0)
                 cap = work_capacity(self.work_reqs, heads[1], self.work_wave)

@@ -85,9 +85,15 @@ def stage_dtype(layout: PageLayout):
 @triton.jit
 def find_request(query_start_loc_ptr, num_reqs, t):
     """Index r of the request owning batch row t: the largest r < num_reqs with query_start_loc[r] <= t
-    (binary search; empty padding requests before a real one are skipped because the largest r wins)."""
-    lo = 0
-    hi = num_reqs - 1
+    (binary search; empty padding requests before a real one are skipped because the largest r wins). Row t of a
+    batch whose first t + 1 requests have one token each (a decode batch) is request t: two independent loads
+    instead of log2(num_reqs) dependent ones (query_start_loc[t + 1] = t + 1 leaves no later request at or below t)."""
+    lo = t * 0
+    hi = num_reqs - 1 + t * 0
+    if t < num_reqs:
+        if (tl.load(query_start_loc_ptr + t) == t) & (tl.load(query_start_loc_ptr + t + 1) == t + 1):
+            lo = t
+            hi = t
     while lo < hi:
         mid = (lo + hi + 1) // 2
         if tl.load(query_start_loc_ptr + mid) <= t:

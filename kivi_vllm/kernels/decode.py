@@ -28,9 +28,10 @@ per query head (q . m). Three kernels (:func:`default_kernel` picks one):
   scores, values dequantized in registers (``c * s + m``) before ``P . V``; the last split also handles the open
   group.
 
-The grid is (num_reqs, num_kv_heads, num_splits) with a fixed ``num_splits`` per batch size, so the launch shape
-does not depend on context lengths and the whole decode step can be captured in a CUDA graph. Split s handles a
-contiguous range of groups. ``_reduce_kernel`` merges the slots' (max, sum, accumulator) triples (FlashDecoding,
+The grid is (num_reqs, num_kv_heads, num_splits) with a fixed ``num_splits`` per batch size, or, with a work list
+(:func:`decode_work`: what the engine gives "tc"), (work-list rows, num_kv_heads, 1) with the rows fixed per batch
+size, so the launch shape does not depend on context lengths and the whole decode step can be captured in a CUDA
+graph. Split s (or work item i) handles a contiguous range of groups. ``_reduce_kernel`` merges the slots' (max, sum, accumulator) triples (FlashDecoding,
 Dao et al. 2023; vLLM ``triton_decode_attention.py``).
 """
 
@@ -395,9 +396,9 @@ def default_num_splits(kernel: str, num_reqs: int, num_kv_heads: int) -> int:
 #: "tc": 255 registers, one warp (offline sm_90 compile, ``benchmarks/kernel_resources.py``). Why a work list sized
 #: in waves of ``SMs x this``: on the H200 "tc" was fastest with about 1,024 programs whatever the batch
 #: (2026-11-30, seventh session: batch 64 / 4k at 8 KV heads, 158 µs with 2 splits against 225 at the default 32),
-#: and programs without work cost too: a work list that left a third of its rows empty took 245 µs of kernel time
-#: where the same items without the empty rows took 138 (eighth session, ``benchmarks/decode_attention.py
-#: --work-variant``, docs/benchmarks.md).
+#: and rows without work slow the launch down: a work list that left a third of its rows empty took 245 µs of
+#: kernel time where the same items without the empty rows took 138 (716 against 518 at batch 256; eighth
+#: session, ``benchmarks/decode_attention.py --work-variant``, docs/benchmarks.md).
 WORK_PROGRAMS_PER_SM: dict[str, int] = {"tc": 8}
 
 #: End group of a request's last work item: "to the end", the kernel clamps it to the device's group count.
@@ -417,7 +418,7 @@ def work_capacity(num_reqs: int, num_kv_heads: int, wave_programs: int) -> int:
     max(1, wave_programs // num_kv_heads)`` rows (one wave up to ``per_head`` requests; the rows beyond one per
     request split the long ones). Depends only on the batch shape, so a CUDA graph captured for a batch size keeps
     its grid. Measured on the H200 (eighth session, docs/benchmarks.md): forcing at least ``per_head / 2`` spare rows
-    (3 waves instead of 2 at batch 256, 8 KV heads) took 20% more time on uniform batches (703 against 583 µs at
+    (3 waves instead of 2 at batch 256, 8 KV heads) took 22% more time on uniform batches (703 against 578 µs at
     256 / 4k), so the rows are not padded beyond the wave."""
     per_head = max(1, wave_programs // num_kv_heads)
     return max(1, -(-num_reqs // per_head)) * per_head

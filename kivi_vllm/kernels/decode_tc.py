@@ -1,7 +1,8 @@
 """Decode attention on tensor cores with register operands (Triton Gluon): the "tc" kernel.
 
 The same attention over complete groups as ``_decode_fma_kernel`` in :mod:`.decode` (one program of one warp per
-request, KV head and split; the open group and the reduction are that module's launches), with both products as
+request, KV head and split, or per work-list row and KV head: :func:`.decode.decode_work`; the open group and the
+reduction are that module's launches), with both products as
 ``mma.sync.m16n8k16`` fp16 MMAs (float32 accumulators) whose operands are built in registers, never through shared
 memory:
 
