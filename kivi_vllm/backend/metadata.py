@@ -121,8 +121,9 @@ class KiviMetadata:
             every request has one query token (the CUDA-graph case).
         block_q: query tokens per prefill tile (the tiles were made with it; set whenever ``tiles`` is).
         max_query_len: the longest query of the step (FlashAttention for first chunks under prefill="exact").
-        store_rows: int32 device tensor of the rows the stores have work for (:func:`kivi_vllm.kernels.store.store_rows`),
-            set with ``tiles`` under residual="kv" when the host knows the sequence lengths; else None (every row).
+        store_rows: int32 device tensor of the rows the stores have work for
+            (:func:`kivi_vllm.kernels.store.store_rows`), set with ``tiles`` under residual="kv" when the host knows
+            the sequence lengths; else None (every row).
         has_first_chunks: a multi-token request had nothing cached before the step, by the host's
             ``seq_lens_cpu_upper_bound`` (worked out under prefill="exact" only; True when not worked out); only
             saves the FlashAttention launch when False: the kernels find first chunks on the device either way.

@@ -163,8 +163,9 @@ def store_rows(query_start_loc: np.ndarray, seq_lens: np.ndarray, group_size: in
     """The batch rows a store has work for (int32, ascending), from host arrays (``query_start_loc`` [num_reqs + 1],
     ``seq_lens`` [num_reqs], context after the step): a token that completes its group (position ``p % G == G -
     1``) or stays in its request's open group (``p >= (seq_len // G) * G``), and every token of a one-token
-    request (a decode token always does one or the other; kept whatever the host's length says). Every other token is quantized by the
-    token that completes its group, from ``key``/``value``, and needs no program of its own. For residual="kv" only
+    request (a decode token always does one or the other; kept whatever the host's length says). Every other
+    token is quantized by the token that completes its group, from ``key``/``value``, and needs no program of its
+    own. For residual="kv" only
     (with "k" every value is quantized on arrival). In a prompt chunk that is about 1 token in G: a grid of one
     program per token was mostly programs without work, 752 of the 1,196 µs of a 4 x 4,096-token Llama-2-7B-shaped
     store on the H200 (``benchmarks/prefill_attention.py --store-probe``, every slot -1; docs/benchmarks.md)."""
