@@ -7,7 +7,7 @@ on bf16 and fp8 caches, for the prompt chunks a prefill-heavy engine step carrie
     python benchmarks/prefill_attention.py --configs kivi2 --bulk-groups 4 --bulk-dot 16   # the bulk loop's options
     python benchmarks/prefill_attention.py --configs kivi2 --exact --flash-first-chunks   # exact, first chunks in FA
     python benchmarks/prefill_attention.py --configs kivi2 --store-warps 2 4 8 16   # the store's warps per program
-    python benchmarks/prefill_attention.py --configs kivi2 --store-probe   # the store: phases, skip_by_slot, floor
+    python benchmarks/prefill_attention.py --configs kivi2 --store-probe   # the store: phases, listed rows, floor
 
 Why: on kivi-bench's `long` workload (256 x (3584 + 512), Llama-2-7B shape) steps full of prompt chunks took
 672-816 ms with KIVI against 401 ms with fp8 (docs/benchmarks.md), although a decode step is faster. With KIVI's
@@ -95,8 +95,8 @@ def parse_args():
                         "the default's)")
     p.add_argument("--store-probe", action="store_true",
                    help="KIVI: also time each store phase alone, the stores over every row instead of the listed "
-                        "ones (store_rows), with and without skip_by_slot (same bytes checked), and over every row "
-                        "with every slot -1 (each program exits after its slot load: that grid's floor)")
+                        "ones (store_rows; same bytes checked), and over every row with every slot -1 (each program exits "
+                        "after its slot load: that grid's floor)")
     p.add_argument("--eager", action="store_true", help="time the Python call, not a CUDA-graph replay")
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -166,10 +166,9 @@ def kivi_cell(bits, B, C, P, hq, h, d, io, device, args):
                 prefill_warps=args.prefill_warps, prefill_bulk_groups=args.bulk_groups,
                 prefill_bulk_dot=args.bulk_dot, first_chunk_attention=flash, max_query_len=C)
 
-    def stores(warps=4, slots=slot, phases=(0, 1), skip_by_slot=True, listed=rows):
+    def stores(warps=4, slots=slot, phases=(0, 1), listed=rows):
         for ph in phases:
-            store(kv_cache, key, value, slots, qsl, seq_lens, lay, ph, num_warps=warps, skip_by_slot=skip_by_slot,
-                  rows=listed)
+            store(kv_cache, key, value, slots, qsl, seq_lens, lay, ph, num_warps=warps, rows=listed)
 
     pristine = kv_cache.clone() if args.store_warps or args.store_probe else None  # the random bytes
     ms, mode = bench(step, device, args.eager)
@@ -187,14 +186,12 @@ def kivi_cell(bits, B, C, P, hq, h, d, io, device, args):
         log(f"    store, {warps} warps per program: {by_warps[warps]:.1f} us, same bytes {same_bytes[warps]}")
     probe = {}
     if args.store_probe:
-        for name, kw in (("no_rows", dict(listed=None)), ("no_rows_no_skip", dict(listed=None, skip_by_slot=False))):
-            kv_cache.copy_(pristine)
-            stores(**kw)
-            probe[name + "_same_bytes"] = bool(torch.equal(kv_cache, written))
+        kv_cache.copy_(pristine)
+        stores(listed=None)
+        probe["no_rows_same_bytes"] = bool(torch.equal(kv_cache, written))
         none = torch.full_like(slot, -1)
         probe["rows"] = rows.numel()
         for name, kw in (("phase0", dict(phases=(0,))), ("phase1", dict(phases=(1,))), ("no_rows", dict(listed=None)),
-                         ("no_rows_no_skip", dict(listed=None, skip_by_slot=False)),
                          ("all_slots_minus1", dict(slots=none, listed=None))):
             probe[name + "_us"] = bench(lambda kw=kw: stores(**kw), device, args.eager)[0] * 1e3
         log("    store probe: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"

@@ -134,7 +134,7 @@ def _store_kernel(
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr, RECORD_BYTES: tl.constexpr,
     OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KM: tl.constexpr, OFF_VC: tl.constexpr,
     OFF_VS: tl.constexpr, OFF_VM: tl.constexpr, OFF_KSTAGE: tl.constexpr, OFF_VSTAGE: tl.constexpr,
-    RESIDUAL_KV: tl.constexpr, SKIP_BY_SLOT: tl.constexpr = True, ROWS: tl.constexpr = False, rows_ptr=None,
+    RESIDUAL_KV: tl.constexpr, ROWS: tl.constexpr = False, rows_ptr=None,
 ):
     G: tl.constexpr = GROUP_SIZE
     t = tl.program_id(0)
@@ -143,14 +143,6 @@ def _store_kernel(
         t = tl.load(rows_ptr + t)
     slot = tl.load(slot_ptr + t).to(tl.int64)
     busy = slot >= 0
-    if SKIP_BY_SLOT and RESIDUAL_KV and not ROWS:
-        # A token whose group is completed later in this step has nothing to do: the completing token quantizes
-        # it from ``key``/``value``. Slots are unique in a step and a group never spans two blocks, so that token
-        # is the row ``G - 1 - p`` further down iff its slot is ``G - 1 - p`` further too. Deciding this from two
-        # loads spares the request search to all but 1 in G prompt tokens (and the open group's).
-        ahead = G - 1 - slot % G
-        last = tl.load(slot_ptr + t + ahead, mask=(t + ahead < num_rows) & (ahead > 0), other=-1)
-        busy = busy & ((ahead == 0) | (last != slot + ahead))
     if busy:
         _store_token(kv_ptr, key_ptr, value_ptr, qsl_ptr, seq_lens_ptr, num_reqs, t, slot, h,
                      stride_cache_block, stride_cache_head, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -191,7 +183,6 @@ def store(
     phase: int,
     num_reqs: int | None = None,
     num_warps: int = 4,
-    skip_by_slot: bool = True,
     rows: torch.Tensor | None = None,
 ) -> None:
     """Write this step's tokens of one phase (see the module docstring) into the KIVI pages, in place.
@@ -206,9 +197,6 @@ def store(
         phase: 0 = tokens of each request's first group (reads the stage), 1 = the others (launch after 0).
         num_reqs: requests to consider (default ``len(seq_lens)``).
         num_warps: warps per program (Triton's; a group's [G, head_size] keys and values spread over them).
-        skip_by_slot: with residual="kv", a program whose token's group is completed by a later row of this step
-            exits after two slot loads, before the request search (same bytes written; False: every program
-            searches, as before; ``benchmarks/prefill_attention.py --store-probe`` times both).
         rows: residual="kv" only: int32 [N] on the device, the rows with work (:func:`store_rows`); one program per
             listed row instead of one per row of ``key``. None: every row.
 
@@ -231,6 +219,6 @@ def store(
     _store_kernel[(grid, H)](
         kv_cache, key, value, slot_mapping, query_start_loc, seq_lens, n, T,
         kv_cache.stride(0), kv_cache.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        STAGE_DTYPE=stage_dtype(layout), PHASE=phase, SKIP_BY_SLOT=skip_by_slot, ROWS=rows is not None,
+        STAGE_DTYPE=stage_dtype(layout), PHASE=phase, ROWS=rows is not None,
         rows_ptr=rows, num_warps=num_warps, **layout_args(layout),
     )
