@@ -127,7 +127,7 @@ def _store_token(
 
 @triton.jit
 def _store_kernel(
-    kv_ptr, key_ptr, value_ptr, slot_ptr, qsl_ptr, seq_lens_ptr, num_reqs, num_rows,
+    kv_ptr, key_ptr, value_ptr, slot_ptr, qsl_ptr, seq_lens_ptr, num_reqs,
     stride_cache_block, stride_cache_head, stride_kt, stride_kh, stride_vt, stride_vh,
     STAGE_DTYPE: tl.constexpr, PHASE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
@@ -136,7 +136,6 @@ def _store_kernel(
     OFF_VS: tl.constexpr, OFF_VM: tl.constexpr, OFF_KSTAGE: tl.constexpr, OFF_VSTAGE: tl.constexpr,
     RESIDUAL_KV: tl.constexpr, ROWS: tl.constexpr = False, rows_ptr=None,
 ):
-    G: tl.constexpr = GROUP_SIZE
     t = tl.program_id(0)
     h = tl.program_id(1)
     if ROWS:  # a list of the rows with work (store_rows), one program each
@@ -217,7 +216,7 @@ def store(
     if grid == 0 or n == 0:
         return
     _store_kernel[(grid, H)](
-        kv_cache, key, value, slot_mapping, query_start_loc, seq_lens, n, T,
+        kv_cache, key, value, slot_mapping, query_start_loc, seq_lens, n,
         kv_cache.stride(0), kv_cache.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         STAGE_DTYPE=stage_dtype(layout), PHASE=phase, ROWS=rows is not None,
         rows_ptr=rows, num_warps=num_warps, **layout_args(layout),
