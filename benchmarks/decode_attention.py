@@ -97,6 +97,9 @@ def parse_args():
                    help="request 0's context instead of L (one long request in a batch of L-token ones; the "
                         "store is then not timed; every request gets the long one's pages, so cache_gib counts "
                         "them and --max-cache-gib applies to that)")
+    p.add_argument("--tc-prefetch", type=int, choices=[0, 1], default=None,
+                   help="KIVI tc decode: decode_tc.PREFETCH (1: the next group's record loaded before the current "
+                        "group's math)")
     p.add_argument("--eager", action="store_true", help="time the Python call, not a CUDA-graph replay")
     p.add_argument("--profile", action="store_true",
                    help="KIVI: also print the GPU time of each kernel of the decode call (torch.profiler, mean of "
@@ -342,6 +345,10 @@ def main():
     from kivi_vllm.layout import PageLayout
 
     kern = (decode, store, PageLayout, default_num_splits, default_kernel, cuda_capability)
+    if args.tc_prefetch is not None:
+        from kivi_vllm.kernels import decode_tc
+
+        decode_tc.PREFETCH = bool(args.tc_prefetch)
     try:
         from vllm.version import __version__ as vllm_version
     except Exception:  # noqa: BLE001

@@ -92,13 +92,18 @@ def test_tc_rescaling_is_a_branch(compiled):
 
 
 def test_tc_work_list_keeps_the_loop_and_the_programs_per_sm(compiled):
-    """The work-list variant of "tc" (what the engine runs) compiles to the same group loop as the split grid's, and
-    fits the programs per SM that decode.WORK_PROGRAMS_PER_SM sizes its waves with."""
+    """The work-list variant of "tc" (what the engine runs) compiles to the split grid's group loop, and
+    fits the programs per SM that decode.WORK_PROGRAMS_PER_SM sizes its waves with, without local memory in the
+    loop."""
     from kivi_vllm.kernels.decode import WORK_PROGRAMS_PER_SM
 
     split, work = compiled["tc"][0], compiled["tc_work"]
-    assert work["loops"][0]["instructions"] == split["loops"][0]["instructions"]
-    assert work["spill_bytes"] == 0 and work["programs_per_sm"] == WORK_PROGRAMS_PER_SM["tc"]
+    # the same loop up to register allocation (1,008 against 1,006 SASS with the prefetch: the next group's index)
+    assert abs(work["loops"][0]["instructions"] - split["loops"][0]["instructions"]) <= 4
+    assert work["programs_per_sm"] == WORK_PROGRAMS_PER_SM["tc"]
+    # the prefetched record (decode_tc.PREFETCH) costs registers: ptxas spills 80 bytes, outside the loop only
+    loop = work["loops"][0]
+    assert work["spill_bytes"] <= 128 and loop["ldl"] == 0 and loop["stl"] == 0, (work["spill_bytes"], loop)
 
 
 @pytest.mark.parametrize("i", range(len(PREFILL_SHAPES)))

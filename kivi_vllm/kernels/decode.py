@@ -674,7 +674,8 @@ def decode(
                 query.stride(0), query.stride(1), kv_cache.stride(0), kv_cache.stride(1),
                 block_table.stride(0), items, num_warps=num_warps or 1, maxnreg=maxnreg, WORK_LIST=work is not None,
                 **decode_tc.tc_constexprs(layout, qpk, S,
-                                          decode_tc.RESCALE_SLACK if rescale_slack is None else rescale_slack))
+                                          decode_tc.RESCALE_SLACK if rescale_slack is None else rescale_slack,
+                                          decode_tc.PREFETCH))
         # the open group (stage rows and this step's token) in slot S
         _decode_split_kernel[(R, H, 1)](*args, NUM_SPLITS=S, SLOTS=slots, DO_GROUPS=False, SPLIT_OFFSET=S,
                                         num_warps=4, **mma)

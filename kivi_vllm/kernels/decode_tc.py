@@ -20,6 +20,11 @@ memory:
   by more than ``RESCALE_SLACK`` (FlashAttention-4's conditional rescaling), so most groups skip rescaling ``O``
   (64 multiplies per thread): 8-10% less time on the H200 (docs/benchmarks.md).
 
+The loop keeps two groups' records in registers: it loads group ``g + 1``'s words, scales and minima before the
+math of group ``g`` (``PREFETCH``), so the memory round trip of one group overlaps the arithmetic of the previous
+one: 7-10% less time on the H200 at 4k-16k context (ninth session, docs/benchmarks.md), for 80 bytes of spill
+outside the loop at 2 bits (396 at 4 bits, 3 local loads in the loop).
+
 A code pair becomes an fp16x2 operand in 4-5 instructions (inline PTX): the two codes are moved to the top of two
 fp16 mantissas and given the exponent of 1.0 (``1 + c / 2**bits``, the exponent trick of
 :func:`.common.unit_floats`), the 1 is subtracted (exact), and one HFMA2 applies scale and minimum, so each
@@ -98,13 +103,21 @@ def _asm(kind: str, bits: int) -> str:
 #: Default slack of the conditional rescaling (log2 units: a factor of 256), FlashAttention-4's threshold.
 RESCALE_SLACK = 8.0
 
+#: Load the next group's record into registers before the current group's math (a register double buffer, the
+#: loop's only memory round trip overlapped with its arithmetic; False: load each group's record at its turn, the
+#: kernel before the ninth session, kept for ``benchmarks/decode_attention.py --tc-prefetch 0``).
+PREFETCH = True
+
 
 @functools.lru_cache(maxsize=64)
-def tc_constexprs(layout: PageLayout, qpk: int, num_splits: int, rescale_slack: float = RESCALE_SLACK) -> dict:
+def tc_constexprs(layout: PageLayout, qpk: int, num_splits: int, rescale_slack: float = RESCALE_SLACK,
+                  prefetch: bool | None = None) -> dict:
     """Constexprs of :func:`_decode_tc_kernel` for ``layout`` (:func:`.decode.tc_supports` it; cached: decode()
     launches it per layer and step; do not mutate the result): its register layouts (Gluon
     ``DistributedLinearLayout``s of the packed words, built so that the codes land where the MMA fragments want
     them), the inline PTX of :func:`_asm` and the page offsets (:func:`.common.layout_args`).
+
+    ``prefetch``: :data:`PREFETCH` if None.
 
     ``rescale_slack`` (log2 units): a row's running maximum moves only when a group's scores exceed it by more
     than this (0: whenever they exceed it, the classic online softmax). The result is the same up to rounding; the
@@ -149,7 +162,26 @@ def tc_constexprs(layout: PageLayout, qpk: int, num_splits: int, rescale_slack: 
     mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
     return dict(QPK=qpk, NUM_SPLITS=num_splits, SLOTS=num_splits + 1, K_LAY=k_lay, KS_LAY=ks_lay, V_LAY=v_lay,
                 MMA=mma, KWT=kwt, VWT=vwt, VCW=vcw, KEY_ASM=_asm("key", kb), VAL_ASM=_asm("value", vb),
-                RESCALE_SLACK=float(rescale_slack), **layout_args(layout))
+                RESCALE_SLACK=float(rescale_slack), PREFETCH=PREFETCH if prefetch is None else bool(prefetch),
+                **layout_args(layout))
+
+
+@gluon.jit
+def _load_record(kv_ptr, bt_row, g, h, stride_cache_block, stride_cache_head, k_word_off, kchan, v_word_off,
+                 v_scale_off, GROUPS_PER_PAGE: gl.constexpr, RECORD_BYTES: gl.constexpr, OFF_KC: gl.constexpr,
+                 OFF_KS: gl.constexpr, OFF_KM: gl.constexpr, OFF_VC: gl.constexpr, OFF_VS: gl.constexpr,
+                 OFF_VM: gl.constexpr):
+    """Group ``g``'s record of KV head ``h`` in the registers: key words, key scale/min, value words, value
+    scale/min (every load issued before any use)."""
+    blk = gl.load(bt_row + g // GROUPS_PER_PAGE).to(gl.int64)
+    rec = kv_ptr + blk * stride_cache_block + h * stride_cache_head + (g % GROUPS_PER_PAGE) * RECORD_BYTES
+    kwords = gl.load((rec + OFF_KC).to(gl.pointer_type(gl.int32)) + k_word_off)  # [G, 4, KWT]
+    ks = gl.load((rec + OFF_KS).to(gl.pointer_type(gl.float16)) + kchan)
+    km = gl.load((rec + OFF_KM).to(gl.pointer_type(gl.float16)) + kchan)
+    vwords = gl.load((rec + OFF_VC).to(gl.pointer_type(gl.int32)) + v_word_off)  # [G, 8, VWT]
+    vs = gl.load((rec + OFF_VS).to(gl.pointer_type(gl.float16)) + v_scale_off)
+    vm = gl.load((rec + OFF_VM).to(gl.pointer_type(gl.float16)) + v_scale_off)
+    return kwords, ks, km, vwords, vs, vm
 
 
 @gluon.jit
@@ -165,6 +197,7 @@ def _decode_tc_kernel(
     OFF_KC: gl.constexpr, OFF_KS: gl.constexpr, OFF_KM: gl.constexpr, OFF_VC: gl.constexpr,
     OFF_VS: gl.constexpr, OFF_VM: gl.constexpr, OFF_KSTAGE: gl.constexpr, OFF_VSTAGE: gl.constexpr,
     RESIDUAL_KV: gl.constexpr, RESCALE_SLACK: gl.constexpr, WORK_LIST: gl.constexpr = False,
+    PREFETCH: gl.constexpr = False,
 ):
     """Split ``program_id(2)`` of the complete groups of request ``program_id(0)``, KV head ``program_id(1)`` (with
     ``WORK_LIST``: work item ``program_id(0)`` of ``work_ptr``, as ``_decode_fma_kernel``): writes its (max, sum,
@@ -259,15 +292,24 @@ def _decode_tc_kernel(
         q = gl.minimum(gl.maximum(q, -65504.0), 65504.0).to(gl.float16)
         qscale = sm_scale * LOG2E_TC
         bt_row = block_table_ptr + r * stride_bt
+        if PREFETCH:  # the first group's record; each iteration then loads the next one's before its own math
+            kw_n, ks_n, km_n, vw_n, vs_n, vm_n = _load_record(
+                kv_ptr, bt_row, gl.minimum(g_lo, gl.maximum(g_hi - 1, 0)), h, stride_cache_block, stride_cache_head,
+                k_word_off, kchan, v_word_off, v_scale_off, GROUPS_PER_PAGE, RECORD_BYTES, OFF_KC, OFF_KS, OFF_KM,
+                OFF_VC, OFF_VS, OFF_VM)
         for g in range(g_lo, g_hi):
-            blk = gl.load(bt_row + g // GROUPS_PER_PAGE).to(gl.int64)
-            rec = kv_ptr + blk * stride_cache_block + h * stride_cache_head + (g % GROUPS_PER_PAGE) * RECORD_BYTES
-            kwords = gl.load((rec + OFF_KC).to(gl.pointer_type(gl.int32)) + k_word_off)  # [G, 4, KWT]
-            ks = gl.load((rec + OFF_KS).to(gl.pointer_type(gl.float16)) + kchan) * (1 << K_BITS)  # exact in fp16
-            km = gl.load((rec + OFF_KM).to(gl.pointer_type(gl.float16)) + kchan)
-            vwords = gl.load((rec + OFF_VC).to(gl.pointer_type(gl.int32)) + v_word_off)  # [G, 8, VWT]
-            vs = gl.load((rec + OFF_VS).to(gl.pointer_type(gl.float16)) + v_scale_off) * (1 << V_BITS)
-            vm = gl.load((rec + OFF_VM).to(gl.pointer_type(gl.float16)) + v_scale_off)
+            if PREFETCH:
+                kwords, ks, km, vwords, vs, vm = kw_n, ks_n, km_n, vw_n, vs_n, vm_n
+                kw_n, ks_n, km_n, vw_n, vs_n, vm_n = _load_record(
+                    kv_ptr, bt_row, gl.minimum(g + 1, g_hi - 1), h, stride_cache_block, stride_cache_head,
+                    k_word_off, kchan, v_word_off, v_scale_off, GROUPS_PER_PAGE, RECORD_BYTES, OFF_KC, OFF_KS,
+                    OFF_KM, OFF_VC, OFF_VS, OFF_VM)
+            else:
+                kwords, ks, km, vwords, vs, vm = _load_record(
+                    kv_ptr, bt_row, g, h, stride_cache_block, stride_cache_head, k_word_off, kchan, v_word_off,
+                    v_scale_off, GROUPS_PER_PAGE, RECORD_BYTES, OFF_KC, OFF_KS, OFF_KM, OFF_VC, OFF_VS, OFF_VM)
+            ks = ks * (1 << K_BITS)  # exact in fp16
+            vs = vs * (1 << V_BITS)
             # keys -> B operand [D (k), G]
             kd = gl.inline_asm_elementwise(
                 KEY_ASM, "=r,r,r,r,r,r,r",
