@@ -95,8 +95,8 @@ def parse_args():
                         "the default's)")
     p.add_argument("--store-probe", action="store_true",
                    help="KIVI: also time each store phase alone, the stores over every row instead of the listed "
-                        "ones (store_rows; same bytes checked), and over every row with every slot -1 (each program exits "
-                        "after its slot load: that grid's floor)")
+                        "ones (store_rows; same bytes checked), and over every row with every slot -1 (each program "
+                        "exits after its slot load: that grid's floor)")
     p.add_argument("--eager", action="store_true", help="time the Python call, not a CUDA-graph replay")
     p.add_argument("--device", default="cuda", help=argparse.SUPPRESS)
     a = p.parse_args()

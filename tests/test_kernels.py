@@ -70,9 +70,10 @@ def _interpret():
 
 
 # Decode splits per (request, KV head) of the tests' steps under the interpreter. The library's default for these
-# small batches is 32 (num_splits_for, sized for the H200's SMs), which leaves nearly every program without groups,
-# and the interpreter runs each program in Python (~0.1 s): 4 splits (a power of two, as decode requires) still give requests empty splits (a one-group
-# request) and splits of several groups. The default itself runs in test_decode_variants_agree and on a GPU.
+# small batches is 32 for the FMA kernel and 16 for the MMA kernel (num_splits_for, sized for the H200's SMs),
+# which leaves nearly every program without groups, and the interpreter runs each program in Python (~0.1 s):
+# 4 splits (a power of two, as decode requires) still give requests empty splits (a one-group request) and splits
+# of several groups. The default itself runs in test_decode_variants_agree and on a GPU.
 SPLITS = None if DEV == "cuda" else 4
 
 
@@ -162,8 +163,9 @@ class Batch:
         return out.cpu(), cache.cpu()
 
     def stores(self):
-        """The cache after this step's two store phases alone (what :func:`kivi_vllm.kernels.forward` writes; the
-        attention launches between them read the cache but never write it)."""
+        """The cache after this step's store phases alone, one program per row: the bytes
+        :func:`kivi_vllm.kernels.forward` writes (its attention launches read the cache and never write it; it skips
+        phase 1 in decode-only steps, where phase 1 has no work)."""
         cache = self.cache.to(DEV, copy=True)
         for phase in (0, 1):
             K.store(cache, self.k.to(DEV), self.v.to(DEV), self.slot_mapping.to(DEV), self.qsl.to(DEV),
@@ -434,11 +436,11 @@ DECODE_CASES = [(DECODE_SPLITS[(v + c) % 4], dtype, *variant, residual)
 @pytest.mark.parametrize("num_splits,dtype,kernel,decode_stages,lane_rows,residual", DECODE_CASES,
                          ids=["-".join(str(x).replace("torch.", "") for x in case) for case in DECODE_CASES])
 def test_decode_variants_agree(num_splits, dtype, kernel, decode_stages, lane_rows, residual):
-    """Both decode kernels (CUDA-core FMA, tensor-core MMA), split counts (None: decode()'s default, 32 at this
-    batch), pipelining depths and the FMA kernel's per-lane partial value sums change only the summation order and
-    the schedule: all give the reference's answer.
-    (Every other test runs decode()'s defaults: with 2-bit values lane_rows 4 at 1 query head per KV head, 2 above;
-    with 4-bit values 1.)"""
+    """Both decode kernels (CUDA-core FMA, tensor-core MMA), split counts (None: decode()'s default, 32 splits for
+    FMA and 16 for MMA at this batch), pipelining depths and the FMA kernel's per-lane partial value sums change
+    only the summation order and the schedule: all give the reference's answer. (Every other test runs decode()'s
+    defaults but 4 splits, SPLITS: with 2-bit values lane_rows 4 at 1 query head per KV head, 2 above; with 4-bit
+    values 1.)"""
     lay = PageLayout(64, 64, 2, 2, 16, residual, dtype)
     b = Batch(lay, [(200, 1), (17, 1), (0, 1), (129, 1)], 4, 2, dtype, seed_of("splits", dtype),
               out_dtype=torch.float32, pad_reqs=1)

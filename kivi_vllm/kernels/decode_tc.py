@@ -22,8 +22,8 @@ memory:
 
 The loop keeps two groups' records in registers: it loads group ``g + 1``'s words, scales and minima before the
 math of group ``g`` (``PREFETCH``), so the memory round trip of one group overlaps the arithmetic of the previous
-one: 7-10% less time on the H200 at 4k-16k context (ninth session, docs/benchmarks.md), for 80 bytes of spill
-outside the loop at 2 bits (396 at 4 bits, 3 local loads in the loop).
+one: 6.5-9.5% less time on the H200 at 4k-16k context for KIVI-2, 3.5-9.8% for KIVI-4 (ninth session,
+docs/benchmarks.md), for 80 bytes of spill outside the loop at 2 bits (396 at 4 bits, 3 local loads in the loop).
 
 A code pair becomes an fp16x2 operand in 4-5 instructions (inline PTX): the two codes are moved to the top of two
 fp16 mantissas and given the exponent of 1.0 (``1 + c / 2**bits``, the exponent trick of
@@ -109,7 +109,6 @@ RESCALE_SLACK = 8.0
 PREFETCH = True
 
 
-@functools.lru_cache(maxsize=64)
 def tc_constexprs(layout: PageLayout, qpk: int, num_splits: int, rescale_slack: float = RESCALE_SLACK,
                   prefetch: bool | None = None) -> dict:
     """Constexprs of :func:`_decode_tc_kernel` for ``layout`` (:func:`.decode.tc_supports` it; cached: decode()
@@ -117,7 +116,7 @@ def tc_constexprs(layout: PageLayout, qpk: int, num_splits: int, rescale_slack: 
     ``DistributedLinearLayout``s of the packed words, built so that the codes land where the MMA fragments want
     them), the inline PTX of :func:`_asm` and the page offsets (:func:`.common.layout_args`).
 
-    ``prefetch``: :data:`PREFETCH` if None.
+    ``prefetch``: :data:`PREFETCH` (read at each call) if None.
 
     ``rescale_slack`` (log2 units): a row's running maximum moves only when a group's scores exceed it by more
     than this (0: whenever they exceed it, the classic online softmax). The result is the same up to rounding; the
@@ -127,6 +126,12 @@ def tc_constexprs(layout: PageLayout, qpk: int, num_splits: int, rescale_slack: 
     Raises:
         ValueError: ``rescale_slack`` outside [0, 15].
     """
+    return _tc_constexprs(layout, qpk, num_splits, rescale_slack, PREFETCH if prefetch is None else bool(prefetch))
+
+
+@functools.lru_cache(maxsize=64)
+def _tc_constexprs(layout: PageLayout, qpk: int, num_splits: int, rescale_slack: float, prefetch: bool) -> dict:
+    """:func:`tc_constexprs` with every argument resolved (the cache key)."""
     if not 0 <= rescale_slack <= 15:
         raise ValueError(f"KIVI decode: rescale_slack must lie in [0, 15] (probabilities up to 2**slack must fit "
                          f"fp16), got {rescale_slack}")
@@ -162,7 +167,7 @@ def tc_constexprs(layout: PageLayout, qpk: int, num_splits: int, rescale_slack: 
     mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
     return dict(QPK=qpk, NUM_SPLITS=num_splits, SLOTS=num_splits + 1, K_LAY=k_lay, KS_LAY=ks_lay, V_LAY=v_lay,
                 MMA=mma, KWT=kwt, VWT=vwt, VCW=vcw, KEY_ASM=_asm("key", kb), VAL_ASM=_asm("value", vb),
-                RESCALE_SLACK=float(rescale_slack), PREFETCH=PREFETCH if prefetch is None else bool(prefetch),
+                RESCALE_SLACK=float(rescale_slack), PREFETCH=prefetch,
                 **layout_args(layout))
 
 
