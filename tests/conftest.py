@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 # Before anything imports vLLM: CPU-backend sizing, no hub, callables over collective_rpc (the tests inspect and
 # corrupt KV pages inside the worker), offline usage stats.
@@ -12,13 +13,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
 os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+# The offline engines run in the test process (vLLM's UniProcExecutor): no engine-core and worker processes to spawn
+# and import vLLM into, 30-35 s less per engine start on a 2-core machine, and the worker objects collective_rpc
+# inspects are local. The API-server tests start kivi-serve without this variable (tests/test_server.py).
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+# Without a GPU every Triton kernel runs interpreted. Set before anything imports Triton (vLLM's model runner does,
+# in this process, with the engines above): jit functions decorated before this, Triton's own included, would not
+# be interpreted (tests/test_kernels.py). Compiles for the GPU run in a child without it (test_sm90_compile.py).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from kivi_vllm.runtime import apply_env_defaults  # noqa: E402
 
 apply_env_defaults()
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "engine: starts a real vLLM engine (30-60 s each)")
+    config.addinivalue_line("markers", "engine: starts a real vLLM engine (20-80 s each)")
 
 
 @pytest.fixture(scope="session")

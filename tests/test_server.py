@@ -22,6 +22,8 @@ KIVI_SERVE = str(Path(sys.executable).with_name("kivi-serve"))
 API_KEY = "kivi-test-key"
 MODEL = "SmolLM2-135M-Instruct"
 MAX_MODEL_LEN = 2048
+#: kivi-serve's environment: this process's, without what tests/conftest.py sets for the in-process engines only
+SERVER_ENV = {k: v for k, v in os.environ.items() if k not in ("VLLM_ENABLE_V1_MULTIPROCESSING", "TRITON_INTERPRET")}
 
 
 def free_port() -> int:
@@ -37,7 +39,7 @@ def server(model_path, tmp_path_factory):
     with open(log, "w") as f:
         proc = subprocess.Popen([KIVI_SERVE, "--host", "127.0.0.1", "--port", str(port), "--max-model-len",
                                  str(MAX_MODEL_LEN), "--enforce-eager", "--max-num-seqs", "8", "--api-key", API_KEY],
-                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+                                stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=SERVER_ENV)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 240
@@ -284,7 +286,7 @@ def test_load_test_script_against_the_server(server, tmp_path):
 ])
 def test_bad_flags_exit_before_loading(flags, message):
     t0 = time.time()
-    r = subprocess.run([KIVI_SERVE, *flags], capture_output=True, text=True, timeout=120)
+    r = subprocess.run([KIVI_SERVE, *flags], capture_output=True, text=True, timeout=120, env=SERVER_ENV)
     assert r.returncode == 2, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("kivi-serve: error: ") and message in last, r.stderr[-2000:]
@@ -308,7 +310,7 @@ def tiny_config(model_path, folder: Path, **changes) -> str:
 def test_bad_models_exit_before_any_process_starts(model_path, tmp_path, case, message):
     model = "/nonexistent/kivi-model" if case == "missing" else tiny_config(model_path, tmp_path / case, head_dim=72)
     r = subprocess.run([KIVI_SERVE, "--model", model], capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                       env={**SERVER_ENV, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("kivi-serve: error: ") and message in last, r.stderr[-2000:]
