@@ -24,21 +24,39 @@ def kv_tokens(llm) -> int:
     return llm.llm_engine.vllm_config.cache_config.kv_cache_size_tokens
 
 
+def generation_record(llm, n_prompts: int = 8, n_tokens: int = N_TOKENS) -> dict:
+    """Greedy ``n_prompts`` long prompts x ``n_tokens`` tokens, with the engine's KV capacity."""
+    res = llm.generate(long_prompts(n_prompts), greedy(n_tokens), use_tqdm=False)
+    return dict(
+        kv_tokens=kv_tokens(llm),
+        block_size=llm.llm_engine.vllm_config.cache_config.block_size,
+        prompt_ids=[list(r.prompt_token_ids) for r in res],
+        ids=[list(r.outputs[0].token_ids) for r in res],
+        text=[r.outputs[0].text for r in res],
+    )
+
+
 @pytest.fixture(scope="module")
-def runs(model_path):
+def bf16_run(model_path):
+    """vLLM's plain bf16 cache at block size 512 (1 GiB), one engine for two module fixtures: first what
+    :func:`exact_runs` records of it (one prompt prefilled, then 4 prompts x 24 tokens), then what :func:`runs`
+    records (8 prompts x 64 tokens)."""
+    llm = make_llm(model_path, None, block_size=512)
+    exact = exact_run_record(llm)
+    out = dict(exact=exact, runs=generation_record(llm))
+    close_llm(llm)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(model_path, bf16_run):
     """Greedy 8 prompts x 64 tokens and the KV capacity for the bf16 cache, KIVI-4 and KIVI-2 (1 GiB each)."""
-    out = {}
+    out = {"bf16": bf16_run["runs"]}
     for name, kivi in CONFIGS.items():
-        llm = make_llm(model_path, kivi)
-        res = llm.generate(long_prompts(8), greedy(N_TOKENS), use_tqdm=False)
-        out[name] = dict(
-            kv_tokens=kv_tokens(llm),
-            block_size=llm.llm_engine.vllm_config.cache_config.block_size,
-            prompt_ids=[list(r.prompt_token_ids) for r in res],
-            ids=[list(r.outputs[0].token_ids) for r in res],
-            text=[r.outputs[0].text for r in res],
-        )
-        close_llm(llm)
+        if kivi is not None:
+            llm = make_llm(model_path, kivi)
+            out[name] = generation_record(llm)
+            close_llm(llm)
     return out
 
 
@@ -105,7 +123,13 @@ def test_greedy_agreement_and_coherence(runs, model_path):
 
 # ------------------------------------------------------------------------------------------------ invariance
 SHARED_PROMPTS = shared_prefix_prompts()  # ~290 shared tokens, then a question
-KIVI2_SMALL_PAGES = dict(kivi={"bits": 2, "prefill": "streaming"}, block_size=64)
+#: The invariance checks compare KIVI-2 with itself under other schedules, so the model dtype is theirs to choose:
+#: float32, whose linears run about 6x faster than bf16's on CPUs without AVX512-BF16/AMX, where vLLM falls back to
+#: torch's bf16 GEMM (15 against 100 GFLOPS for a 1024 x 576 x 1536 linear on CI's 2-core AVX2 machine; one engine's
+#: 8 long prompts x 64 tokens took 68 s against 107). The pages then hold a float32 residual. The checks against
+#: vLLM's bf16 cache (capacity, agreement, exact and per-layer pages) stay in bf16.
+INVARIANCE_DTYPE = "float32"
+KIVI2_SMALL_PAGES = dict(kivi={"bits": 2, "prefill": "streaming"}, block_size=64, dtype=INVARIANCE_DTYPE)
 
 
 def generate_ids(llm, prompts, n=32):
@@ -237,46 +261,53 @@ def step_mix(worker) -> list:
     return worker._kivi_step_mix
 
 
-def test_prefix_caching_off_and_small_chunks_give_the_same_tokens(model_path, prefix_cached_run):
-    # 48-token chunks end inside 32-token groups and 64-token pages; the steps mix decode tokens and prompt chunks
+@pytest.fixture(scope="module")
+def small_pool_run(model_path):
+    """KIVI-2, 64-token pages, prefix caching off, 48-token steps and a pool of 11 pages (704 tokens) for the six
+    shared-prefix prompts (~290 tokens, 5 pages each, growing to ~390 tokens, 7 pages, over 96 new tokens).
+
+    48-token chunks end inside 32-token groups and 64-token pages, and steps mix decode tokens with prompt chunks.
+    At most two requests fit the pool, and when both need more pages the scheduler must preempt one and recompute
+    it later (in chunks again)."""
     llm = make_llm(model_path, **KIVI2_SMALL_PAGES, enable_prefix_caching=False, max_num_batched_tokens=48,
-                   max_num_seqs=4)
+                   max_num_seqs=4, num_gpu_blocks_override=11, max_model_len=512, disable_log_stats=False)
     assert sum(llm.collective_rpc(record_step_mix)) >= 1
-    ids = generate_ids(llm, SHARED_PROMPTS)
-    mix = llm.collective_rpc(step_mix)[0]
+    ids = generate_ids(llm, SHARED_PROMPTS, n=96)
+    res = dict(ids=[x[:32] for x in ids], mix=llm.collective_rpc(step_mix)[0],
+               preemptions=counter(llm, "vllm:num_preemptions"))
     close_llm(llm)
-    mixed = sum(1 for d, p in mix if d and p)
-    print(f"\nsteps: {len(mix)}, mixing decode tokens and prompt chunks: {mixed}")
-    assert mixed > 0, "no step mixed decode tokens with prompt chunks"
-    assert ids == prefix_cached_run["round1"]
+    mixed = sum(1 for d, p in res["mix"] if d and p)
+    print(f"\nsmall pool: {len(res['mix'])} steps, {mixed} mixing decode tokens and prompt chunks; "
+          f"{res['preemptions']:.0f} preemptions")
+    return res
 
 
-def test_preemption_and_recompute_give_the_same_tokens(model_path, prefix_cached_run):
-    # 11 pages of 64 tokens for 6 requests growing from ~290 to ~380 tokens (5 -> 6 pages each): the scheduler
-    # admits two, and must preempt one when both need their 6th page (5 preemptions measured)
-    llm = make_llm(model_path, **KIVI2_SMALL_PAGES, enable_prefix_caching=False, num_gpu_blocks_override=11,
-                   max_model_len=512, disable_log_stats=False)
-    ids = [x[:32] for x in generate_ids(llm, SHARED_PROMPTS, n=96)]
-    preemptions = counter(llm, "vllm:num_preemptions")
-    close_llm(llm)
-    print(f"\npreemptions: {preemptions}")
-    assert preemptions > 0
-    assert ids == prefix_cached_run["round1"]
+def test_small_chunks_mix_decode_and_prefill_and_give_the_same_tokens(small_pool_run, prefix_cached_run):
+    assert any(d and p for d, p in small_pool_run["mix"]), "no step mixed decode tokens with prompt chunks"
+    assert small_pool_run["ids"] == prefix_cached_run["round1"]
+
+
+def test_preemption_and_recompute_give_the_same_tokens(small_pool_run, prefix_cached_run):
+    assert small_pool_run["preemptions"] > 0
+    assert small_pool_run["ids"] == prefix_cached_run["round1"]
 
 
 def test_prefill_exact_mode_prefix_hits_match_block_aligned_chunks(model_path):
     """prefill="exact" (the KIVI paper's exact prefill chunk): a prefix-cache hit reads the same pages as an uncached
-    run whose chunks end where the pages do; one request at a time, 64-token chunks on 64-token pages."""
-    kw = dict(kivi={"bits": 2, "prefill": "exact"}, block_size=64, max_num_batched_tokens=64, max_num_seqs=1,
-              max_model_len=512)
-    llm = make_llm(model_path, **kw, enable_prefix_caching=True, disable_log_stats=False)
+    run whose chunks end where the pages do; one request at a time, 64-token chunks on 64-token pages. One engine:
+    the uncached run empties the prefix cache before each prompt (vLLM's ``reset_prefix_cache``)."""
+    llm = make_llm(model_path, kivi={"bits": 2, "prefill": "exact"}, block_size=64, dtype=INVARIANCE_DTYPE,
+                   max_num_batched_tokens=64, max_num_seqs=1, max_model_len=512, enable_prefix_caching=True,
+                   disable_log_stats=False)
+    uncached = []
+    for prompt in SHARED_PROMPTS[:3]:
+        assert llm.reset_prefix_cache()
+        uncached += generate_ids(llm, [prompt])
+    hits_uncached = counter(llm, "vllm:prefix_cache_hits")
     cached = generate_ids(llm, SHARED_PROMPTS[:3])
-    hits = counter(llm, "vllm:prefix_cache_hits")
+    hits = counter(llm, "vllm:prefix_cache_hits") - hits_uncached
     close_llm(llm)
-    llm = make_llm(model_path, **kw, enable_prefix_caching=False)
-    uncached = generate_ids(llm, SHARED_PROMPTS[:3])
-    close_llm(llm)
-    assert hits >= 2 * 256
+    assert hits_uncached == 0 and hits >= 2 * 256, (hits_uncached, hits)
     assert cached == uncached
 
 
@@ -543,25 +574,33 @@ def record_exact_kv(worker, layer_indices=(0, 29)) -> int:
     return n
 
 
-@pytest.fixture(scope="module")
-def exact_runs(model_path):
-    """Three engines at block size 512 (1 GiB each): vLLM's plain bf16 cache; KIVI-2 with layers 0 and 29 exact;
-    KIVI-2 with every layer exact. Each first prefills one ~400-token prompt (1 output token, so only the prompt is
-    in the cache) and snapshots layers 0 and 29, then generates greedily on 4 prompts."""
-    from kivi_vllm.config import parse_layer_setting
+def exact_run_record(llm, record: bool = False) -> dict:
+    """Prefill one ~400-token prompt (1 output token, so only the prompt is in the cache), snapshot layers 0 and 29
+    (:func:`exact_layer_state`), then generate greedily on 4 prompts; ``record`` keeps the exact layers' K/V first
+    (:func:`record_exact_kv`)."""
     from kivi_vllm.serving.metrics import kivi_capacity
 
+    recorded = sum(llm.collective_rpc(record_exact_kv)) if record else 0
+    generate_ids(llm, long_prompts(1), n=1)
+    state = llm.collective_rpc(exact_layer_state)[0]
+    cfg = llm.llm_engine.vllm_config
+    kivi = cfg.additional_config.get("kivi")
+    return {**state, "recorded": recorded, "blocks": cfg.cache_config.num_gpu_blocks, "kv_tokens": kv_tokens(llm),
+            "ids": generate_ids(llm, long_prompts(4), n=N_EXACT_TOKENS),
+            "metrics": kivi_capacity(cfg) if kivi else None}
+
+
+@pytest.fixture(scope="module")
+def exact_runs(model_path, bf16_run):
+    """Three engines at block size 512 (1 GiB each), recorded by :func:`exact_run_record`: vLLM's plain bf16 cache
+    (from :func:`bf16_run`); KIVI-2 with layers 0 and 29 exact; KIVI-2 with every layer exact."""
+    from kivi_vllm.config import parse_layer_setting
+
     all_exact = {"bits": 2, "layers": parse_layer_setting("0-29=exact")}
-    out = {}
-    for name, kivi in (("bf16", None), ("exact", EXACT), ("all_exact", all_exact)):
+    out = {"bf16": bf16_run["exact"]}
+    for name, kivi in (("exact", EXACT), ("all_exact", all_exact)):
         llm = make_llm(model_path, kivi, block_size=512)
-        recorded = sum(llm.collective_rpc(record_exact_kv)) if name == "exact" else 0
-        generate_ids(llm, long_prompts(1), n=1)
-        state = llm.collective_rpc(exact_layer_state)[0]
-        cfg = llm.llm_engine.vllm_config
-        out[name] = {**state, "recorded": recorded, "blocks": cfg.cache_config.num_gpu_blocks,
-                     "kv_tokens": kv_tokens(llm), "ids": generate_ids(llm, long_prompts(4), n=N_EXACT_TOKENS),
-                     "metrics": kivi_capacity(cfg) if kivi else None}
+        out[name] = exact_run_record(llm, record=name == "exact")
         close_llm(llm)
     return out
 
