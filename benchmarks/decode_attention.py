@@ -100,6 +100,9 @@ def parse_args():
     p.add_argument("--tc-prefetch", type=int, choices=[0, 1], default=None,
                    help="KIVI tc decode: decode_tc.PREFETCH (1: the next group's record loaded before the current "
                         "group's math)")
+    p.add_argument("--tc-stages", type=int, default=None,
+                   help="KIVI tc decode: decode_tc.STAGES (shared-memory stages of the key codes, key scale/min and "
+                        "value codes, copied with cp.async; 0: none)")
     p.add_argument("--eager", action="store_true", help="time the Python call, not a CUDA-graph replay")
     p.add_argument("--profile", action="store_true",
                    help="KIVI: also print the GPU time of each kernel of the decode call (torch.profiler, mean of "
@@ -349,6 +352,10 @@ def main():
         from kivi_vllm.kernels import decode_tc
 
         decode_tc.PREFETCH = bool(args.tc_prefetch)
+    if args.tc_stages is not None:
+        from kivi_vllm.kernels import decode_tc
+
+        decode_tc.STAGES = args.tc_stages
     try:
         from vllm.version import __version__ as vllm_version
     except Exception:  # noqa: BLE001

@@ -54,11 +54,16 @@ def main() -> None:
                     help="fma/tc: a work list (decode.decode_work) in waves of this many programs; default "
                          "decode.wave_programs of the kernel, as the engine runs it; 0: the split grid")
     ap.add_argument("--tc-prefetch", type=int, choices=[0, 1], default=None, help="tc: decode_tc.PREFETCH")
+    ap.add_argument("--tc-stages", type=int, default=None, help="tc: decode_tc.STAGES")
     a = ap.parse_args()
     if a.tc_prefetch is not None:
         from kivi_vllm.kernels import decode_tc
 
         decode_tc.PREFETCH = bool(a.tc_prefetch)
+    if a.tc_stages is not None:
+        from kivi_vllm.kernels import decode_tc
+
+        decode_tc.STAGES = a.tc_stages
     if DEV != "cuda":
         raise SystemExit("decode_kernels_check.py needs a CUDA device (the CPU tests cover small shapes)")
     from kivi_vllm.kernels.decode import wave_programs

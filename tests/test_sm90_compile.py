@@ -2,9 +2,10 @@
 
 Triton compiles for sm_90 on this CPU with its bundled ptxas (``benchmarks/kernel_resources.py``). The "tc" decode
 kernel (Gluon) has no interpreter run, so its CPU test is its compile: every re-indexing of its MMA operands is a
-``convert_layout(..., assert_trivial=True)`` that fails to compile if it would move data between threads, and it
-must use no shared memory. The prefill kernel must fit the H200's 232,448 bytes of shared memory at its default
-tile for every group and head size it accepts: 4 groups per bulk step at group 128 asked for 364,548 bytes and
+``convert_layout(..., assert_trivial=True)`` that fails to compile if it would move data between threads, and its
+shared memory must be exactly the staged record bytes (``decode_tc.STAGES``), none for moving operands. The prefill
+kernel must fit the H200's 232,448 bytes of shared memory at its default tile for every group and head size it
+accepts: 4 groups per bulk step at group 128 asked for 364,548 bytes and
 failed to launch on the H200 (2026-11-30). Numerical checks of these kernels run on the GPU
 (``scripts/decode_kernels_check.py``, ``scripts/kernel_sweep.py``).
 
@@ -71,11 +72,22 @@ def compiled():
     return json.loads(run.stdout.split("RESULT ", 1)[1])
 
 
+def staged_bytes(head: int, group: int, k_bits: int, v_bits: int) -> int:
+    """Shared memory of the "tc" loop's cp.async stages: per stage one group record's key codes (G x D x k_bits/8),
+    fp16 key scale and minimum per channel (2 x 2 x D) and value codes (G x D x v_bits/8); none where the kernel
+    does not stage (group size above 32, or value words shared between threads: D/8 below 32/v_bits channels)."""
+    from kivi_vllm.kernels.decode_tc import STAGES
+
+    if group > 32 or head // 8 < 32 // v_bits:
+        return 0
+    return STAGES * (group * head * (k_bits + v_bits) // 8 + 4 * head)
+
+
 @pytest.mark.parametrize("i", range(len(TC_SHAPES)))
 def test_tc_decode_compiles_with_register_operands(compiled, i):
-    head, group, _, _, _ = TC_SHAPES[i]
+    head, group, kb, vb, _ = TC_SHAPES[i]
     r = compiled["tc"][i]
-    assert r["shared_bytes"] == 0
+    assert r["shared_bytes"] == staged_bytes(head, group, kb, vb)
     # m16n8k16 per group: scores (G/8 n-tiles x D/16 k-steps) + P.V (D/8 n-tiles x G/16 k-steps)
     assert r["ptx_ops"]["mma.sync"] == (group // 8) * (head // 16) + (head // 8) * (group // 16)
 
@@ -85,25 +97,24 @@ def test_tc_rescaling_is_a_branch(compiled):
     (rescale whenever the maximum grows) has none. Both keep the register-only operands and the MMA count."""
     slack8, slack0 = compiled["tc"][0], compiled["tc_slack0"]  # TC_SHAPES[0]: head 128, G 32, k2v2, 4 per KV head
     for r in (slack8, slack0):
-        assert r["shared_bytes"] == 0 and r["ptx_ops"]["mma.sync"] == 4 * 8 + 16 * 2
+        assert r["shared_bytes"] == staged_bytes(128, 32, 2, 2) and r["ptx_ops"]["mma.sync"] == 4 * 8 + 16 * 2
     assert slack8["ptx_ops"]["bra"] == slack0["ptx_ops"]["bra"] + 1  # conditional branches (bra.uni: jumps)
     # probabilities reach 2**slack: 2**16 is infinite in fp16
     assert all(e and "rescale_slack must lie in [0, 15]" in e for e in compiled["slack_errors"])
 
 
 def test_tc_work_list_keeps_the_loop_and_the_programs_per_sm(compiled):
-    """The work-list variant of "tc" (what the engine runs) compiles to the split grid's group loop, and
-    fits the programs per SM that decode.WORK_PROGRAMS_PER_SM sizes its waves with, without local memory in the
-    loop."""
+    """The work-list variant of "tc" (what the engine runs) compiles to the split grid's group loop, and fits at
+    least the programs per SM that decode.WORK_PROGRAMS_PER_SM sizes its waves with, without local memory."""
     from kivi_vllm.kernels.decode import WORK_PROGRAMS_PER_SM
 
     split, work = compiled["tc"][0], compiled["tc_work"]
-    # the same loop up to register allocation (1,008 against 1,006 SASS with the prefetch: the next group's index)
+    # the same loop up to register allocation (983 against 982 SASS instructions with 2 stages)
     assert abs(work["loops"][0]["instructions"] - split["loops"][0]["instructions"]) <= 4
-    assert work["programs_per_sm"] == WORK_PROGRAMS_PER_SM["tc"]
-    # the prefetched record (decode_tc.PREFETCH) costs registers: ptxas spills 80 bytes, outside the loop only
+    # 202 registers: 9 programs fit, but waves of 9 per SM measured slower on the H200 than of 8 (tenth session)
+    assert work["programs_per_sm"] >= WORK_PROGRAMS_PER_SM["tc"]
     loop = work["loops"][0]
-    assert work["spill_bytes"] <= 128 and loop["ldl"] == 0 and loop["stl"] == 0, (work["spill_bytes"], loop)
+    assert work["spill_bytes"] == 0 and loop["ldl"] == 0 and loop["stl"] == 0, (work["spill_bytes"], loop)
 
 
 @pytest.mark.parametrize("i", range(len(PREFILL_SHAPES)))

@@ -393,7 +393,10 @@ def default_num_splits(kernel: str, num_reqs: int, num_kv_heads: int) -> int:
 
 #: Programs of a decode kernel resident on one SM at once, for the kernels that run a work list (the metadata
 #: builder makes one every step for a kernel listed here; the others keep the grid of :func:`default_num_splits`).
-#: "tc": 255 registers, one warp (offline sm_90 compile, ``benchmarks/kernel_resources.py``). Why a work list sized
+#: "tc": 8, one warp each (255 registers before the tenth session; with the 2 shared-memory stages of
+#: ``decode_tc.STAGES``, 202 registers fit 9, but waves of 9 per SM (at 3 stages) took 1.2x the time of 8 at the GQA
+#: shape, and of 11 or 12 with a register cap 1.3-1.5x: tenth session, docs/benchmarks.md; offline sm_90 compile,
+#: ``benchmarks/kernel_resources.py``). Why a work list sized
 #: in waves of ``SMs x this``: on the H200 "tc" was fastest with about 1,024 programs whatever the batch
 #: (2026-11-30, seventh session: batch 64 / 4k at 8 KV heads, 158 µs with 2 splits against 225 at the default 32),
 #: and rows without work slow the launch down: a work list that left a third of its rows empty took 245 µs of

@@ -3,8 +3,8 @@
 The same attention over complete groups as ``_decode_fma_kernel`` in :mod:`.decode` (one program of one warp per
 request, KV head and split, or per work-list row and KV head: :func:`.decode.decode_work`; the open group and the
 reduction are that module's launches), with both products as
-``mma.sync.m16n8k16`` fp16 MMAs (float32 accumulators) whose operands are built in registers, never through shared
-memory:
+``mma.sync.m16n8k16`` fp16 MMAs (float32 accumulators) whose operands are built in registers (shared memory only
+holds the packed records on their way in, ``STAGES``):
 
 * scores ``S = q . K^T``: A = the query heads of one KV head in fp16 (padded to 16 rows, loaded once; a bf16 query
   clamped to fp16's range, |q| <= 65504, and not scaled: the softmax scale and log2(e) multiply the float32 scores,
@@ -20,10 +20,13 @@ memory:
   by more than ``RESCALE_SLACK`` (FlashAttention-4's conditional rescaling), so most groups skip rescaling ``O``
   (64 multiplies per thread): 8-10% less time on the H200 (docs/benchmarks.md).
 
-The loop keeps two groups' records in registers: it loads group ``g + 1``'s words, scales and minima before the
-math of group ``g`` (``PREFETCH``), so the memory round trip of one group overlaps the arithmetic of the previous
-one: 6.5-9.5% less time on the H200 at 4k-16k context for KIVI-2, 3.5-9.8% for KIVI-4 (ninth session,
-docs/benchmarks.md), for 80 bytes of spill outside the loop at 2 bits (396 at 4 bits, 3 local loads in the loop).
+The loop overlaps each group's memory round trip with the arithmetic of earlier groups. By default (``STAGES`` = 2,
+group size <= 32) ``cp.async`` copies group ``g + 1``'s key codes, key scale/min and value codes into shared memory
+while group ``g`` is computed, and each thread reads back the words its fragments need (the same layouts as the
+global loads); only the value scale/min are prefetched in registers. That holds 202 registers and no spill at 2 bits
+where the register double buffer (``PREFETCH``, ``STAGES`` = 0) held 255 and spilled 80 bytes: 6-7.5% less time
+than the register prefetch at 4k-16k for KIVI-2, 9-12% for KIVI-4 (tenth session, docs/benchmarks.md), which itself
+took 6.5-9.5% less than loading each record at its turn (ninth session).
 
 A code pair becomes an fp16x2 operand in 4-5 instructions (inline PTX): the two codes are moved to the top of two
 fp16 mantissas and given the exponent of 1.0 (``1 + c / 2**bits``, the exponent trick of
@@ -50,8 +53,8 @@ in a permuted channel order, both free (a dot product does not care about the or
 Every re-indexing is a ``reshape``/``permute`` followed by ``convert_layout(..., assert_trivial=True)``: compiling
 fails if any would move data between threads. No interpreter runs Gluon, so this kernel is tested on the GPU
 (``scripts/decode_kernels_check.py --kernels tc --wide``, ``scripts/kernel_sweep.py --decode-kernel tc``) against
-the float64 reference, and its sm_90 compile (trivial conversions, no shared memory) on the CPU
-(``tests/test_sm90_compile.py``); on the CPU :func:`.decode.decode` never picks it.
+the float64 reference, and its sm_90 compile (trivial conversions, shared memory only for the staged records) on
+the CPU (``tests/test_sm90_compile.py``); on the CPU :func:`.decode.decode` never picks it.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ import math
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 from ..layout import PageLayout
 from .common import layout_args
@@ -108,15 +111,32 @@ RESCALE_SLACK = 8.0
 #: kernel before the ninth session, kept for ``benchmarks/decode_attention.py --tc-prefetch 0``).
 PREFETCH = True
 
+#: Shared-memory stages of the records' key codes, key scale/min and value codes (Ampere ``cp.async`` copies, no
+#: registers held while in flight): with STAGES = n >= 2 the loop copies group ``g + n - 1`` while it computes group
+#: ``g``, and keeps only the value scale/min in the register prefetch (202 registers at 2 bits, no spill, against
+#: 255 and 80 bytes spilled without). 0: no shared memory (PREFETCH decides). Layouts whose thread holds part of a
+#: value word (head size 64 at 2 bits) run with 0. Measured on the H200 at the GQA shape (tenth session,
+#: docs/benchmarks.md): 2 stages take 0.93x the register prefetch's time for KIVI-2 at 256 / 16k and 0.90x for
+#: KIVI-4; 3-5 stages are no faster.
+STAGES = 2
+
+
+def staged_supported(layout: PageLayout) -> bool:
+    """Whether :data:`STAGES` applies to ``layout``: group size at most 32 (at 64 and 128 the staged loop spills as
+    much or more than the register prefetch, ``benchmarks/kernel_resources.py``) and whole value words per thread
+    (``D/8`` channels at least a word's codes)."""
+    return layout.group_size <= 32 and layout.head_size // 8 >= 32 // layout.v_bits
+
 
 def tc_constexprs(layout: PageLayout, qpk: int, num_splits: int, rescale_slack: float = RESCALE_SLACK,
-                  prefetch: bool | None = None) -> dict:
+                  prefetch: bool | None = None, stages: int | None = None) -> dict:
     """Constexprs of :func:`_decode_tc_kernel` for ``layout`` (:func:`.decode.tc_supports` it; cached: decode()
     launches it per layer and step; do not mutate the result): its register layouts (Gluon
     ``DistributedLinearLayout``s of the packed words, built so that the codes land where the MMA fragments want
     them), the inline PTX of :func:`_asm` and the page offsets (:func:`.common.layout_args`).
 
-    ``prefetch``: :data:`PREFETCH` (read at each call) if None.
+    ``prefetch``: :data:`PREFETCH` (read at each call) if None. ``stages``: :data:`STAGES` (read at each call) if
+    None; 0 where not :func:`staged_supported`.
 
     ``rescale_slack`` (log2 units): a row's running maximum moves only when a group's scores exceed it by more
     than this (0: whenever they exceed it, the classic online softmax). The result is the same up to rounding; the
@@ -124,17 +144,22 @@ def tc_constexprs(layout: PageLayout, qpk: int, num_splits: int, rescale_slack: 
     value 65504 (2**15.999): hence at most 15.
 
     Raises:
-        ValueError: ``rescale_slack`` outside [0, 15].
+        ValueError: ``rescale_slack`` outside [0, 15]; ``stages`` 1 or above 8.
     """
-    return _tc_constexprs(layout, qpk, num_splits, rescale_slack, PREFETCH if prefetch is None else bool(prefetch))
+    stages = STAGES if stages is None else int(stages)
+    return _tc_constexprs(layout, qpk, num_splits, rescale_slack, PREFETCH if prefetch is None else bool(prefetch),
+                          stages if staged_supported(layout) else 0)
 
 
 @functools.lru_cache(maxsize=64)
-def _tc_constexprs(layout: PageLayout, qpk: int, num_splits: int, rescale_slack: float, prefetch: bool) -> dict:
+def _tc_constexprs(layout: PageLayout, qpk: int, num_splits: int, rescale_slack: float, prefetch: bool,
+                   stages: int) -> dict:
     """:func:`tc_constexprs` with every argument resolved (the cache key)."""
     if not 0 <= rescale_slack <= 15:
         raise ValueError(f"KIVI decode: rescale_slack must lie in [0, 15] (probabilities up to 2**slack must fit "
                          f"fp16), got {rescale_slack}")
+    if stages == 1 or not 0 <= stages <= 8:
+        raise ValueError(f"KIVI decode: stages must be 0 or 2-8, got {stages}")
     G, D = layout.group_size, layout.head_size
     kb, vb = layout.k_bits, layout.v_bits
     # keys: [G tokens, 4 (j), KWT words, 2 (p), KPW/2 (b)]: thread (j = lane % 4, tokens lane / 4 + 8 r) holds the
@@ -165,10 +190,17 @@ def _tc_constexprs(layout: PageLayout, qpk: int, num_splits: int, rescale_slack:
         lane_bases=[_basis(4, 0, 2), _basis(4, 0, 4), _basis(4, 1, 1), _basis(4, 1, 2), _basis(4, 1, 4)],
         warp_bases=[], block_bases=[], shape=[G, 8, vwt, vcw])
     mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8])
+    # the cp.async copies (STAGES): 16-byte vectors, rows of key / value words, then the key scale and min
+    krw, vrw = D * kb // 32, D * vb // 32
+    kvec, vvec = min(4, krw), min(4, vrw)
+    kc_copy = gl.BlockedLayout([1, kvec], [32 // (krw // kvec), krw // kvec], [1, 1], [1, 0])
+    vc_copy = gl.BlockedLayout([1, vvec], [32 // (vrw // vvec), vrw // vvec], [1, 1], [1, 0])
+    ks_copy = gl.BlockedLayout([8], [32], [1], [0])  # D fp16: 16 lanes of 8 at D = 128
     return dict(QPK=qpk, NUM_SPLITS=num_splits, SLOTS=num_splits + 1, K_LAY=k_lay, KS_LAY=ks_lay, V_LAY=v_lay,
                 MMA=mma, KWT=kwt, VWT=vwt, VCW=vcw, KEY_ASM=_asm("key", kb), VAL_ASM=_asm("value", vb),
-                RESCALE_SLACK=float(rescale_slack), PREFETCH=prefetch,
-                **layout_args(layout))
+                RESCALE_SLACK=float(rescale_slack), PREFETCH=prefetch, STAGES=stages, KC_COPY=kc_copy,
+                VC_COPY=vc_copy, KS_COPY=ks_copy, SMEM2=gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
+                SMEM1=gl.SwizzledSharedLayout(1, 1, 1, [0]), **layout_args(layout))
 
 
 @gluon.jit
@@ -190,6 +222,85 @@ def _load_record(kv_ptr, bt_row, g, h, stride_cache_block, stride_cache_head, k_
 
 
 @gluon.jit
+def _copy_record(kc_s, ks_s, km_s, vc_s, stage, kv_ptr, bt_row, g, h, stride_cache_block, stride_cache_head, kc_off,
+                 ks_off, vc_off, GROUPS_PER_PAGE: gl.constexpr, RECORD_BYTES: gl.constexpr, OFF_KC: gl.constexpr,
+                 OFF_KS: gl.constexpr, OFF_KM: gl.constexpr, OFF_VC: gl.constexpr):
+    """Start the ``cp.async`` copies of group ``g``'s key codes, key scale, key minimum and value codes
+    into shared-memory stage ``stage``, as one commit group."""
+    blk = gl.load(bt_row + g // GROUPS_PER_PAGE).to(gl.int64)
+    rec = kv_ptr + blk * stride_cache_block + h * stride_cache_head + (g % GROUPS_PER_PAGE) * RECORD_BYTES
+    async_copy.async_copy_global_to_shared(kc_s.index(stage), (rec + OFF_KC).to(gl.pointer_type(gl.int32)) + kc_off)
+    async_copy.async_copy_global_to_shared(ks_s.index(stage), (rec + OFF_KS).to(gl.pointer_type(gl.float16)) + ks_off)
+    async_copy.async_copy_global_to_shared(km_s.index(stage), (rec + OFF_KM).to(gl.pointer_type(gl.float16)) + ks_off)
+    async_copy.async_copy_global_to_shared(vc_s.index(stage), (rec + OFF_VC).to(gl.pointer_type(gl.int32)) + vc_off)
+    async_copy.commit_group()
+
+
+@gluon.jit
+def _load_value_scales(kv_ptr, bt_row, g, h, stride_cache_block, stride_cache_head, v_scale_off,
+                       GROUPS_PER_PAGE: gl.constexpr, RECORD_BYTES: gl.constexpr, OFF_VS: gl.constexpr,
+                       OFF_VM: gl.constexpr):
+    """Group ``g``'s value scale and minimum of KV head ``h`` in the registers."""
+    blk = gl.load(bt_row + g // GROUPS_PER_PAGE).to(gl.int64)
+    rec = kv_ptr + blk * stride_cache_block + h * stride_cache_head + (g % GROUPS_PER_PAGE) * RECORD_BYTES
+    vs = gl.load((rec + OFF_VS).to(gl.pointer_type(gl.float16)) + v_scale_off)
+    vm = gl.load((rec + OFF_VM).to(gl.pointer_type(gl.float16)) + v_scale_off)
+    return vs, vm
+
+
+@gluon.jit
+def _group_step(q, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, rot, v_sel, v_shift, qscale,
+                K_LAY: gl.constexpr, B16: gl.constexpr, A16: gl.constexpr, MMA: gl.constexpr,
+                KEY_ASM: gl.constexpr, VAL_ASM: gl.constexpr, G: gl.constexpr, D: gl.constexpr,
+                KWT: gl.constexpr, HALF: gl.constexpr, CPTV: gl.constexpr, K_BITS: gl.constexpr,
+                V_BITS: gl.constexpr, RESCALE_SLACK: gl.constexpr):
+    """One complete group's scores, online softmax and ``O += P . V`` from its record in the registers; returns the
+    updated (m_i, l_i, acc)."""
+    ks = ks * (1 << K_BITS)  # exact in fp16
+    vs = vs * (1 << V_BITS)
+    # keys -> B operand [D (k), G]
+    kd = gl.inline_asm_elementwise(
+        KEY_ASM, "=r,r,r,r,r,r,r",
+        [gl.expand_dims(gl.expand_dims(kwords, 3), 4), rot,
+         gl.expand_dims(gl.convert_layout(ks, gl.SliceLayout(0, K_LAY)), 0),
+         gl.expand_dims(gl.convert_layout(km, gl.SliceLayout(0, K_LAY)), 0)],
+        dtype=gl.float16, is_pure=True, pack=2)  # [G, 4, KWT, 2, HALF]
+    kd = gl.reshape(gl.permute(kd, (0, 1, 2, 4, 3)), [G, 4, KWT * HALF // 2, 2, 2])  # (w, b) -> (kc, e)
+    kd = gl.reshape(gl.permute(kd, (2, 3, 1, 4, 0)), [D, G])  # k = 16 kc + 8 e + 2 j + p
+    kd = gl.convert_layout(kd, B16, assert_trivial=True)
+    s = mma_v2(q, kd, gl.full([16, G], 0.0, gl.float32, MMA))  # times qscale: log2 units
+    # online softmax, base 2; with RESCALE_SLACK > 0 a row's running max (and so acc, l) moves only when the
+    # group's max exceeds it by more than the slack (FlashAttention-4's conditional rescaling): the
+    # probabilities are then at most 2**slack (fp16 holds them), and most groups skip the 64 multiplies
+    m_new = gl.maximum(m_i, gl.max(s, axis=1) * qscale)
+    if RESCALE_SLACK > 0:
+        grow = m_new > m_i + RESCALE_SLACK
+        if gl.max(grow.to(gl.int32), axis=0) > 0:  # one branch for the warp
+            m_new = gl.where(grow, m_new, m_i)
+            alpha = gl.exp2(m_i - m_new)
+            acc = acc * gl.expand_dims(alpha, 1)
+            l_i = l_i * alpha
+            m_i = m_new
+    else:
+        alpha = gl.exp2(m_i - m_new)
+        acc = acc * gl.expand_dims(alpha, 1)
+        l_i = l_i * alpha
+        m_i = m_new
+    prob = gl.exp2(s * qscale - gl.expand_dims(m_i, 1))  # one FFMA per score
+    l_i = l_i + gl.sum(prob, axis=1)
+    # values -> B operand [G (k = token), D (n: channel (n % 8) * CPTV + n // 8)]
+    pa = gl.convert_layout(prob.to(gl.float16), A16, assert_trivial=True)
+    vd = gl.inline_asm_elementwise(
+        VAL_ASM, "=r,r,r,r,r,r,r,r,r",
+        [gl.expand_dims(vwords, 3), v_sel, v_shift, gl.expand_dims(vs, 3), gl.expand_dims(vm, 3)],
+        dtype=gl.float16, is_pure=True, pack=2)  # [G, 8, VWT, VCW]
+    vd = gl.reshape(gl.permute(gl.reshape(vd, [G, 8, CPTV]), (0, 2, 1)), [G, D])
+    vd = gl.convert_layout(vd, B16, assert_trivial=True)
+    acc = mma_v2(pa, vd, acc)
+    return m_i, l_i, acc
+
+
+@gluon.jit
 def _decode_tc_kernel(
     q_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr,
     part_m_ptr, part_l_ptr, part_acc_ptr, sm_scale,
@@ -202,7 +313,9 @@ def _decode_tc_kernel(
     OFF_KC: gl.constexpr, OFF_KS: gl.constexpr, OFF_KM: gl.constexpr, OFF_VC: gl.constexpr,
     OFF_VS: gl.constexpr, OFF_VM: gl.constexpr, OFF_KSTAGE: gl.constexpr, OFF_VSTAGE: gl.constexpr,
     RESIDUAL_KV: gl.constexpr, RESCALE_SLACK: gl.constexpr, WORK_LIST: gl.constexpr = False,
-    PREFETCH: gl.constexpr = False,
+    PREFETCH: gl.constexpr = False, STAGES: gl.constexpr = 0, KC_COPY: gl.constexpr = None,
+    VC_COPY: gl.constexpr = None, KS_COPY: gl.constexpr = None, SMEM2: gl.constexpr = None,
+    SMEM1: gl.constexpr = None,
 ):
     """Split ``program_id(2)`` of the complete groups of request ``program_id(0)``, KV head ``program_id(1)`` (with
     ``WORK_LIST``: work item ``program_id(0)`` of ``work_ptr``, as ``_decode_fma_kernel``): writes its (max, sum,
@@ -297,63 +410,64 @@ def _decode_tc_kernel(
         q = gl.minimum(gl.maximum(q, -65504.0), 65504.0).to(gl.float16)
         qscale = sm_scale * LOG2E_TC
         bt_row = block_table_ptr + r * stride_bt
-        if PREFETCH:  # the first group's record; each iteration then loads the next one's before its own math
-            kw_n, ks_n, km_n, vw_n, vs_n, vm_n = _load_record(
-                kv_ptr, bt_row, gl.minimum(g_lo, gl.maximum(g_hi - 1, 0)), h, stride_cache_block, stride_cache_head,
-                k_word_off, kchan, v_word_off, v_scale_off, GROUPS_PER_PAGE, RECORD_BYTES, OFF_KC, OFF_KS, OFF_KM,
-                OFF_VC, OFF_VS, OFF_VM)
-        for g in range(g_lo, g_hi):
-            if PREFETCH:
-                kwords, ks, km, vwords, vs, vm = kw_n, ks_n, km_n, vw_n, vs_n, vm_n
+        if STAGES > 0:  # key codes, key scale/min and value codes through STAGES shared-memory buffers (cp.async)
+            kc_s = gl.allocate_shared_memory(gl.int32, [STAGES, G, K_ROW_W], SMEM2)  # layouts: of one stage
+            ks_s = gl.allocate_shared_memory(gl.float16, [STAGES, D], SMEM1)
+            km_s = gl.allocate_shared_memory(gl.float16, [STAGES, D], SMEM1)
+            vc_s = gl.allocate_shared_memory(gl.int32, [STAGES, G, V_ROW_W], SMEM2)
+            kc_off = (gl.expand_dims(gl.arange(0, G, layout=gl.SliceLayout(1, KC_COPY)), 1) * K_ROW_W
+                      + gl.expand_dims(gl.arange(0, K_ROW_W, layout=gl.SliceLayout(0, KC_COPY)), 0))
+            vc_off = (gl.expand_dims(gl.arange(0, G, layout=gl.SliceLayout(1, VC_COPY)), 1) * V_ROW_W
+                      + gl.expand_dims(gl.arange(0, V_ROW_W, layout=gl.SliceLayout(0, VC_COPY)), 0))
+            ks_off = gl.arange(0, D, layout=KS_COPY)
+            g_last = gl.maximum(g_hi - 1, 0)
+            for i in gl.static_range(STAGES - 1):
+                _copy_record(kc_s, ks_s, km_s, vc_s, i, kv_ptr, bt_row, gl.minimum(g_lo + i, g_last), h,
+                             stride_cache_block, stride_cache_head, kc_off, ks_off, vc_off, GROUPS_PER_PAGE,
+                             RECORD_BYTES, OFF_KC, OFF_KS, OFF_KM, OFF_VC)
+            vs_n, vm_n = _load_value_scales(kv_ptr, bt_row, gl.minimum(g_lo, g_last), h, stride_cache_block,
+                                            stride_cache_head, v_scale_off, GROUPS_PER_PAGE, RECORD_BYTES, OFF_VS,
+                                            OFF_VM)
+            for g in range(g_lo, g_hi):
+                st = (g - g_lo) % STAGES
+                gl.thread_barrier()  # every lane has read the stage the next copy overwrites (last iteration's)
+                _copy_record(kc_s, ks_s, km_s, vc_s, (st + STAGES - 1) % STAGES, kv_ptr, bt_row,
+                             gl.minimum(g + STAGES - 1, g_last), h, stride_cache_block, stride_cache_head, kc_off,
+                             ks_off, vc_off, GROUPS_PER_PAGE, RECORD_BYTES, OFF_KC, OFF_KS, OFF_KM, OFF_VC)
+                vs, vm = vs_n, vm_n
+                vs_n, vm_n = _load_value_scales(kv_ptr, bt_row, gl.minimum(g + 1, g_last), h, stride_cache_block,
+                                                stride_cache_head, v_scale_off, GROUPS_PER_PAGE, RECORD_BYTES,
+                                                OFF_VS, OFF_VM)
+                async_copy.wait_group(STAGES - 1)  # this lane's copies of group g have landed
+                gl.thread_barrier()  # and every other lane's
+                kwords = kc_s.index(st).reshape([G, 4, KWT]).load(K3)
+                ks = ks_s.index(st).reshape([4, KWT, 2, HALF]).load(KS_LAY)
+                km = km_s.index(st).reshape([4, KWT, 2, HALF]).load(KS_LAY)
+                vwords = vc_s.index(st).reshape([G, 8, VWT]).load(W3)
+                m_i, l_i, acc = _group_step(q, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, rot, v_sel, v_shift,
+                                            qscale, K_LAY, B16, A16, MMA, KEY_ASM, VAL_ASM, G, D, KWT, HALF, CPTV,
+                                            K_BITS, V_BITS, RESCALE_SLACK)
+            async_copy.wait_group(0)
+        else:
+            if PREFETCH:  # the first group's record; each iteration then loads the next one's before its own math
                 kw_n, ks_n, km_n, vw_n, vs_n, vm_n = _load_record(
-                    kv_ptr, bt_row, gl.minimum(g + 1, g_hi - 1), h, stride_cache_block, stride_cache_head,
-                    k_word_off, kchan, v_word_off, v_scale_off, GROUPS_PER_PAGE, RECORD_BYTES, OFF_KC, OFF_KS,
-                    OFF_KM, OFF_VC, OFF_VS, OFF_VM)
-            else:
-                kwords, ks, km, vwords, vs, vm = _load_record(
-                    kv_ptr, bt_row, g, h, stride_cache_block, stride_cache_head, k_word_off, kchan, v_word_off,
-                    v_scale_off, GROUPS_PER_PAGE, RECORD_BYTES, OFF_KC, OFF_KS, OFF_KM, OFF_VC, OFF_VS, OFF_VM)
-            ks = ks * (1 << K_BITS)  # exact in fp16
-            vs = vs * (1 << V_BITS)
-            # keys -> B operand [D (k), G]
-            kd = gl.inline_asm_elementwise(
-                KEY_ASM, "=r,r,r,r,r,r,r",
-                [gl.expand_dims(gl.expand_dims(kwords, 3), 4), rot,
-                 gl.expand_dims(gl.convert_layout(ks, gl.SliceLayout(0, K_LAY)), 0),
-                 gl.expand_dims(gl.convert_layout(km, gl.SliceLayout(0, K_LAY)), 0)],
-                dtype=gl.float16, is_pure=True, pack=2)  # [G, 4, KWT, 2, HALF]
-            kd = gl.reshape(gl.permute(kd, (0, 1, 2, 4, 3)), [G, 4, KWT * HALF // 2, 2, 2])  # (w, b) -> (kc, e)
-            kd = gl.reshape(gl.permute(kd, (2, 3, 1, 4, 0)), [D, G])  # k = 16 kc + 8 e + 2 j + p
-            kd = gl.convert_layout(kd, B16, assert_trivial=True)
-            s = mma_v2(q, kd, gl.full([16, G], 0.0, gl.float32, MMA))  # times qscale: log2 units
-            # online softmax, base 2; with RESCALE_SLACK > 0 a row's running max (and so acc, l) moves only when the
-            # group's max exceeds it by more than the slack (FlashAttention-4's conditional rescaling): the
-            # probabilities are then at most 2**slack (fp16 holds them), and most groups skip the 64 multiplies
-            m_new = gl.maximum(m_i, gl.max(s, axis=1) * qscale)
-            if RESCALE_SLACK > 0:
-                grow = m_new > m_i + RESCALE_SLACK
-                if gl.max(grow.to(gl.int32), axis=0) > 0:  # one branch for the warp
-                    m_new = gl.where(grow, m_new, m_i)
-                    alpha = gl.exp2(m_i - m_new)
-                    acc = acc * gl.expand_dims(alpha, 1)
-                    l_i = l_i * alpha
-                    m_i = m_new
-            else:
-                alpha = gl.exp2(m_i - m_new)
-                acc = acc * gl.expand_dims(alpha, 1)
-                l_i = l_i * alpha
-                m_i = m_new
-            prob = gl.exp2(s * qscale - gl.expand_dims(m_i, 1))  # one FFMA per score
-            l_i = l_i + gl.sum(prob, axis=1)
-            # values -> B operand [G (k = token), D (n: channel (n % 8) * CPTV + n // 8)]
-            pa = gl.convert_layout(prob.to(gl.float16), A16, assert_trivial=True)
-            vd = gl.inline_asm_elementwise(
-                VAL_ASM, "=r,r,r,r,r,r,r,r,r",
-                [gl.expand_dims(vwords, 3), v_sel, v_shift, gl.expand_dims(vs, 3), gl.expand_dims(vm, 3)],
-                dtype=gl.float16, is_pure=True, pack=2)  # [G, 8, VWT, VCW]
-            vd = gl.reshape(gl.permute(gl.reshape(vd, [G, 8, CPTV]), (0, 2, 1)), [G, D])
-            vd = gl.convert_layout(vd, B16, assert_trivial=True)
-            acc = mma_v2(pa, vd, acc)
+                    kv_ptr, bt_row, gl.minimum(g_lo, gl.maximum(g_hi - 1, 0)), h, stride_cache_block,
+                    stride_cache_head, k_word_off, kchan, v_word_off, v_scale_off, GROUPS_PER_PAGE, RECORD_BYTES,
+                    OFF_KC, OFF_KS, OFF_KM, OFF_VC, OFF_VS, OFF_VM)
+            for g in range(g_lo, g_hi):
+                if PREFETCH:
+                    kwords, ks, km, vwords, vs, vm = kw_n, ks_n, km_n, vw_n, vs_n, vm_n
+                    kw_n, ks_n, km_n, vw_n, vs_n, vm_n = _load_record(
+                        kv_ptr, bt_row, gl.minimum(g + 1, g_hi - 1), h, stride_cache_block, stride_cache_head,
+                        k_word_off, kchan, v_word_off, v_scale_off, GROUPS_PER_PAGE, RECORD_BYTES, OFF_KC, OFF_KS,
+                        OFF_KM, OFF_VC, OFF_VS, OFF_VM)
+                else:
+                    kwords, ks, km, vwords, vs, vm = _load_record(
+                        kv_ptr, bt_row, g, h, stride_cache_block, stride_cache_head, k_word_off, kchan, v_word_off,
+                        v_scale_off, GROUPS_PER_PAGE, RECORD_BYTES, OFF_KC, OFF_KS, OFF_KM, OFF_VC, OFF_VS, OFF_VM)
+                m_i, l_i, acc = _group_step(q, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, rot, v_sel, v_shift,
+                                            qscale, K_LAY, B16, A16, MMA, KEY_ASM, VAL_ASM, G, D, KWT, HALF, CPTV,
+                                            K_BITS, V_BITS, RESCALE_SLACK)
 
     rows = gl.arange(0, 16, layout=ROW_LAY)
     rmask = (rows < QPK) & live
