@@ -99,7 +99,7 @@ def parse_args():
                         "them and --max-cache-gib applies to that)")
     p.add_argument("--tc-prefetch", type=int, choices=[0, 1], default=None,
                    help="KIVI tc decode: decode_tc.PREFETCH (1: the next group's record loaded before the current "
-                        "group's math)")
+                        "group's math; with --tc-stages >= 2 only the value scale/min)")
     p.add_argument("--tc-stages", type=int, default=None,
                    help="KIVI tc decode: decode_tc.STAGES (shared-memory stages of the key codes, key scale/min and "
                         "value codes, copied with cp.async; 0: none)")

@@ -37,6 +37,8 @@ WIDE += [(8, 2, (2, 2), "kv", 128, g) for g in (16, 64, 128)] + [(8, 2, (4, 4), 
 # GQA ratios that are not powers of two, 4-bit codes at other group sizes, head 64 at other group sizes
 WIDE += [(hq, 2, (2, 2), "kv", 128, 32) for hq in (6, 12, 14)] + [(8, 2, (4, 4), "kv", 128, g) for g in (64, 128)]
 WIDE += [(8, 2, (2, 2), "kv", 64, g) for g in (16, 64)]
+# head 64 with 4-bit values at group 16: staged by "tc" (decode_tc.STAGES) with more copy lanes than key-code words
+WIDE += [(8, 2, (4, 4), "kv", 64, 16), (8, 2, (2, 4), "k", 64, 16)]
 
 
 def main() -> None:

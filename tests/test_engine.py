@@ -264,7 +264,7 @@ def step_mix(worker) -> list:
 @pytest.fixture(scope="module")
 def small_pool_run(model_path):
     """KIVI-2, 64-token pages, prefix caching off, 48-token steps and a pool of 11 pages (704 tokens) for the six
-    shared-prefix prompts (~290 tokens, 5 pages each, growing to ~390 tokens, 7 pages, over 96 new tokens).
+    shared-prefix prompts (285-287 tokens, 5 pages each, growing to ~383 tokens, 6 pages, over 96 new tokens).
 
     48-token chunks end inside 32-token groups and 64-token pages, and steps mix decode tokens with prompt chunks.
     At most two requests fit the pool, and when both need more pages the scheduler must preempt one and recompute
@@ -592,8 +592,9 @@ def exact_run_record(llm, record: bool = False) -> dict:
 
 @pytest.fixture(scope="module")
 def exact_runs(model_path, bf16_run):
-    """Three engines at block size 512 (1 GiB each), recorded by :func:`exact_run_record`: vLLM's plain bf16 cache
-    (from :func:`bf16_run`); KIVI-2 with layers 0 and 29 exact; KIVI-2 with every layer exact."""
+    """Three configurations at block size 512 (1 GiB each), recorded by :func:`exact_run_record`: vLLM's plain bf16
+    cache (the engine of :func:`bf16_run`); two engines started here, KIVI-2 with layers 0 and 29 exact and KIVI-2
+    with every layer exact."""
     from kivi_vllm.config import parse_layer_setting
 
     all_exact = {"bits": 2, "layers": parse_layer_setting("0-29=exact")}

@@ -29,7 +29,8 @@ from kivi_vllm.layout import PageLayout
 
 ROOT = Path(__file__).resolve().parents[1]
 H200_SMEM = 232_448  # bytes of shared memory one program may use on sm_90 (the launch error's "Hardware limit")
-TC_SHAPES = [(128, 32, 2, 2, 4), (64, 16, 4, 2, 8), (128, 64, 4, 4, 6), (64, 128, 2, 4, 3)]  # head, G, kb, vb, qpk
+# head, G, kb, vb, qpk; staged (decode_tc.STAGES): the first and last
+TC_SHAPES = [(128, 32, 2, 2, 4), (64, 16, 4, 2, 8), (128, 64, 4, 4, 6), (64, 128, 2, 4, 3), (128, 32, 4, 4, 4)]
 PREFILL_SHAPES = [(128, 128, 2), (256, 64, 4), (256, 128, 4)]  # head, G, bits
 
 CHILD = """
@@ -81,6 +82,23 @@ def staged_bytes(head: int, group: int, k_bits: int, v_bits: int) -> int:
     if group > 32 or head // 8 < 32 // v_bits:
         return 0
     return STAGES * (group * head * (k_bits + v_bits) // 8 + 4 * head)
+
+
+def test_tc_stages_apply_where_supported_and_are_checked():
+    """``tc_constexprs`` resolves ``stages`` per layout (0 where :func:`decode_tc.staged_supported` says no) and
+    refuses a stage count the loop cannot run (1: nothing to overlap; negative; above 8) for every layout."""
+    from kivi_vllm.kernels import decode_tc as tc
+
+    staged = PageLayout(512, 128, 2, 2, 32, "kv", torch.bfloat16)
+    unstaged = [PageLayout(512, 128, 4, 4, 64, "kv", torch.bfloat16),  # group above 32
+                PageLayout(512, 64, 2, 2, 32, "kv", torch.bfloat16)]  # 8 channels per thread, 16 codes per word
+    assert tc.staged_supported(staged) and not any(tc.staged_supported(lay) for lay in unstaged)
+    assert [tc.tc_constexprs(staged, 4, 8, stages=s)["STAGES"] for s in (0, 2, 3)] == [0, 2, 3]
+    assert all(tc.tc_constexprs(lay, 4, 8, stages=3)["STAGES"] == 0 for lay in unstaged)
+    for lay in (staged, *unstaged):
+        for bad in (1, -1, 9):
+            with pytest.raises(ValueError, match=f"stages must be 0 or 2-8, got {bad}"):
+                tc.tc_constexprs(lay, 4, 8, stages=bad)
 
 
 @pytest.mark.parametrize("i", range(len(TC_SHAPES)))

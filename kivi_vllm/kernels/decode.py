@@ -23,7 +23,8 @@ per query head (q . m). Three kernels (:func:`default_kernel` picks one):
   second launch of ``_decode_split_kernel`` with ``DO_GROUPS=False`` into its own partial slot (the last one).
 * "tc", :mod:`.decode_tc` (Gluon, NVIDIA sm_80+, the default on CUDA from 2 query heads per KV head): fp16 tensor-core
   MMAs whose operands are dequantized in registers (scale applied per element, one rounding), P taken from the
-  score accumulator in place, no shared memory; complete groups only, the open group as for "fma".
+  score accumulator in place; shared memory only holds the next groups' packed records on their way in
+  (``decode_tc.STAGES``); complete groups only, the open group as for "fma".
 * ``_decode_split_kernel`` (tensor cores, rows padded to 16 query heads): one MMA ([QH, D] x [D, G]) for the
   scores, values dequantized in registers (``c * s + m``) before ``P . V``; the last split also handles the open
   group.
@@ -394,8 +395,8 @@ def default_num_splits(kernel: str, num_reqs: int, num_kv_heads: int) -> int:
 #: Programs of a decode kernel resident on one SM at once, for the kernels that run a work list (the metadata
 #: builder makes one every step for a kernel listed here; the others keep the grid of :func:`default_num_splits`).
 #: "tc": 8, one warp each (255 registers before the tenth session; with the 2 shared-memory stages of
-#: ``decode_tc.STAGES``, 202 registers fit 9, but waves of 9 per SM (at 3 stages) took 1.2x the time of 8 at the GQA
-#: shape, and of 11 or 12 with a register cap 1.3-1.5x: tenth session, docs/benchmarks.md; offline sm_90 compile,
+#: ``decode_tc.STAGES``, 202 registers fit 9, but waves of 9 per SM (at 3 stages) took 1.12-1.37x the time of 8 at the
+#: GQA shape, and of 11 or 12 with a register cap 1.11-1.53x: tenth session, docs/benchmarks.md; offline sm_90 compile,
 #: ``benchmarks/kernel_resources.py``). Why a work list sized
 #: in waves of ``SMs x this``: on the H200 "tc" was fastest with about 1,024 programs whatever the batch
 #: (2026-11-30, seventh session: batch 64 / 4k at 8 KV heads, 158 µs with 2 splits against 225 at the default 32),

@@ -108,7 +108,8 @@ RESCALE_SLACK = 8.0
 
 #: Load the next group's record into registers before the current group's math (a register double buffer, the
 #: loop's only memory round trip overlapped with its arithmetic; False: load each group's record at its turn, the
-#: kernel before the ninth session, kept for ``benchmarks/decode_attention.py --tc-prefetch 0``).
+#: kernel before the ninth session, kept for ``benchmarks/decode_attention.py --tc-stages 0 --tc-prefetch 0``). With
+#: :data:`STAGES` >= 2 (where :func:`staged_supported`) it applies to the value scale/min only.
 PREFETCH = True
 
 #: Shared-memory stages of the records' key codes, key scale/min and value codes (Ampere ``cp.async`` copies, no
@@ -144,9 +145,11 @@ def tc_constexprs(layout: PageLayout, qpk: int, num_splits: int, rescale_slack: 
     value 65504 (2**15.999): hence at most 15.
 
     Raises:
-        ValueError: ``rescale_slack`` outside [0, 15]; ``stages`` 1 or above 8.
+        ValueError: ``rescale_slack`` outside [0, 15]; ``stages`` not 0 or 2-8 (negative, 1, above 8).
     """
     stages = STAGES if stages is None else int(stages)
+    if stages == 1 or not 0 <= stages <= 8:  # checked for every layout, also those that run without stages
+        raise ValueError(f"KIVI decode: stages must be 0 or 2-8, got {stages}")
     return _tc_constexprs(layout, qpk, num_splits, rescale_slack, PREFETCH if prefetch is None else bool(prefetch),
                           stages if staged_supported(layout) else 0)
 
@@ -158,8 +161,6 @@ def _tc_constexprs(layout: PageLayout, qpk: int, num_splits: int, rescale_slack:
     if not 0 <= rescale_slack <= 15:
         raise ValueError(f"KIVI decode: rescale_slack must lie in [0, 15] (probabilities up to 2**slack must fit "
                          f"fp16), got {rescale_slack}")
-    if stages == 1 or not 0 <= stages <= 8:
-        raise ValueError(f"KIVI decode: stages must be 0 or 2-8, got {stages}")
     G, D = layout.group_size, layout.head_size
     kb, vb = layout.k_bits, layout.v_bits
     # keys: [G tokens, 4 (j), KWT words, 2 (p), KPW/2 (b)]: thread (j = lane % 4, tokens lane / 4 + 8 r) holds the
