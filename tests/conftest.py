@@ -19,7 +19,8 @@ os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 # Without a GPU every Triton kernel runs interpreted. Set before anything imports Triton (vLLM's model runner does,
 # in this process, with the engines above): jit functions decorated before this, Triton's own included, would not
-# be interpreted (tests/test_kernels.py). Compiles for the GPU run in a child without it (test_sm90_compile.py).
+# be interpreted (tests/test_kernels.py runs the kernels so). Compiles for the GPU run in a child without it
+# (test_sm90_compile.py).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 from kivi_vllm.runtime import apply_env_defaults  # noqa: E402

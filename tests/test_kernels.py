@@ -1,8 +1,8 @@
 """Triton kernels (store, decode, prefill) against the PyTorch reference on the same pages.
 
-On a machine without a GPU the kernels run under ``TRITON_INTERPRET=1`` (set here before the kernel modules are
-(re)loaded, and removed again so the rest of the suite sees the environment it had). Shapes are small; the sweep
-over realistic shapes runs on the H200 (``scripts/kernel_sweep.py``).
+On a machine without a GPU the kernels run under ``TRITON_INTERPRET=1`` (set by ``tests/conftest.py`` for the whole
+session, before anything imports Triton). Shapes are small; the sweep over realistic shapes runs on the H200
+(``scripts/kernel_sweep.py``).
 
 Tolerances: the store must be bit-exact (codes, fp16 scale/min, stage rows: every byte of the cache equals the
 reference's). Attention is compared with the reference's float64 attention over the same dequantized cache, with
@@ -14,10 +14,8 @@ error is ~1e-6 and the bound is 1e-4. On a GPU the dots are TF32 (10-bit mantiss
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import itertools
-import os
 import zlib
 
 import numpy as np
@@ -30,43 +28,12 @@ from kivi_vllm.layout import PageLayout
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-@contextlib.contextmanager
-def _interpreter_env():
-    """TRITON_INTERPRET=1 inside the block (CPU only), the previous value restored after it."""
-    if DEV == "cuda":
-        yield
-        return
-    old = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET")
-        else:
-            os.environ["TRITON_INTERPRET"] = old
-
-
-def _load_kernels():
-    if DEV == "cuda":
-        return importlib.import_module("kivi_vllm.kernels"), importlib.import_module("kivi_vllm.kernels.prefill")
-    with _interpreter_env():
-        mods = [importlib.import_module(f"kivi_vllm.kernels.{m}") for m in ("common", "store", "decode", "prefill")]
-        for m in mods:  # triton.jit reads TRITON_INTERPRET when it decorates
-            importlib.reload(m)
-        return importlib.reload(importlib.import_module("kivi_vllm.kernels")), mods[3]
-
-
-K, PREFILL = _load_kernels()
+# Without a GPU, tests/conftest.py has set TRITON_INTERPRET=1 before anything imported Triton or these modules, so
+# their kernels run in Triton's interpreter.
+K = importlib.import_module("kivi_vllm.kernels")
+PREFILL = importlib.import_module("kivi_vllm.kernels.prefill")
 DECODE = importlib.import_module("kivi_vllm.kernels.decode")
 STORE = importlib.import_module("kivi_vllm.kernels.store")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpret():
-    """The interpreter also reads TRITON_INTERPRET while it runs a kernel: set it for this module's tests only."""
-    with _interpreter_env():
-        yield
 
 
 # Decode splits per (request, KV head) of the tests' steps under the interpreter. The library's default for these

@@ -9,8 +9,8 @@ accepts: 4 groups per bulk step at group 128 asked for 364,548 bytes and
 failed to launch on the H200 (2026-11-30). Numerical checks of these kernels run on the GPU
 (``scripts/decode_kernels_check.py``, ``scripts/kernel_sweep.py``).
 
-The compiles run in a child Python: ``tests/test_kernels.py`` loads the kernel modules under ``TRITON_INTERPRET=1``,
-and neither Gluon nor an interpreted kernel can be compiled for a GPU in that process.
+The compiles run in a child Python: without a GPU the test process runs Triton under ``TRITON_INTERPRET=1``
+(``tests/conftest.py``), and neither Gluon nor an interpreted kernel can be compiled for a GPU in that process.
 """
 
 from __future__ import annotations

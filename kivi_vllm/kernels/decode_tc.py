@@ -205,20 +205,26 @@ def _tc_constexprs(layout: PageLayout, qpk: int, num_splits: int, rescale_slack:
 
 
 @gluon.jit
+def _record_ptr(kv_ptr, bt_row, g, h, stride_cache_block, stride_cache_head, GROUPS_PER_PAGE: gl.constexpr,
+                RECORD_BYTES: gl.constexpr):
+    """Byte address of group ``g``'s record of KV head ``h`` (its page from the request's block-table row)."""
+    blk = gl.load(bt_row + g // GROUPS_PER_PAGE).to(gl.int64)
+    return kv_ptr + blk * stride_cache_block + h * stride_cache_head + (g % GROUPS_PER_PAGE) * RECORD_BYTES
+
+
+@gluon.jit
 def _load_record(kv_ptr, bt_row, g, h, stride_cache_block, stride_cache_head, k_word_off, kchan, v_word_off,
                  v_scale_off, GROUPS_PER_PAGE: gl.constexpr, RECORD_BYTES: gl.constexpr, OFF_KC: gl.constexpr,
                  OFF_KS: gl.constexpr, OFF_KM: gl.constexpr, OFF_VC: gl.constexpr, OFF_VS: gl.constexpr,
                  OFF_VM: gl.constexpr):
     """Group ``g``'s record of KV head ``h`` in the registers: key words, key scale/min, value words, value
     scale/min (every load issued before any use)."""
-    blk = gl.load(bt_row + g // GROUPS_PER_PAGE).to(gl.int64)
-    rec = kv_ptr + blk * stride_cache_block + h * stride_cache_head + (g % GROUPS_PER_PAGE) * RECORD_BYTES
+    rec = _record_ptr(kv_ptr, bt_row, g, h, stride_cache_block, stride_cache_head, GROUPS_PER_PAGE, RECORD_BYTES)
     kwords = gl.load((rec + OFF_KC).to(gl.pointer_type(gl.int32)) + k_word_off)  # [G, 4, KWT]
     ks = gl.load((rec + OFF_KS).to(gl.pointer_type(gl.float16)) + kchan)
     km = gl.load((rec + OFF_KM).to(gl.pointer_type(gl.float16)) + kchan)
     vwords = gl.load((rec + OFF_VC).to(gl.pointer_type(gl.int32)) + v_word_off)  # [G, 8, VWT]
-    vs = gl.load((rec + OFF_VS).to(gl.pointer_type(gl.float16)) + v_scale_off)
-    vm = gl.load((rec + OFF_VM).to(gl.pointer_type(gl.float16)) + v_scale_off)
+    vs, vm = _load_value_scales(rec, v_scale_off, OFF_VS, OFF_VM)
     return kwords, ks, km, vwords, vs, vm
 
 
@@ -228,8 +234,7 @@ def _copy_record(kc_s, ks_s, km_s, vc_s, stage, kv_ptr, bt_row, g, h, stride_cac
                  OFF_KS: gl.constexpr, OFF_KM: gl.constexpr, OFF_VC: gl.constexpr):
     """Start the ``cp.async`` copies of group ``g``'s key codes, key scale, key minimum and value codes
     into shared-memory stage ``stage``, as one commit group."""
-    blk = gl.load(bt_row + g // GROUPS_PER_PAGE).to(gl.int64)
-    rec = kv_ptr + blk * stride_cache_block + h * stride_cache_head + (g % GROUPS_PER_PAGE) * RECORD_BYTES
+    rec = _record_ptr(kv_ptr, bt_row, g, h, stride_cache_block, stride_cache_head, GROUPS_PER_PAGE, RECORD_BYTES)
     async_copy.async_copy_global_to_shared(kc_s.index(stage), (rec + OFF_KC).to(gl.pointer_type(gl.int32)) + kc_off)
     async_copy.async_copy_global_to_shared(ks_s.index(stage), (rec + OFF_KS).to(gl.pointer_type(gl.float16)) + ks_off)
     async_copy.async_copy_global_to_shared(km_s.index(stage), (rec + OFF_KM).to(gl.pointer_type(gl.float16)) + ks_off)
@@ -238,12 +243,8 @@ def _copy_record(kc_s, ks_s, km_s, vc_s, stage, kv_ptr, bt_row, g, h, stride_cac
 
 
 @gluon.jit
-def _load_value_scales(kv_ptr, bt_row, g, h, stride_cache_block, stride_cache_head, v_scale_off,
-                       GROUPS_PER_PAGE: gl.constexpr, RECORD_BYTES: gl.constexpr, OFF_VS: gl.constexpr,
-                       OFF_VM: gl.constexpr):
-    """Group ``g``'s value scale and minimum of KV head ``h`` in the registers."""
-    blk = gl.load(bt_row + g // GROUPS_PER_PAGE).to(gl.int64)
-    rec = kv_ptr + blk * stride_cache_block + h * stride_cache_head + (g % GROUPS_PER_PAGE) * RECORD_BYTES
+def _load_value_scales(rec, v_scale_off, OFF_VS: gl.constexpr, OFF_VM: gl.constexpr):
+    """The value scale and minimum of the group record at ``rec`` (:func:`_record_ptr`) in the registers."""
     vs = gl.load((rec + OFF_VS).to(gl.pointer_type(gl.float16)) + v_scale_off)
     vm = gl.load((rec + OFF_VM).to(gl.pointer_type(gl.float16)) + v_scale_off)
     return vs, vm
@@ -411,6 +412,7 @@ def _decode_tc_kernel(
         q = gl.minimum(gl.maximum(q, -65504.0), 65504.0).to(gl.float16)
         qscale = sm_scale * LOG2E_TC
         bt_row = block_table_ptr + r * stride_bt
+        g_last = gl.maximum(g_hi - 1, 0)  # clamps the look-ahead loads to a group of this range (any page is valid)
         if STAGES > 0:  # key codes, key scale/min and value codes through STAGES shared-memory buffers (cp.async)
             kc_s = gl.allocate_shared_memory(gl.int32, [STAGES, G, K_ROW_W], SMEM2)  # layouts: of one stage
             ks_s = gl.allocate_shared_memory(gl.float16, [STAGES, D], SMEM1)
@@ -421,14 +423,13 @@ def _decode_tc_kernel(
             vc_off = (gl.expand_dims(gl.arange(0, G, layout=gl.SliceLayout(1, VC_COPY)), 1) * V_ROW_W
                       + gl.expand_dims(gl.arange(0, V_ROW_W, layout=gl.SliceLayout(0, VC_COPY)), 0))
             ks_off = gl.arange(0, D, layout=KS_COPY)
-            g_last = gl.maximum(g_hi - 1, 0)
             for i in gl.static_range(STAGES - 1):
                 _copy_record(kc_s, ks_s, km_s, vc_s, i, kv_ptr, bt_row, gl.minimum(g_lo + i, g_last), h,
                              stride_cache_block, stride_cache_head, kc_off, ks_off, vc_off, GROUPS_PER_PAGE,
                              RECORD_BYTES, OFF_KC, OFF_KS, OFF_KM, OFF_VC)
-            vs_n, vm_n = _load_value_scales(kv_ptr, bt_row, gl.minimum(g_lo, g_last), h, stride_cache_block,
-                                            stride_cache_head, v_scale_off, GROUPS_PER_PAGE, RECORD_BYTES, OFF_VS,
-                                            OFF_VM)
+            vs_n, vm_n = _load_value_scales(
+                _record_ptr(kv_ptr, bt_row, gl.minimum(g_lo, g_last), h, stride_cache_block, stride_cache_head,
+                            GROUPS_PER_PAGE, RECORD_BYTES), v_scale_off, OFF_VS, OFF_VM)
             for g in range(g_lo, g_hi):
                 st = (g - g_lo) % STAGES
                 gl.thread_barrier()  # every lane has read the stage the next copy overwrites (last iteration's)
@@ -436,9 +437,9 @@ def _decode_tc_kernel(
                              gl.minimum(g + STAGES - 1, g_last), h, stride_cache_block, stride_cache_head, kc_off,
                              ks_off, vc_off, GROUPS_PER_PAGE, RECORD_BYTES, OFF_KC, OFF_KS, OFF_KM, OFF_VC)
                 vs, vm = vs_n, vm_n
-                vs_n, vm_n = _load_value_scales(kv_ptr, bt_row, gl.minimum(g + 1, g_last), h, stride_cache_block,
-                                                stride_cache_head, v_scale_off, GROUPS_PER_PAGE, RECORD_BYTES,
-                                                OFF_VS, OFF_VM)
+                vs_n, vm_n = _load_value_scales(
+                    _record_ptr(kv_ptr, bt_row, gl.minimum(g + 1, g_last), h, stride_cache_block, stride_cache_head,
+                                GROUPS_PER_PAGE, RECORD_BYTES), v_scale_off, OFF_VS, OFF_VM)
                 async_copy.wait_group(STAGES - 1)  # this lane's copies of group g have landed
                 gl.thread_barrier()  # and every other lane's
                 kwords = kc_s.index(st).reshape([G, 4, KWT]).load(K3)
@@ -452,7 +453,7 @@ def _decode_tc_kernel(
         else:
             if PREFETCH:  # the first group's record; each iteration then loads the next one's before its own math
                 kw_n, ks_n, km_n, vw_n, vs_n, vm_n = _load_record(
-                    kv_ptr, bt_row, gl.minimum(g_lo, gl.maximum(g_hi - 1, 0)), h, stride_cache_block,
+                    kv_ptr, bt_row, gl.minimum(g_lo, g_last), h, stride_cache_block,
                     stride_cache_head, k_word_off, kchan, v_word_off, v_scale_off, GROUPS_PER_PAGE, RECORD_BYTES,
                     OFF_KC, OFF_KS, OFF_KM, OFF_VC, OFF_VS, OFF_VM)
             for g in range(g_lo, g_hi):
