@@ -125,8 +125,9 @@ def test_greedy_agreement_and_coherence(runs, model_path):
 SHARED_PROMPTS = shared_prefix_prompts()  # ~290 shared tokens, then a question
 #: The invariance checks compare KIVI-2 with itself under other schedules, so the model dtype is theirs to choose:
 #: float32, whose linears run about 6x faster than bf16's on CPUs without AVX512-BF16/AMX, where vLLM falls back to
-#: torch's bf16 GEMM (15 against 100 GFLOPS for a 1024 x 576 x 1536 linear on CI's 2-core AVX2 machine; one engine's
-#: 8 long prompts x 64 tokens took 68 s against 107). The pages then hold a float32 residual. The checks against
+#: torch's bf16 GEMM (`scripts/cpu_dtype_speed.py`: 15 against 100 GFLOP/s on a 2-core AVX2 machine, one engine's 8
+#: long prompts x 64 tokens 107 s against 68; on a 2-core machine with AMX bf16 is faster, 35 s against 39, a cost
+#: of about 12% where the other saves 36%). The pages then hold a float32 residual. The checks against
 #: vLLM's bf16 cache (capacity, agreement, exact and per-layer pages) stay in bf16.
 INVARIANCE_DTYPE = "float32"
 KIVI2_SMALL_PAGES = dict(kivi={"bits": 2, "prefill": "streaming"}, block_size=64, dtype=INVARIANCE_DTYPE)
