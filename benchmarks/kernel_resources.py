@@ -7,6 +7,7 @@ iteration decide how many record loads are in flight.
     python benchmarks/kernel_resources.py                      # default variants, bf16 model, head size 128
     python benchmarks/kernel_resources.py --bits 4 --qpk 4
     python benchmarks/kernel_resources.py --prefill             # the prefill kernel at its tile options
+    python benchmarks/kernel_resources.py --store               # the store kernel at 1, 4, 16 rows per program
 
 Uses triton's bundled ptxas (``ptxas -v``); no CUDA device is needed. Tensors and strides are taken as 16-byte
 aligned, as the JIT specializes them on the GPU (figures from before 2026-11-30's fifth session compiled without
@@ -33,7 +34,7 @@ from kivi_vllm.layout import PageLayout
 POINTERS = {"q_ptr": "*bf16", "key_ptr": "*bf16", "value_ptr": "*bf16", "kv_ptr": "*u8", "block_table_ptr": "*i32",
             "seq_lens_ptr": "*i32", "qsl_ptr": "*i32", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32",
             "part_acc_ptr": "*fp32", "sm_scale": "fp32", "out_ptr": "*bf16", "tile_req_ptr": "*i32",
-            "tile_start_ptr": "*i32", "work_ptr": "*i32", "count_ptr": "*i32"}
+            "tile_start_ptr": "*i32", "work_ptr": "*i32", "count_ptr": "*i32", "slot_ptr": "*i64", "rows_ptr": "*i32"}
 REGS_PER_SM, SMEM_PER_SM, MAX_WARPS = 65536, 228 * 1024, 64  # H100/H200 (sm_90)
 
 
@@ -75,6 +76,19 @@ def prefill_resources(bits: int, qpk: int, block_q: int, num_warps: int, phase: 
     return dict(compiled_resources(mod._prefill_kernel, consts, num_warps), bulk_groups=bulk_groups)
 
 
+def store_resources(bits: int, rows_per_program: int, num_warps: int = 4, group_size: int = 32, head_size: int = 128,
+                    residual: str = "kv") -> dict:
+    """The same figures for ``kivi_vllm.kernels.store._store_kernel`` as store() launches it for a bf16 model in a
+    pure-decode step (phase 0, every row), ``rows_per_program`` rows per program; ``ptx_ops`` also counts the
+    float32 divisions (``div.rn.f32``: the quantizer's reciprocals, one per group and scale)."""
+    mod = importlib.import_module("kivi_vllm.kernels.store")
+    common = importlib.import_module("kivi_vllm.kernels.common")
+    lay = PageLayout(512, head_size, bits, bits, group_size, residual, torch.bfloat16)
+    consts = dict(STAGE_DTYPE=common.stage_dtype(lay), PHASE=0, ROWS=False, rows_ptr=None,
+                  ROWS_PER_PROGRAM=rows_per_program, **common.layout_args(lay))
+    return compiled_resources(mod._store_kernel, consts, num_warps)
+
+
 def compiled_resources(fn, consts: dict, num_warps: int, maxnreg: int | None = None) -> dict:
     """Compile ``fn`` (a Triton or Gluon kernel) for sm_90 with ``consts`` and ``num_warps`` (and Triton's
     ``maxnreg`` register cap, if given); ptxas' figures, PTX counts, SASS loops."""
@@ -106,6 +120,7 @@ def compiled_resources(fn, consts: dict, num_warps: int, maxnreg: int | None = N
                  MAX_WARPS // num_warps)
     ops = collections.Counter(".".join(m.split(".")[:2]) for m in
                               re.findall(r"\b(?:ld\.global|cp\.async|bar\.sync|mma\.sync|bra)\b[\w.]*", ptx))
+    ops["div.rn.f32"] = len(re.findall(r"\bdiv\.rn\.f32\b", ptx))
     return dict(registers=regs, spill_bytes=spill, shared_bytes=shared, programs_per_sm=per_sm, ptx_ops=dict(ops),
                 loops=sass_loops(k.asm["cubin"]))
 
@@ -157,7 +172,17 @@ def main() -> None:
     ap.add_argument("--bulk-dot", choices=["fp32", "16", "f16"], default="fp32",
                     help="prefill: the bulk loop's operands")
     ap.add_argument("--maxnreg", type=int, default=None, help="decode: register cap per thread (Triton's maxnreg)")
+    ap.add_argument("--store", action="store_true", help="the store kernel instead (1, 4 and 16 rows per program)")
     a = ap.parse_args()
+    if a.store:
+        print(f"store kernel, KIVI-{a.bits}, head size {a.head_size}, group size {a.group_size}, sm_90, phase 0")
+        for rpp in (1, 4, 16):
+            r = store_resources(a.bits, rpp, group_size=a.group_size, head_size=a.head_size)
+            print(f"rows_per_program {rpp}, 4 warps: {r['registers']} registers, {r['spill_bytes']} B spilled, "
+                  f"{r['shared_bytes']} B shared, {r['programs_per_sm']} programs/SM; PTX {r['ptx_ops']}", flush=True)
+            for loop in r["loops"]:
+                print(f"    loop: {loop['instructions']} SASS instructions per warp per iteration; {loop['top']}")
+        return
     if a.prefill:
         print(f"prefill kernel, KIVI-{a.bits}, head size {a.head_size}, group size {a.group_size}, {a.qpk} query "
               f"head(s) per KV head, sm_90, {a.dot} dots, phase 1; 'words' variants with a bulk loop "

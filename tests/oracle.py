@@ -27,8 +27,9 @@ def fake_quant(x: torch.Tensor, bits: int, dim: int, fp16_meta: bool = True) -> 
         s, m = s.clamp(-65504, 65504).half().double(), mn.clamp(-65504, 65504).half().double()
     else:
         s, m = s.double(), mn.float().double()
-    # codes from (x - min) / scale in float32, as the reference defines it (KIVI computes in fp16)
-    ratio = (x.float() - m.float()) / torch.where(s > 0, s, 1.0).float()
+    # codes from (x - min) / scale in float32 as the reference defines it, one float32 reciprocal of the scale per
+    # group then a multiply (KIVI computes in fp16; a division per element differs only at exact .5 ties)
+    ratio = (x.float() - m.float()) * (1.0 / torch.where(s > 0, s, 1.0).float())
     q = torch.where(s > 0, ratio.clamp(0, qmax).round().double(), torch.zeros_like(x))
     return q * s + m
 

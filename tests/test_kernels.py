@@ -129,14 +129,14 @@ class Batch:
                                                                  self.layout.group_size))) if store_rows else None)
         return out.cpu(), cache.cpu()
 
-    def stores(self):
-        """The cache after this step's store phases alone, one program per row: the bytes
-        :func:`kivi_vllm.kernels.forward` writes (its attention launches read the cache and never write it; it skips
-        phase 1 in decode-only steps, where phase 1 has no work)."""
+    def stores(self, rows_per_program=None):
+        """The cache after this step's store phases alone (``rows_per_program`` rows of the batch per program): the
+        bytes :func:`kivi_vllm.kernels.forward` writes (its attention launches read the cache and never write it; it
+        skips phase 1 in decode-only steps, where phase 1 has no work)."""
         cache = self.cache.to(DEV, copy=True)
         for phase in (0, 1):
             K.store(cache, self.k.to(DEV), self.v.to(DEV), self.slot_mapping.to(DEV), self.qsl.to(DEV),
-                    self.seq_lens.to(DEV), self.layout, phase)
+                    self.seq_lens.to(DEV), self.layout, phase, rows_per_program=rows_per_program)
         return cache.cpu()
 
     def work(self, target, num_splits, kernel, seq_lens=None):
@@ -170,20 +170,23 @@ MIXES = {
 }
 
 
-# every mix and residual at 2 bits; the 4-bit codes (keys and values, or keys only) on the mixed step
-STORE_CASES = ([(mix, residual, (2, 2)) for mix in sorted(MIXES) for residual in ("kv", "k")]
-               + [("mixed", residual, bits) for bits in ((4, 4), (4, 2)) for residual in ("kv", "k")])
+# every mix and residual at 2 bits; the 4-bit codes (keys and values, or keys only) on the mixed step; one program
+# per row, or 4 rows (a program quantizing up to 4 groups one after the other) or 32 (the whole batch in one)
+STORE_CASES = ([(mix, residual, (2, 2), rpp) for mix in sorted(MIXES) for residual, rpp in (("kv", 1), ("k", 4))]
+               + [("mixed", residual, bits, rpp) for bits in ((4, 4), (4, 2)) for residual, rpp in (("kv", 4),
+                                                                                                   ("k", 1))]
+               + [("mixed", "kv", (2, 2), 32), ("decode", "kv", (2, 2), 4)])
 
 
-@pytest.mark.parametrize("mix,residual,bits", STORE_CASES, ids=[f"{m}-{r}-k{b[0]}v{b[1]}" for m, r, b in STORE_CASES])
-def test_store_bit_exact(mix, residual, bits):
-    """The stores alone, one program per row (as in decode steps, and in every step with residual "k"), write the
-    reference's bytes. (With the attention launches between the phases, as the engine runs them: the attention
-    tests, which compare the caches too.)"""
+@pytest.mark.parametrize("mix,residual,bits,rows_per_program", STORE_CASES,
+                         ids=[f"{m}-{r}-k{b[0]}v{b[1]}-rpp{n}" for m, r, b, n in STORE_CASES])
+def test_store_bit_exact(mix, residual, bits, rows_per_program):
+    """The stores alone write the reference's bytes, whatever the rows per program. (With the attention launches
+    between the phases, as the engine runs them: the attention tests, which compare the caches too.)"""
     lay = PageLayout(64, 64, bits[0], bits[1], 32, residual, torch.bfloat16)
     b = Batch(lay, MIXES[mix], 4, 2, torch.bfloat16, seed_of(mix, residual, bits), pad_tokens=3)
     _, cache_ref = b.reference()
-    cache_ker = b.stores()
+    cache_ker = b.stores(rows_per_program)
     diff = (cache_ref != cache_ker).nonzero()
     assert diff.numel() == 0, f"{len(diff)} bytes differ, first at (block, head, byte) {diff[:4].tolist()}"
 
@@ -217,6 +220,17 @@ def test_store_rows_are_the_rows_with_work():
     got = STORE.store_rows(qsl, seq, G)
     assert got.dtype == np.int32 and got.tolist() == want
     assert 0 in got and 41 in got  # both decode rows
+
+
+def test_store_rows_per_program_checked():
+    """rows_per_program must be a power of two up to 32 (one bit each of an int32 mask); on a GPU the default grows
+    with the rows x heads until one wave of programs holds them (capped at 16); off CUDA it is 1."""
+    lay = PageLayout(64, 64, 2, 2, 32, "kv", torch.bfloat16)
+    b = Batch(lay, MIXES["decode"], 4, 2, torch.bfloat16, seed_of("rpp"))
+    for bad in (0, 3, 64):
+        with pytest.raises(ValueError, match="rows_per_program"):
+            K.store(b.cache, b.k, b.v, b.slot_mapping, b.qsl, b.seq_lens, lay, 0, rows_per_program=bad)
+    assert STORE.rows_per_program_for(4096, 32, torch.device("cpu")) == 1
 
 
 # every mix with both residuals and both GQA ratios, each pairing of residual and ratio in two of the four mixes

@@ -32,6 +32,8 @@ H200_SMEM = 232_448  # bytes of shared memory one program may use on sm_90 (the 
 # head, G, kb, vb, qpk; staged (decode_tc.STAGES): the first and last
 TC_SHAPES = [(128, 32, 2, 2, 4), (64, 16, 4, 2, 8), (128, 64, 4, 4, 6), (64, 128, 2, 4, 3), (128, 32, 4, 4, 4)]
 PREFILL_SHAPES = [(128, 128, 2), (256, 64, 4), (256, 128, 4)]  # head, G, bits
+STORE_SHAPES = [(128, 32, 2, 1, "kv"), (128, 32, 2, 16, "kv"), (256, 128, 4, 16, "kv"), (64, 32, 2, 4, "k")]
+# head, G, bits, rows per program, residual
 
 CHILD = """
 import json, sys, torch
@@ -59,6 +61,8 @@ for head, g, bits in %(prefill)s:
     r = kr.prefill_resources(bits, 4, pre.block_q_for(8, 2), 4, group_size=g, head_size=head, unpack="words",
                              bulk_groups=None)
     out["prefill"].append(dict(r, default=pre.default_bulk_groups(lay)))
+out["store"] = [kr.store_resources(bits, rpp, group_size=g, head_size=head, residual=res)
+                for head, g, bits, rpp, res in %(store)s]
 print("RESULT " + json.dumps(out))
 """
 
@@ -67,7 +71,7 @@ print("RESULT " + json.dumps(out))
 def compiled():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, "-c", CHILD % dict(tc=TC_SHAPES, prefill=PREFILL_SHAPES)], cwd=ROOT,
+    run = subprocess.run([sys.executable, "-c", CHILD % dict(tc=TC_SHAPES, prefill=PREFILL_SHAPES, store=STORE_SHAPES)], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=1200, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.split("RESULT ", 1)[1])
@@ -211,3 +215,18 @@ def test_builder_fills_the_work_buffers_in_place():
         assert torch.equal(items, torch.from_numpy(want_items)) and torch.equal(counts, torch.from_numpy(want_counts))
     items, counts = b._fill_work(np.array([0, 1, 8, 9]), None, 3)  # request 1 is a 7-token chunk
     assert counts.tolist() == [1, 0, 1] and items[:2, 0].tolist() == [0, 2] and (items[:2, 3] == WORK_END).all()
+
+
+@pytest.mark.parametrize("i", range(len(STORE_SHAPES)))
+def test_store_compiles_without_spill_or_per_element_division(compiled, i):
+    """The store kernel compiles for sm_90 at 1-16 rows per program (the interpreter runs any Python; Triton's
+    compiler refuses, e.g., a loop variable whose type changes), fits the shared memory, spills nothing up to group
+    x head 32 x 128, and quantizes with a reciprocal per group: fewer float32 divisions than a thread's key and
+    value elements of one group (2 G D / 128 with 4 warps), each of which took a division before the twelfth
+    session. At group 128 x head 256 (a [128, 256] tile, 256 elements per thread per tensor) it spills, less than
+    the 4,532 bytes of the kernel before that session (the kernel sweep checks that shape's bytes on the GPU)."""
+    head, group, _, _, _ = STORE_SHAPES[i]
+    r = compiled["store"][i]
+    assert r["shared_bytes"] <= H200_SMEM
+    assert r["spill_bytes"] == 0 if group * head <= 32 * 128 else r["spill_bytes"] < 4532, r["spill_bytes"]
+    assert 0 < r["ptx_ops"]["div.rn.f32"] < 2 * group * head // 128, r["ptx_ops"]

@@ -83,24 +83,26 @@ def stage_dtype(layout: PageLayout):
 
 
 @triton.jit
-def find_request(query_start_loc_ptr, num_reqs, t):
-    """Index r of the request owning batch row t: the largest r < num_reqs with query_start_loc[r] <= t
-    (binary search; empty padding requests before a real one are skipped because the largest r wins). Row t of a
-    batch whose first t + 1 requests have one token each (a decode batch) is request t: two independent loads
-    instead of log2(num_reqs) dependent ones (query_start_loc[t + 1] = t + 1 leaves no later request at or below t)."""
-    lo = t * 0
-    hi = num_reqs - 1 + t * 0
-    if t < num_reqs:
-        if (tl.load(query_start_loc_ptr + t) == t) & (tl.load(query_start_loc_ptr + t + 1) == t + 1):
-            lo = t
-            hi = t
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if tl.load(query_start_loc_ptr + mid) <= t:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
+def find_request(qsl_ptr, num_reqs, t):
+    """Index r of the request owning batch row t (a scalar or a vector of rows): the largest r < num_reqs with
+    query_start_loc[r] <= t (empty padding requests before a real one are skipped because the largest r wins), by a
+    branch-free binary search of power-of-two steps (log2(num_reqs) rounds of loads). Row t of a batch whose first
+    t + 1 requests have one token each (a decode batch) is request t: two independent loads, no search
+    (query_start_loc[t + 1] = t + 1 leaves no later request at or below t)."""
+    near = t < num_reqs
+    fast = near & (tl.load(qsl_ptr + t, mask=near, other=-1) == t) & (tl.load(qsl_ptr + t + 1, mask=near,
+                                                                               other=-1) == t + 1)
+    r = tl.where(fast, t, 0)
+    step = 1
+    while step * 2 < num_reqs:
+        step *= 2
+    while step > 0:
+        cand = r + step
+        ok = (cand < num_reqs) & ~fast
+        ok = ok & (tl.load(qsl_ptr + cand, mask=ok, other=0) <= t)
+        r = tl.where(ok, cand, r)
+        step //= 2
+    return r
 
 
 @triton.jit
@@ -196,8 +198,9 @@ def pack_rows(codes, ROWS: tl.constexpr, HEAD_PAD: tl.constexpr, BITS: tl.conste
 @triton.jit
 def quantize(x, AXIS: tl.constexpr, BITS: tl.constexpr):
     """KIVI asymmetric min/max quantization of float32 ``x`` along ``AXIS`` (bit-exact with
-    :func:`kivi_vllm.quant.quantize`: fp32 min/max, fp16 min and scale, codes from the stored fp16 numbers with
-    IEEE division and round-half-to-even, a constant group gets scale 0 and codes 0).
+    :func:`kivi_vllm.quant.quantize`: fp32 min/max, fp16 min and scale, codes ``(x - min) * (1 / scale)`` from the
+    stored fp16 numbers with one IEEE reciprocal per group (0 for a constant group, whose codes are then 0), clamped
+    to [0, 2**BITS - 1] and rounded half to even).
 
     Returns (codes int32 like x, scale fp16 and min fp16 with AXIS kept as size 1).
     """
@@ -207,8 +210,8 @@ def quantize(x, AXIS: tl.constexpr, BITS: tl.constexpr):
     mn = tl.clamp(mn32, -65504.0, 65504.0).to(tl.float16)
     scale = tl.clamp(tl.math.div_rn(mx32 - mn32, QMAX * 1.0), -65504.0, 65504.0).to(tl.float16)
     s32 = scale.to(tl.float32)
-    safe = tl.where(s32 > 0, s32, 1.0)
-    q = tl.clamp(tl.math.div_rn(x - mn.to(tl.float32), safe), 0.0, QMAX * 1.0)
-    q = (q + 8388608.0) - 8388608.0  # round half to even (exact for 0 <= q < 2^22), as torch.round
-    q = tl.where(s32 > 0, q, 0.0)
-    return q.to(tl.int32), scale, mn
+    rcp = tl.where(s32 > 0, tl.math.div_rn(1.0, tl.where(s32 > 0, s32, 1.0)), 0.0)  # per group, not per element
+    q = tl.clamp((x - mn.to(tl.float32)) * rcp, 0.0, QMAX * 1.0)
+    # round half to even: adding 2**23 leaves the rounded value in the low mantissa bits (0 <= q <= 15)
+    codes = (q + 8388608.0).to(tl.int32, bitcast=True) & QMAX
+    return codes, scale, mn

@@ -1,10 +1,13 @@
 """Store / quantize-on-write: one step's new K/V tokens into the KIVI pages (Triton).
 
 Writes the same bytes as :func:`kivi_vllm.reference.store` (codes bit-exact, fp16 scale/min identical). One program
-per (token, KV head): a token whose group does not complete in this step goes to its page's stage; the token that
-completes a group quantizes the whole group (keys per channel over G tokens, values per token over Gv channels,
-KIVI paper §3.2) from the stage (tokens of earlier steps) and this step's rows, and writes its record. Many
-sequences completing groups in one step are handled by the same launch.
+per KV head and R consecutive rows (``rows_per_program``): a token whose group does not complete in this step goes to
+its page's stage (all R rows at once); the token that completes a group quantizes the whole group (keys per channel
+over G tokens, values per token over Gv channels, KIVI paper §3.2) from the stage (tokens of earlier steps) and this
+step's rows, and writes its record (the program's completing rows one after the other). Many sequences completing
+groups in one step are handled by the same launch. Codes are ``(x - min) * (1 / scale)``, one IEEE reciprocal per
+group (:func:`.common.quantize`; a division per element was a quarter of the kernel's instructions and, with its
+slow-path branches, most of its latency: one group took 22 µs on the H200, 8.5 µs with the reciprocal).
 
 Phases (why two launches at most). Only the group that is open when a request's step starts (its *first group*,
 ``g0 = context_len // G``) reads the stage; a later group of the same step may write that page's stage (the next
@@ -16,6 +19,8 @@ step is phase 0 only: one launch per layer.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import triton
@@ -26,128 +31,147 @@ from .common import check_cache, check_rows, find_request, layout_args, pack_row
 
 
 @triton.jit
-def _store_token(
-    kv_ptr, key_ptr, value_ptr, qsl_ptr, seq_lens_ptr, num_reqs, t, slot, h,
-    stride_cache_block, stride_cache_head, stride_kt, stride_kh, stride_vt, stride_vh,
-    STAGE_DTYPE: tl.constexpr, PHASE: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
-    K_BITS: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr, RECORD_BYTES: tl.constexpr,
-    OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KM: tl.constexpr, OFF_VC: tl.constexpr,
-    OFF_VS: tl.constexpr, OFF_VM: tl.constexpr, OFF_KSTAGE: tl.constexpr, OFF_VSTAGE: tl.constexpr,
-    RESIDUAL_KV: tl.constexpr,
-):
-    """One token's store (module docstring) once :func:`_store_kernel` found it may have work."""
-    G: tl.constexpr = GROUP_SIZE
-    NVG: tl.constexpr = HEAD_PAD // V_GROUP  # value channel groups per token (padded)
+def _request_state(qsl_ptr, seq_lens_ptr, num_reqs, t, G: tl.constexpr, PHASE: tl.constexpr):
+    """(position, context before the step, context after it, whether this phase stores row ``t``) of batch row(s)
+    ``t`` (a scalar or a vector of rows; padding rows past the last request are never theirs: ``t < q_end``)."""
     r = find_request(qsl_ptr, num_reqs, t)
     q_start = tl.load(qsl_ptr + r)
     q_end = tl.load(qsl_ptr + r + 1)
-    t = t.to(tl.int64)  # row offsets: T x row stride may pass 2^31
     seq_len = tl.load(seq_lens_ptr + r)
     ctx = seq_len - (q_end - q_start)  # tokens cached before this step
     pos = ctx + (t - q_start)  # this token's position in its sequence
     first_group = (pos // G) == (ctx // G)
-    mine = (t < q_end) & (first_group == (PHASE == 0))
-    if mine:
-        blk = slot // BLOCK_SIZE
-        grp = (slot % BLOCK_SIZE) // G
-        p = slot % G
-        page = kv_ptr + blk * stride_cache_block + h * stride_cache_head
-        rec = page + grp * RECORD_BYTES
-        d = tl.arange(0, HEAD_PAD)
-        dmask = d < HEAD_SIZE
-        group_end = pos - p + G  # one past the group's last position
-        k_stage = (page + OFF_KSTAGE).to(tl.pointer_type(STAGE_DTYPE))
-        if not RESIDUAL_KV:
-            # residual="k": every value is quantized per token on arrival into its record row
-            v = tl.load(value_ptr + t * stride_vt + h * stride_vh + d, mask=dmask, other=0.0).to(tl.float32)
-            vq, vs, vm = quantize(tl.reshape(v, (1, NVG, V_GROUP)), 2, V_BITS)
-            vb = pack_rows(tl.reshape(vq, (1, HEAD_PAD)), 1, HEAD_PAD, V_BITS)
-            nb = tl.arange(0, HEAD_PAD * V_BITS // 8)
-            tl.store(rec + OFF_VC + p * (HEAD_SIZE * V_BITS // 8) + nb[None, :], vb,
-                     mask=nb[None, :] < HEAD_SIZE * V_BITS // 8)
-            ci = tl.arange(0, NVG)
-            cmask = ci < HEAD_SIZE // V_GROUP
-            tl.store((rec + OFF_VS).to(tl.pointer_type(tl.float16)) + p * (HEAD_SIZE // V_GROUP) + ci,
-                     tl.reshape(vs, (NVG,)), mask=cmask)
-            tl.store((rec + OFF_VM).to(tl.pointer_type(tl.float16)) + p * (HEAD_SIZE // V_GROUP) + ci,
-                     tl.reshape(vm, (NVG,)), mask=cmask)
-        if p == G - 1:
-            # This token completes its group: gather the G tokens (earlier steps' from the stage, this step's
-            # from key/value), quantize, write the record.
-            i = tl.arange(0, G)
-            j = pos - p + i  # positions of the group
-            from_step = j >= ctx
-            rows = t - p + i  # batch rows of this step's tokens
-            m2 = dmask[None, :]
-            k = tl.load(key_ptr + rows[:, None] * stride_kt + h * stride_kh + d[None, :],
-                        mask=from_step[:, None] & m2, other=0.0).to(STAGE_DTYPE).to(tl.float32)
-            k_old = tl.load(k_stage + i[:, None] * HEAD_SIZE + d[None, :], mask=(~from_step[:, None]) & m2,
-                            other=0.0).to(tl.float32)
-            k = tl.where(from_step[:, None], k, k_old)
-            if RESIDUAL_KV:
-                v_stage = (page + OFF_VSTAGE).to(tl.pointer_type(STAGE_DTYPE))
-                v = tl.load(value_ptr + rows[:, None] * stride_vt + h * stride_vh + d[None, :],
-                            mask=from_step[:, None] & m2, other=0.0).to(STAGE_DTYPE).to(tl.float32)
-                v_old = tl.load(v_stage + i[:, None] * HEAD_SIZE + d[None, :], mask=(~from_step[:, None]) & m2,
-                                other=0.0).to(tl.float32)
-                v = tl.where(from_step[:, None], v, v_old)
-            # the last record of a page shares bytes with the stage: every stage read above happens before any
-            # record write below
-            tl.debug_barrier()
-            # keys: per channel over the G tokens (padded channels are quantized but never stored)
-            kq, ks, km = quantize(k, 0, K_BITS)
-            kb = pack_rows(kq, G, HEAD_PAD, K_BITS)
-            nbk = tl.arange(0, HEAD_PAD * K_BITS // 8)
-            tl.store(rec + OFF_KC + i[:, None] * (HEAD_SIZE * K_BITS // 8) + nbk[None, :], kb,
-                     mask=nbk[None, :] < HEAD_SIZE * K_BITS // 8)
-            tl.store((rec + OFF_KS).to(tl.pointer_type(tl.float16)) + d, tl.reshape(ks, (HEAD_PAD,)), mask=dmask)
-            tl.store((rec + OFF_KM).to(tl.pointer_type(tl.float16)) + d, tl.reshape(km, (HEAD_PAD,)), mask=dmask)
-            if RESIDUAL_KV:
-                # values: per token over channel groups of V_GROUP
-                vq, vs, vm = quantize(tl.reshape(v, (G, NVG, V_GROUP)), 2, V_BITS)
-                vb = pack_rows(tl.reshape(vq, (G, HEAD_PAD)), G, HEAD_PAD, V_BITS)
-                nbv = tl.arange(0, HEAD_PAD * V_BITS // 8)
-                tl.store(rec + OFF_VC + i[:, None] * (HEAD_SIZE * V_BITS // 8) + nbv[None, :], vb,
-                         mask=nbv[None, :] < HEAD_SIZE * V_BITS // 8)
-                ci = tl.arange(0, NVG)
-                cmask = ci[None, :] < HEAD_SIZE // V_GROUP
-                off = i[:, None] * (HEAD_SIZE // V_GROUP) + ci[None, :]
-                tl.store((rec + OFF_VS).to(tl.pointer_type(tl.float16)) + off, tl.reshape(vs, (G, NVG)), mask=cmask)
-                tl.store((rec + OFF_VM).to(tl.pointer_type(tl.float16)) + off, tl.reshape(vm, (G, NVG)), mask=cmask)
-        elif group_end > seq_len:
-            # the group stays open after this step: stage the token exactly (index = position mod G)
-            kx = tl.load(key_ptr + t * stride_kt + h * stride_kh + d, mask=dmask)
-            tl.store(k_stage + p * HEAD_SIZE + d, kx.to(STAGE_DTYPE), mask=dmask)
-            if RESIDUAL_KV:
-                vx = tl.load(value_ptr + t * stride_vt + h * stride_vh + d, mask=dmask)
-                v_stage = (page + OFF_VSTAGE).to(tl.pointer_type(STAGE_DTYPE))
-                tl.store(v_stage + p * HEAD_SIZE + d, vx.to(STAGE_DTYPE), mask=dmask)
+    return pos, ctx, seq_len, (t < q_end) & (first_group == (PHASE == 0))
+
+
+@triton.jit
+def _quantize_group(kv_ptr, key_ptr, value_ptr, t, slot, pos, ctx, h, stride_cache_block, stride_cache_head,
+                    stride_kt, stride_kh, stride_vt, stride_vh, STAGE_DTYPE: tl.constexpr,
+                    BLOCK_SIZE: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr,
+                    HEAD_PAD: tl.constexpr, K_BITS: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr,
+                    RECORD_BYTES: tl.constexpr, OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KM: tl.constexpr,
+                    OFF_VC: tl.constexpr, OFF_VS: tl.constexpr, OFF_VM: tl.constexpr, OFF_KSTAGE: tl.constexpr,
+                    OFF_VSTAGE: tl.constexpr, RESIDUAL_KV: tl.constexpr):
+    """Row ``t`` (cache ``slot``, sequence position ``pos``) completes its group of KV head ``h``: gather the G
+    tokens (earlier steps' from the stage, this step's from ``key``/``value``), quantize them (keys per channel over
+    the G tokens, values per token over channel groups of V_GROUP, KIVI paper §3.2) and write the group's record."""
+    G: tl.constexpr = GROUP_SIZE
+    NVG: tl.constexpr = HEAD_PAD // V_GROUP  # value channel groups per token (padded)
+    t = t.to(tl.int64)  # row offsets: T x row stride may pass 2^31
+    p = slot % G
+    page = kv_ptr + (slot // BLOCK_SIZE) * stride_cache_block + h * stride_cache_head
+    rec = page + ((slot % BLOCK_SIZE) // G) * RECORD_BYTES
+    d = tl.arange(0, HEAD_PAD)
+    m2 = (d < HEAD_SIZE)[None, :]
+    i = tl.arange(0, G)
+    from_step = (pos - p + i) >= ctx  # the group's positions written in this step
+    rows = t - p + i  # their batch rows
+    k_stage = (page + OFF_KSTAGE).to(tl.pointer_type(STAGE_DTYPE))
+    k = tl.load(key_ptr + rows[:, None] * stride_kt + h * stride_kh + d[None, :],
+                mask=from_step[:, None] & m2, other=0.0).to(STAGE_DTYPE).to(tl.float32)
+    k_old = tl.load(k_stage + i[:, None] * HEAD_SIZE + d[None, :], mask=(~from_step[:, None]) & m2,
+                    other=0.0).to(tl.float32)
+    k = tl.where(from_step[:, None], k, k_old)
+    if RESIDUAL_KV:
+        v_stage = (page + OFF_VSTAGE).to(tl.pointer_type(STAGE_DTYPE))
+        v = tl.load(value_ptr + rows[:, None] * stride_vt + h * stride_vh + d[None, :],
+                    mask=from_step[:, None] & m2, other=0.0).to(STAGE_DTYPE).to(tl.float32)
+        v_old = tl.load(v_stage + i[:, None] * HEAD_SIZE + d[None, :], mask=(~from_step[:, None]) & m2,
+                        other=0.0).to(tl.float32)
+        v = tl.where(from_step[:, None], v, v_old)
+    # the last record of a page shares bytes with the stage: every stage read above happens before any record
+    # write below
+    tl.debug_barrier()
+    # keys: per channel over the G tokens (padded channels are quantized but never stored)
+    kq, ks, km = quantize(k, 0, K_BITS)
+    kb = pack_rows(kq, G, HEAD_PAD, K_BITS)
+    nbk = tl.arange(0, HEAD_PAD * K_BITS // 8)
+    tl.store(rec + OFF_KC + i[:, None] * (HEAD_SIZE * K_BITS // 8) + nbk[None, :], kb,
+             mask=nbk[None, :] < HEAD_SIZE * K_BITS // 8)
+    tl.store((rec + OFF_KS).to(tl.pointer_type(tl.float16)) + d, tl.reshape(ks, (HEAD_PAD,)), mask=d < HEAD_SIZE)
+    tl.store((rec + OFF_KM).to(tl.pointer_type(tl.float16)) + d, tl.reshape(km, (HEAD_PAD,)), mask=d < HEAD_SIZE)
+    if RESIDUAL_KV:
+        _store_values(rec + i * 0, i, i >= 0, tl.reshape(v, (G, NVG, V_GROUP)), G, HEAD_SIZE, HEAD_PAD, V_BITS,
+                      V_GROUP, OFF_VC, OFF_VS, OFF_VM)
+
+
+@triton.jit
+def _store_values(rec, i, row_mask, v, R: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
+                  V_BITS: tl.constexpr, V_GROUP: tl.constexpr, OFF_VC: tl.constexpr, OFF_VS: tl.constexpr,
+                  OFF_VM: tl.constexpr):
+    """Quantize the values ``v`` [R, HEAD_PAD / V_GROUP, V_GROUP] float32 per token over each channel group and
+    write them as rows ``i`` [R] of the records ``rec`` ([R] uint8 pointers), where ``row_mask`` [R]."""
+    NVG: tl.constexpr = HEAD_PAD // V_GROUP
+    vq, vs, vm = quantize(v, 2, V_BITS)
+    vb = pack_rows(tl.reshape(vq, (R, HEAD_PAD)), R, HEAD_PAD, V_BITS)
+    nbv = tl.arange(0, HEAD_PAD * V_BITS // 8)
+    tl.store(rec[:, None] + OFF_VC + i[:, None] * (HEAD_SIZE * V_BITS // 8) + nbv[None, :], vb,
+             mask=row_mask[:, None] & (nbv[None, :] < HEAD_SIZE * V_BITS // 8))
+    ci = tl.arange(0, NVG)
+    off = i[:, None] * (HEAD_SIZE // V_GROUP) + ci[None, :]
+    cmask = row_mask[:, None] & (ci[None, :] < HEAD_SIZE // V_GROUP)
+    tl.store((rec[:, None] + OFF_VS).to(tl.pointer_type(tl.float16)) + off, tl.reshape(vs, (R, NVG)), mask=cmask)
+    tl.store((rec[:, None] + OFF_VM).to(tl.pointer_type(tl.float16)) + off, tl.reshape(vm, (R, NVG)), mask=cmask)
 
 
 @triton.jit
 def _store_kernel(
-    kv_ptr, key_ptr, value_ptr, slot_ptr, qsl_ptr, seq_lens_ptr, num_reqs,
+    kv_ptr, key_ptr, value_ptr, slot_ptr, qsl_ptr, seq_lens_ptr, num_reqs, num_rows,
     stride_cache_block, stride_cache_head, stride_kt, stride_kh, stride_vt, stride_vh,
     STAGE_DTYPE: tl.constexpr, PHASE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr, RECORD_BYTES: tl.constexpr,
     OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KM: tl.constexpr, OFF_VC: tl.constexpr,
     OFF_VS: tl.constexpr, OFF_VM: tl.constexpr, OFF_KSTAGE: tl.constexpr, OFF_VSTAGE: tl.constexpr,
-    RESIDUAL_KV: tl.constexpr, ROWS: tl.constexpr = False, rows_ptr=None,
+    RESIDUAL_KV: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr = 1, ROWS: tl.constexpr = False, rows_ptr=None,
 ):
-    t = tl.program_id(0)
+    """Rows ``program_id(0) * ROWS_PER_PROGRAM ..`` (of the batch, or of ``rows_ptr`` with ``ROWS``) of KV head
+    ``program_id(1)``: first every row's stage write (or, residual="k", its values), all rows at once; then, one
+    after the other, the rows that complete a group (:func:`_quantize_group`)."""
+    R: tl.constexpr = ROWS_PER_PROGRAM
+    G: tl.constexpr = GROUP_SIZE
+    NVG: tl.constexpr = HEAD_PAD // V_GROUP
     h = tl.program_id(1)
-    if ROWS:  # a list of the rows with work (store_rows), one program each
-        t = tl.load(rows_ptr + t)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
+    j = tl.program_id(0) * R + tl.arange(0, R)
+    listed = j < num_rows
+    t = tl.load(rows_ptr + j, mask=listed, other=0) if ROWS else j
+    slot = tl.load(slot_ptr + t, mask=listed, other=-1)
     busy = slot >= 0
-    if busy:
-        _store_token(kv_ptr, key_ptr, value_ptr, qsl_ptr, seq_lens_ptr, num_reqs, t, slot, h,
-                     stride_cache_block, stride_cache_head, stride_kt, stride_kh, stride_vt, stride_vh,
-                     STAGE_DTYPE, PHASE, BLOCK_SIZE, GROUP_SIZE, HEAD_SIZE, HEAD_PAD, K_BITS, V_BITS, V_GROUP,
-                     RECORD_BYTES, OFF_KC, OFF_KS, OFF_KM, OFF_VC, OFF_VS, OFF_VM, OFF_KSTAGE, OFF_VSTAGE,
-                     RESIDUAL_KV)
+    # (t, not the slot, decides the request: the slot and the request loads go out together)
+    pos, _ctx, seq_len, mine = _request_state(qsl_ptr, seq_lens_ptr, num_reqs, t, G, PHASE)
+    mine = mine & busy
+    p = slot % G
+    page = kv_ptr + (slot // BLOCK_SIZE) * stride_cache_block + h * stride_cache_head  # [R]
+    d = tl.arange(0, HEAD_PAD)
+    dmask = (d < HEAD_SIZE)[None, :]
+    t64 = t.to(tl.int64)
+    if not RESIDUAL_KV:
+        # residual="k": every value is quantized per token on arrival into its record row
+        v = tl.load(value_ptr + t64[:, None] * stride_vt + h * stride_vh + d[None, :], mask=mine[:, None] & dmask,
+                    other=0.0).to(tl.float32)
+        rec = page + ((slot % BLOCK_SIZE) // G) * RECORD_BYTES
+        _store_values(rec, p, mine, tl.reshape(v, (R, NVG, V_GROUP)), R, HEAD_SIZE, HEAD_PAD, V_BITS, V_GROUP,
+                      OFF_VC, OFF_VS, OFF_VM)
+    # a token whose group stays open after this step: staged exactly (index = position mod G)
+    staged = (mine & (p != G - 1) & (pos - p + G > seq_len))[:, None] & dmask
+    k_stage = (page + OFF_KSTAGE).to(tl.pointer_type(STAGE_DTYPE))
+    kx = tl.load(key_ptr + t64[:, None] * stride_kt + h * stride_kh + d[None, :], mask=staged)
+    tl.store(k_stage[:, None] + p[:, None] * HEAD_SIZE + d[None, :], kx.to(STAGE_DTYPE), mask=staged)
+    if RESIDUAL_KV:
+        vx = tl.load(value_ptr + t64[:, None] * stride_vt + h * stride_vh + d[None, :], mask=staged)
+        v_stage = (page + OFF_VSTAGE).to(tl.pointer_type(STAGE_DTYPE))
+        tl.store(v_stage[:, None] + p[:, None] * HEAD_SIZE + d[None, :], vx.to(STAGE_DTYPE), mask=staged)
+    # the rows that complete their group, as a bit mask (a warp-uniform scalar), then one at a time
+    heavy = tl.sum(tl.where(mine & (p == G - 1), 1 << tl.arange(0, R), 0), axis=0)
+    for jj in range(R):
+        if (heavy >> jj) & 1:
+            tj = tl.load(rows_ptr + tl.program_id(0) * R + jj) if ROWS else tl.program_id(0) * R + jj
+            slot_j = tl.load(slot_ptr + tj).to(tl.int64)
+            pos_j, ctx_j, _seq_j, _mine_j = _request_state(qsl_ptr, seq_lens_ptr, num_reqs, tj, G, PHASE)
+            _quantize_group(kv_ptr, key_ptr, value_ptr, tj, slot_j, pos_j, ctx_j, h, stride_cache_block,
+                            stride_cache_head, stride_kt, stride_kh, stride_vt, stride_vh, STAGE_DTYPE, BLOCK_SIZE,
+                            GROUP_SIZE, HEAD_SIZE, HEAD_PAD, K_BITS, V_BITS, V_GROUP, RECORD_BYTES, OFF_KC, OFF_KS,
+                            OFF_KM, OFF_VC, OFF_VS, OFF_VM, OFF_KSTAGE, OFF_VSTAGE, RESIDUAL_KV)
 
 
 def store_rows(query_start_loc: np.ndarray, seq_lens: np.ndarray, group_size: int) -> np.ndarray:
@@ -183,6 +207,7 @@ def store(
     num_reqs: int | None = None,
     num_warps: int = 4,
     rows: torch.Tensor | None = None,
+    rows_per_program: int | None = None,
 ) -> None:
     """Write this step's tokens of one phase (see the module docstring) into the KIVI pages, in place.
 
@@ -196,12 +221,15 @@ def store(
         phase: 0 = tokens of each request's first group (reads the stage), 1 = the others (launch after 0).
         num_reqs: requests to consider (default ``len(seq_lens)``).
         num_warps: warps per program (Triton's; a group's [G, head_size] keys and values spread over them).
-        rows: residual="kv" only: int32 [N] on the device, the rows with work (:func:`store_rows`); one program per
-            listed row instead of one per row of ``key``. None: every row.
+        rows: residual="kv" only: int32 [N] on the device, the rows with work (:func:`store_rows`); the programs
+            take the listed rows instead of every row of ``key``. None: every row.
+        rows_per_program: rows (a power of two, at most 32: a bit each in one int32) per program and KV head; None:
+            :func:`rows_per_program` for this launch.
 
     Raises:
         ValueError: wrong cache shape/dtype, key/value shapes that do not match the layout, key/value not
-            contiguous in head_size, or ``rows`` with residual="k" or not int32.
+            contiguous in head_size, ``rows`` with residual="k" or not int32, ``rows_per_program`` not a power
+            of two in [1, 32].
     """
     check_cache(kv_cache, layout)
     T, H, D = key.shape
@@ -212,12 +240,42 @@ def store(
     n = len(seq_lens) if num_reqs is None else num_reqs
     if rows is not None and (layout.residual != "kv" or rows.dtype != torch.int32):
         raise ValueError(f"KIVI store: rows need residual 'kv' and int32, got {layout.residual!r}, {rows.dtype}")
-    grid = T if rows is None else rows.numel()
-    if grid == 0 or n == 0:
+    num_rows = T if rows is None else rows.numel()
+    per = rows_per_program_for(num_rows, H, kv_cache.device) if rows_per_program is None else int(rows_per_program)
+    if per < 1 or per > 32 or per & (per - 1):
+        raise ValueError(f"KIVI store: rows_per_program must be a power of two in [1, 32], got {per}")
+    if num_rows == 0 or n == 0:
         return
-    _store_kernel[(grid, H)](
-        kv_cache, key, value, slot_mapping, query_start_loc, seq_lens, n,
+    _store_kernel[(triton.cdiv(num_rows, per), H)](
+        kv_cache, key, value, slot_mapping, query_start_loc, seq_lens, n, num_rows,
         kv_cache.stride(0), kv_cache.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
-        STAGE_DTYPE=stage_dtype(layout), PHASE=phase, ROWS=rows is not None,
+        STAGE_DTYPE=stage_dtype(layout), PHASE=phase, ROWS_PER_PROGRAM=per, ROWS=rows is not None,
         rows_ptr=rows, num_warps=num_warps, **layout_args(layout),
     )
+
+
+#: Store programs per SM that :func:`rows_per_program_for` aims at: the rows per program grow until the launch has
+#: at most this many programs per SM. Measured on the H200 at batch 256 (docs/benchmarks.md, twelfth session): 1
+#: (16 rows per program at both shapes) gave the fastest steady step, 11.7 µs GQA and 17.3 µs Llama-2-7B against
+#: 15.4 and 33.2 with one row per program; the step where every request completes a group takes longer (65 µs
+#: against 43 GQA), since a program quantizes its rows' groups one after the other.
+STORE_PROGRAMS_PER_SM = 1
+
+
+def rows_per_program_for(num_rows: int, num_kv_heads: int, device: torch.device) -> int:
+    """Rows per store program for ``num_rows`` rows x ``num_kv_heads`` heads: the smallest power of two (at most 16)
+    that leaves at most :data:`STORE_PROGRAMS_PER_SM` programs per SM; 1 off CUDA. A program writes its rows'
+    stage rows at once and quantizes its group-completing rows one after the other, so fewer programs cost less
+    when few rows complete a group (a running batch: 1 in G) and more when many do."""
+    if device.type != "cuda":
+        return 1
+    wave = STORE_PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    per = 1
+    while per < 16 and triton.cdiv(num_rows, per) * num_kv_heads > wave:
+        per *= 2
+    return per
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
