@@ -30,22 +30,11 @@ import json
 import math
 
 import torch
+from decode_attention import bench, random_bytes  # this directory's: the same timing and cache bytes
 
 SHAPES = {"gqa": (8, 128), "llama2-7b": (32, 128)}  # KV heads, head size
 STATES = ("steady", "worst", "heavy", "light", "empty", "one")
 GROUP, BLOCK = 32, 512
-
-
-def bench(fn):
-    """Median ms of a CUDA-graph replay of ``fn`` (first call compiles, not timed)."""
-    import triton.testing
-
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
 
 
 def state_inputs(state, B, L, h, d, block_table, device):
@@ -93,7 +82,7 @@ def main() -> None:
             lay = PageLayout(BLOCK, d, bits, bits, GROUP, "kv", torch.bfloat16)
             nblk = math.ceil(a.context / BLOCK)
             block_table = torch.randperm(a.batch * nblk, device=dev).to(torch.int32).view(a.batch, nblk)
-            cache0 = torch.empty(a.batch * nblk, h, lay.page_bytes, dtype=torch.uint8, device=dev).random_(0, 60)
+            cache0 = random_bytes(a.batch * nblk * h * lay.page_bytes, dev).view(a.batch * nblk, h, lay.page_bytes)
             for state in a.states:
                 io = state_inputs(state, a.batch, a.context, h, d, block_table, dev)
                 ref = None
@@ -106,7 +95,7 @@ def main() -> None:
                         call()
                         same = True if ref is None else bool(torch.equal(cache, ref))
                         ref = cache.clone() if ref is None else ref
-                        ms = bench(call)
+                        ms, _ = bench(call, dev, eager=False)
                         rows.append(dict(shape=shape, bits=bits, state=state, num_warps=nw, rows_per_program=per,
                                          batch=a.batch, context=a.context, store_us=ms * 1e3, same_bytes=same))
                         line += f"  w{nw}r{per} {ms * 1e3:6.1f}{'' if same else ' (DIFFERENT BYTES)'}"

@@ -224,7 +224,7 @@ def store(
         rows: residual="kv" only: int32 [N] on the device, the rows with work (:func:`store_rows`); the programs
             take the listed rows instead of every row of ``key``. None: every row.
         rows_per_program: rows (a power of two, at most 32: a bit each in one int32) per program and KV head; None:
-            :func:`rows_per_program` for this launch.
+            :func:`rows_per_program_for` this launch.
 
     Raises:
         ValueError: wrong cache shape/dtype, key/value shapes that do not match the layout, key/value not
@@ -255,10 +255,10 @@ def store(
 
 
 #: Store programs per SM that :func:`rows_per_program_for` aims at: the rows per program grow until the launch has
-#: at most this many programs per SM. Measured on the H200 at batch 256 (docs/benchmarks.md, twelfth session): 1
-#: (16 rows per program at both shapes) gave the fastest steady step, 11.7 µs GQA and 17.3 µs Llama-2-7B against
-#: 15.4 and 33.2 with one row per program; the step where every request completes a group takes longer (65 µs
-#: against 43 GQA), since a program quantizes its rows' groups one after the other.
+#: at most this many programs per SM. Measured on the H200 at batch 256 (docs/benchmarks.md, twelfth session,
+#: command 2): 1 (16 rows per program at both shapes) gave the fastest steady step, 11.7 µs GQA and 17.3 µs
+#: Llama-2-7B against 15.4 and 33.2 with one row per program; the step where every request completes a group takes
+#: longer (65 µs against 43 GQA), since a program quantizes its rows' groups one after the other.
 STORE_PROGRAMS_PER_SM = 1
 
 
@@ -269,7 +269,7 @@ def rows_per_program_for(num_rows: int, num_kv_heads: int, device: torch.device)
     when few rows complete a group (a running batch: 1 in G) and more when many do."""
     if device.type != "cuda":
         return 1
-    wave = STORE_PROGRAMS_PER_SM * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    wave = STORE_PROGRAMS_PER_SM * _sm_count(device)
     per = 1
     while per < 16 and triton.cdiv(num_rows, per) * num_kv_heads > wave:
         per *= 2
@@ -277,5 +277,6 @@ def rows_per_program_for(num_rows: int, num_kv_heads: int, device: torch.device)
 
 
 @functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _sm_count(device: torch.device) -> int:
+    """SMs of ``device`` (cached: store() runs per layer and step)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
