@@ -103,6 +103,9 @@ def parse_args():
     p.add_argument("--tc-stages", type=int, default=None,
                    help="KIVI tc decode: decode_tc.STAGES (shared-memory stages of the key codes, key scale/min and "
                         "value codes, copied with cp.async; 0: none)")
+    p.add_argument("--tc-transposed", type=int, choices=[0, 1], default=None,
+                   help="KIVI tc decode: decode_tc.TRANSPOSED (1: S^T = K q^T and O^T = V^T P^T, query heads padded "
+                        "to 8 columns; 0: query heads padded to 16 rows)")
     p.add_argument("--eager", action="store_true", help="time the Python call, not a CUDA-graph replay")
     p.add_argument("--profile", action="store_true",
                    help="KIVI: also print the GPU time of each kernel of the decode call (torch.profiler, mean of "
@@ -356,6 +359,10 @@ def main():
         from kivi_vllm.kernels import decode_tc
 
         decode_tc.STAGES = args.tc_stages
+    if args.tc_transposed is not None:
+        from kivi_vllm.kernels import decode_tc
+
+        decode_tc.TRANSPOSED = bool(args.tc_transposed)
     try:
         from vllm.version import __version__ as vllm_version
     except Exception:  # noqa: BLE001

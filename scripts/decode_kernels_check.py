@@ -57,7 +57,12 @@ def main() -> None:
                          "decode.wave_programs of the kernel, as the engine runs it; 0: the split grid")
     ap.add_argument("--tc-prefetch", type=int, choices=[0, 1], default=None, help="tc: decode_tc.PREFETCH")
     ap.add_argument("--tc-stages", type=int, default=None, help="tc: decode_tc.STAGES")
+    ap.add_argument("--tc-transposed", type=int, choices=[0, 1], default=None, help="tc: decode_tc.TRANSPOSED")
     a = ap.parse_args()
+    if a.tc_transposed is not None:
+        from kivi_vllm.kernels import decode_tc
+
+        decode_tc.TRANSPOSED = bool(a.tc_transposed)
     if a.tc_prefetch is not None:
         from kivi_vllm.kernels import decode_tc
 

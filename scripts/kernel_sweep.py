@@ -5,7 +5,7 @@ engine step through :func:`kivi_vllm.kernels.forward` and through :func:`kivi_vl
 attention), and checks: every byte of the cache equal (store bit-exact), no NaN in any real output row, relative
 error below 1e-2 (bf16). Grid: head sizes 64 and 128; GQA ratios 1, 4, 8; KIVI-2 and KIVI-4; residual kv (and k
 on two shapes); group 32; plus 8 shapes with groups 16, 64, 128 and head sizes 80, 96, 256 (decode: the kernel
-decode() picks, "tc" at 2+ query heads per KV head where it applies, "fma"/"mma" otherwise; ``--decode-kernel``);
+decode() picks, "tc" where it applies, "fma"/"mma" otherwise; ``--decode-kernel``);
 contexts that end exactly at, just before and just after group (32) and block (512) boundaries; batches mixing
 first chunks, continuation chunks and decode tokens.
 

@@ -29,8 +29,10 @@ from kivi_vllm.layout import PageLayout
 
 ROOT = Path(__file__).resolve().parents[1]
 H200_SMEM = 232_448  # bytes of shared memory one program may use on sm_90 (the launch error's "Hardware limit")
-# head, G, kb, vb, qpk; staged (decode_tc.STAGES): the first and last
-TC_SHAPES = [(128, 32, 2, 2, 4), (64, 16, 4, 2, 8), (128, 64, 4, 4, 6), (64, 128, 2, 4, 3), (128, 32, 4, 4, 4)]
+# head, G, kb, vb, qpk; staged (decode_tc.STAGES): the first and the last three; 1 query head per KV head (MHA,
+# the Llama-2-7B shape) and 16 (two 8-column tiles of query heads in the transposed form)
+TC_SHAPES = [(128, 32, 2, 2, 4), (64, 16, 4, 2, 8), (128, 64, 4, 4, 6), (64, 128, 2, 4, 3), (128, 32, 4, 4, 4),
+             (128, 32, 2, 2, 1), (128, 32, 2, 2, 16)]
 PREFILL_SHAPES = [(128, 128, 2), (256, 64, 4), (256, 128, 4)]  # head, G, bits
 STORE_SHAPES = [(128, 32, 2, 1, "kv"), (128, 32, 2, 16, "kv"), (256, 128, 4, 16, "kv"), (64, 32, 2, 4, "k")]
 # head, G, bits, rows per program, residual
@@ -49,6 +51,7 @@ for head, g, kb, vb, qpk in %(tc)s:
 lay = PageLayout(512, 128, 2, 2, 32, "kv", torch.bfloat16)
 out["tc_slack0"] = kr.compiled_resources(tc.tc_kernel(), tc.tc_constexprs(lay, 4, 8, 0.0), 1)
 out["tc_work"] = kr.compiled_resources(tc.tc_kernel(), dict(tc.tc_constexprs(lay, 4, 8), WORK_LIST=True), 1)
+out["tc_rows16"] = kr.compiled_resources(tc.tc_kernel(), tc.tc_constexprs(lay, 4, 8, transposed=False), 1)
 out["slack_errors"] = []
 for slack in (16.0, -1.0):
     try:
@@ -105,13 +108,34 @@ def test_tc_stages_apply_where_supported_and_are_checked():
                 tc.tc_constexprs(lay, 4, 8, stages=bad)
 
 
+def tc_mmas(head: int, group: int, qpk: int, transposed: bool = True) -> int:
+    """m16n8k16 MMAs per group of the "tc" loop. Transposed (``decode_tc.TRANSPOSED``): scores ``S^T = K q^T``
+    (G/16 m-tiles x NP/8 n-tiles x D/16 k-steps, NP = the query heads padded to 8 or 16) and ``O^T = V^T P^T``
+    (D/16 x NP/8 x G/16); query heads as 16 rows: scores G/8 n-tiles x D/16 k-steps, P.V D/8 n-tiles x G/16
+    k-steps."""
+    if transposed:
+        np_ = max(8, 1 << (qpk - 1).bit_length())
+        return 2 * (group // 16) * (head // 16) * (np_ // 8)
+    return (group // 8) * (head // 16) + (head // 8) * (group // 16)
+
+
 @pytest.mark.parametrize("i", range(len(TC_SHAPES)))
 def test_tc_decode_compiles_with_register_operands(compiled, i):
-    head, group, kb, vb, _ = TC_SHAPES[i]
+    head, group, kb, vb, qpk = TC_SHAPES[i]
     r = compiled["tc"][i]
-    assert r["shared_bytes"] == staged_bytes(head, group, kb, vb)
-    # m16n8k16 per group: scores (G/8 n-tiles x D/16 k-steps) + P.V (D/8 n-tiles x G/16 k-steps)
-    assert r["ptx_ops"]["mma.sync"] == (group // 8) * (head // 16) + (head // 8) * (group // 16)
+    assert r["shared_bytes"] == staged_bytes(head, group, kb, vb)  # the probabilities' transpose: registers only
+    assert r["ptx_ops"]["mma.sync"] == tc_mmas(head, group, qpk)
+
+
+def test_tc_transposed_halves_the_mmas_and_the_accumulator(compiled):
+    """At 4 query heads per KV head the transposed loop (query heads padded to 8 columns) runs half the MMAs of the
+    16-row form, and its [D, 8] float32 accumulator and [D, 8] query operand leave registers for more programs per
+    SM (157 registers and 12 programs against 202 and 9, sm_90, 2026-12-02); both keep shared memory to the stages."""
+    t, rows16 = compiled["tc"][0], compiled["tc_rows16"]  # TC_SHAPES[0]: head 128, G 32, k2v2, 4 per KV head
+    assert rows16["ptx_ops"]["mma.sync"] == tc_mmas(128, 32, 4, transposed=False) == 2 * t["ptx_ops"]["mma.sync"]
+    assert rows16["shared_bytes"] == t["shared_bytes"] == staged_bytes(128, 32, 2, 2)
+    assert t["registers"] <= rows16["registers"] - 32 and t["programs_per_sm"] > rows16["programs_per_sm"]
+
 
 
 def test_tc_rescaling_is_a_branch(compiled):
@@ -119,7 +143,7 @@ def test_tc_rescaling_is_a_branch(compiled):
     (rescale whenever the maximum grows) has none. Both keep the register-only operands and the MMA count."""
     slack8, slack0 = compiled["tc"][0], compiled["tc_slack0"]  # TC_SHAPES[0]: head 128, G 32, k2v2, 4 per KV head
     for r in (slack8, slack0):
-        assert r["shared_bytes"] == staged_bytes(128, 32, 2, 2) and r["ptx_ops"]["mma.sync"] == 4 * 8 + 16 * 2
+        assert r["shared_bytes"] == staged_bytes(128, 32, 2, 2) and r["ptx_ops"]["mma.sync"] == 2 * 8 + 8 * 2
     assert slack8["ptx_ops"]["bra"] == slack0["ptx_ops"]["bra"] + 1  # conditional branches (bra.uni: jumps)
     # probabilities reach 2**slack: 2**16 is infinite in fp16
     assert all(e and "rescale_slack must lie in [0, 15]" in e for e in compiled["slack_errors"])
@@ -131,9 +155,10 @@ def test_tc_work_list_keeps_the_loop_and_the_programs_per_sm(compiled):
     from kivi_vllm.kernels.decode import WORK_PROGRAMS_PER_SM
 
     split, work = compiled["tc"][0], compiled["tc_work"]
-    # the same loop up to register allocation (983 against 982 SASS instructions with 2 stages)
+    # the same loop up to register allocation (879 SASS instructions with 2 stages, transposed, 2026-12-02)
     assert abs(work["loops"][0]["instructions"] - split["loops"][0]["instructions"]) <= 4
-    # 202 registers: 9 programs fit, but waves of 9 per SM measured slower on the H200 than of 8 (tenth session)
+    # 157 registers: 12 programs fit; waves of 12 per SM measured faster at batch 64, slower at 256 than of 8
+    # (thirteenth session; 202 registers and 9 before, tenth session: slower than 8)
     assert work["programs_per_sm"] >= WORK_PROGRAMS_PER_SM["tc"]
     loop = work["loops"][0]
     assert work["spill_bytes"] == 0 and loop["ldl"] == 0 and loop["stl"] == 0, (work["spill_bytes"], loop)
@@ -153,8 +178,9 @@ def test_attention_path_in_the_startup_log():
     line = attention_path_summary(lay, 32, 8, True, (9, 0))
     assert "decode kernel 'tc' (tensor cores" in line and "4 query heads per KV head" in line
     assert "head size 128, group size 32, compute capability 9.0" in line
-    assert "decode kernel 'fma' (CUDA cores" in attention_path_summary(lay, 32, 32, True, (9, 0))
+    assert "decode kernel 'tc' (tensor cores" in attention_path_summary(lay, 32, 32, True, (9, 0))
     assert "1 query head per KV head" in attention_path_summary(lay, 32, 32, True, (9, 0))
+    assert "decode kernel 'fma' (CUDA cores" in attention_path_summary(lay, 32, 32, True, (7, 5))
     assert "decode kernel 'fma'" in attention_path_summary(lay, 32, 8, True, None)  # ROCm: no 'tc'
     assert "PyTorch path" in attention_path_summary(lay, 32, 8, False)
     assert attention_path_summary(lay, 32, 8, False, prefill_rule="exact").endswith("prefill: PyTorch path, exact rule")
@@ -166,7 +192,8 @@ def test_attention_path_in_the_startup_log():
 
 
 def test_default_decode_kernel():
-    """'tc' only on NVIDIA sm_80+, from 2 query heads per KV head, on shapes it supports; the others as before."""
+    """'tc' only on NVIDIA sm_80+ (from 1 query head per KV head since the transposed loop), on shapes it supports;
+    the others as before."""
     lay = PageLayout(512, 128, 2, 2, 32, "kv", torch.bfloat16)
     assert default_kernel(lay, 4, (9, 0)) == "tc"
     assert default_kernel(lay, 2, (9, 0)) == default_kernel(lay, 3, (9, 0)) == "tc"
@@ -174,7 +201,8 @@ def test_default_decode_kernel():
     assert default_kernel(lay, 8, (8, 0)) == "tc"
     assert default_kernel(lay, 4, None) == kernel_for(4) == "fma"  # CPU or ROCm
     assert default_kernel(lay, 8, (7, 5)) == kernel_for(8) == "mma"
-    assert default_kernel(lay, 1, (9, 0)) == "fma"
+    assert default_kernel(lay, 1, (9, 0)) == "tc"
+    assert default_kernel(lay, 1, (7, 5)) == default_kernel(lay, 1, None) == kernel_for(1) == "fma"
     lay96 = PageLayout(512, 96, 2, 2, 32, "kv", torch.bfloat16)
     assert default_kernel(lay96, 4, (9, 0)) == "fma"
     assert tc_supports(lay96, 4) == "head size 96 (64 or 128)"

@@ -397,7 +397,9 @@ def default_num_splits(kernel: str, num_reqs: int, num_kv_heads: int) -> int:
 #: "tc": 8, one warp each (255 registers before the tenth session; with the 2 shared-memory stages of
 #: ``decode_tc.STAGES``, 202 registers fit 9, but waves of 9 per SM (at 3 stages) took 1.12-1.37x the time of 8 at the
 #: GQA shape, and of 11 or 12 with a register cap 1.11-1.53x: tenth session, docs/benchmarks.md; offline sm_90 compile,
-#: ``benchmarks/kernel_resources.py``). Why a work list sized
+#: ``benchmarks/kernel_resources.py``). The transposed loop (``decode_tc.TRANSPOSED``, 157 registers) fits 12: waves
+#: of 12 took 0.95x the time of 8 at batch 64 / 4k-16k and 1.26-1.30x at batch 256 (thirteenth session, GQA shape,
+#: ``decode_attention.py --work-target 1584``), so 8 stays. Why a work list sized
 #: in waves of ``SMs x this``: on the H200 "tc" was fastest with about 1,024 programs whatever the batch
 #: (2026-11-30, seventh session: batch 64 / 4k at 8 KV heads, 158 µs with 2 splits against 225 at the default 32),
 #: and rows without work slow the launch down: a work list that left a third of its rows empty took 245 µs of
@@ -540,14 +542,16 @@ def cuda_capability(device: torch.device) -> tuple[int, int] | None:
 def default_kernel(layout: PageLayout, qpk: int, capability: tuple[int, int] | None) -> str:
     """The decode kernel :func:`decode` runs when the caller names none: on an NVIDIA GPU of compute capability 8.0
     or newer (``capability``, :func:`cuda_capability`; the "tc" kernel's ``mma.sync.m16n8k16`` and inline PTX), "tc"
-    (:mod:`.decode_tc`, tensor cores with register operands) from 2 query heads per KV head where
-    :func:`tc_supports` the shape; otherwise :func:`kernel_for`. Measured on the H200 (2026-11-30,
+    (:mod:`.decode_tc`, tensor cores with register operands) where :func:`tc_supports` the shape; otherwise :func:`kernel_for`. Measured on the H200 (2026-11-30,
     ``benchmarks/decode_attention.py --kernel tc|fma``, docs/benchmarks.md), KIVI-2 at batch 64-256, 4k-16k
     context: "tc" takes 0.69-0.80x the "fma" kernel's time at 2 query heads per KV head, 0.46-0.63x at 3 (both
-    timed with ``maxnreg=168``, 0-9% slower than the default at 4), 0.47-0.66x at 4 and 0.11-0.29x at 8; at 1 it is
-    slower than "fma" (559 vs 464 µs at 64 / 4k), which stays the MHA kernel. Its fp16 operands are less accurate
-    than "fma"'s float32 at very sharp attention (docs/benchmarks.md, ``benchmarks/tc_rounding.py``)."""
-    if capability is not None and capability >= (8, 0) and qpk >= 2 and tc_supports(layout, qpk) is None:
+    timed with ``maxnreg=168``, 0-9% slower than the default at 4), 0.47-0.66x at 4 and 0.11-0.29x at 8. At 1 query
+    head per KV head (MHA) the 16-row form was slower than "fma" (559 vs 464 µs at 64 / 4k); the transposed form
+    (``decode_tc.TRANSPOSED``, query heads padded to 8 columns) took 0.82-1.00x its time at batch 16-256, 1k-16k,
+    at the Llama-2-7B shape (thirteenth session, docs/benchmarks.md), so "tc" is the default there too. Its fp16
+    operands are less accurate than "fma"'s float32 at very sharp attention (docs/benchmarks.md,
+    ``benchmarks/tc_rounding.py``)."""
+    if capability is not None and capability >= (8, 0) and tc_supports(layout, qpk) is None:
         return "tc"
     return kernel_for(qpk, layout.group_size, layout.head_size)
 

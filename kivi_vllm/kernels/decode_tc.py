@@ -4,7 +4,20 @@ The same attention over complete groups as ``_decode_fma_kernel`` in :mod:`.deco
 request, KV head and split, or per work-list row and KV head: :func:`.decode.decode_work`; the open group and the
 reduction are that module's launches), with both products as
 ``mma.sync.m16n8k16`` fp16 MMAs (float32 accumulators) whose operands are built in registers (shared memory only
-holds the packed records on their way in, ``STAGES``):
+holds the packed records on their way in, ``STAGES``).
+
+By default (:data:`TRANSPOSED`) both products run transposed, ``S^T = K . q^T`` and ``O^T = V^T . P^T``: the
+dequantized keys and values are the A operands (16-row tiles of tokens and of channels, the same registers as the B
+operands below, since an A and a B fragment hold the same reduction indices), the query heads the 8 columns of B
+(16 above 8 query heads per KV head). Padding to 8 instead of 16 halves the MMAs and the softmax work, and the
+[D, 8] float32 accumulator holds 32 registers per thread instead of 64: 157 registers against 202 at 4 query heads
+per KV head, 2 bits (sm_90 compile), 879 SASS per group against 983. The probabilities leave the score accumulator
+transposed (a thread holds tokens lane / 4 and heads 2 (lane % 4)) and reach the B operand of ``V^T . P^T`` (tokens
+2 (lane % 4), heads lane / 4) through one register-only layout conversion (shuffles) per group. On the H200
+(thirteenth session, docs/benchmarks.md) 0.87-0.91x the 16-row form's time at the GQA shape (batch 64-256, 4k-16k)
+and 0.82-1.00x the "fma" kernel's at 1 query head per KV head (batch 16-256, 1k-16k; equal at 64 / 16k), where the
+16-row form was slower than "fma".
+The description below is of the 16-row form; the transposed one swaps the operands of each product:
 
 * scores ``S = q . K^T``: A = the query heads of one KV head in fp16 (padded to 16 rows, loaded once; a bf16 query
   clamped to fp16's range, |q| <= 65504, and not scaled: the softmax scale and log2(e) multiply the float32 scores,
@@ -121,6 +134,14 @@ PREFETCH = True
 #: KIVI-4; 3-5 stages are no faster.
 STAGES = 2
 
+#: Compute the transposed products ``S^T = K . q^T`` and ``O^T = V^T . P^T``: the keys and values are the A operands
+#: (16-row tiles of tokens and channels), the query heads the 8 (or 16) columns of B, so heads pad to 8 instead of
+#: 16: half the MMAs and softmax work of the 16-row form, and a [D, 8] float32 accumulator (32 registers per thread
+#: instead of 64). The probabilities reach the P.V product's B operand through one layout conversion (shared
+#: memory), since the score accumulator holds them transposed. False: the 16-row form (the kernel until the
+#: thirteenth session).
+TRANSPOSED = True
+
 
 def staged_supported(layout: PageLayout) -> bool:
     """Whether :data:`STAGES` applies to ``layout``: group size at most 32 (at 64 and 128 the staged loop spills as
@@ -130,14 +151,14 @@ def staged_supported(layout: PageLayout) -> bool:
 
 
 def tc_constexprs(layout: PageLayout, qpk: int, num_splits: int, rescale_slack: float = RESCALE_SLACK,
-                  prefetch: bool | None = None, stages: int | None = None) -> dict:
+                  prefetch: bool | None = None, stages: int | None = None, transposed: bool | None = None) -> dict:
     """Constexprs of :func:`_decode_tc_kernel` for ``layout`` (:func:`.decode.tc_supports` it; cached: decode()
     launches it per layer and step; do not mutate the result): its register layouts (Gluon
     ``DistributedLinearLayout``s of the packed words, built so that the codes land where the MMA fragments want
     them), the inline PTX of :func:`_asm` and the page offsets (:func:`.common.layout_args`).
 
     ``prefetch``: :data:`PREFETCH` (read at each call) if None. ``stages``: :data:`STAGES` (read at each call) if
-    None; 0 where not :func:`staged_supported`.
+    None; 0 where not :func:`staged_supported`. ``transposed``: :data:`TRANSPOSED` (read at each call) if None.
 
     ``rescale_slack`` (log2 units): a row's running maximum moves only when a group's scores exceed it by more
     than this (0: whenever they exceed it, the classic online softmax). The result is the same up to rounding; the
@@ -151,12 +172,13 @@ def tc_constexprs(layout: PageLayout, qpk: int, num_splits: int, rescale_slack: 
     if stages == 1 or not 0 <= stages <= 8:  # checked for every layout, also those that run without stages
         raise ValueError(f"KIVI decode: stages must be 0 or 2-8, got {stages}")
     return _tc_constexprs(layout, qpk, num_splits, rescale_slack, PREFETCH if prefetch is None else bool(prefetch),
-                          stages if staged_supported(layout) else 0)
+                          stages if staged_supported(layout) else 0,
+                          TRANSPOSED if transposed is None else bool(transposed))
 
 
 @functools.lru_cache(maxsize=64)
 def _tc_constexprs(layout: PageLayout, qpk: int, num_splits: int, rescale_slack: float, prefetch: bool,
-                   stages: int) -> dict:
+                   stages: int, transposed: bool) -> dict:
     """:func:`tc_constexprs` with every argument resolved (the cache key)."""
     if not 0 <= rescale_slack <= 15:
         raise ValueError(f"KIVI decode: rescale_slack must lie in [0, 15] (probabilities up to 2**slack must fit "
@@ -201,7 +223,8 @@ def _tc_constexprs(layout: PageLayout, qpk: int, num_splits: int, rescale_slack:
                 MMA=mma, KWT=kwt, VWT=vwt, VCW=vcw, KEY_ASM=_asm("key", kb), VAL_ASM=_asm("value", vb),
                 RESCALE_SLACK=float(rescale_slack), PREFETCH=prefetch, STAGES=stages, KC_COPY=kc_copy,
                 VC_COPY=vc_copy, KS_COPY=ks_copy, SMEM2=gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
-                SMEM1=gl.SwizzledSharedLayout(1, 1, 1, [0]), **layout_args(layout))
+                SMEM1=gl.SwizzledSharedLayout(1, 1, 1, [0]), TRANSPOSED=transposed, NP=max(8, 1 << (qpk - 1).bit_length()),
+                **layout_args(layout))
 
 
 @gluon.jit
@@ -303,6 +326,69 @@ def _group_step(q, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, rot, v_sel, v_
 
 
 @gluon.jit
+def _group_step_t(qb, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, rot, v_sel, v_shift, qscale,
+                  K_LAY: gl.constexpr, B16: gl.constexpr, A16: gl.constexpr, MMA: gl.constexpr,
+                  KEY_ASM: gl.constexpr, VAL_ASM: gl.constexpr, G: gl.constexpr, D: gl.constexpr,
+                  KWT: gl.constexpr, HALF: gl.constexpr, CPTV: gl.constexpr, K_BITS: gl.constexpr,
+                  V_BITS: gl.constexpr, RESCALE_SLACK: gl.constexpr):
+    """:func:`_group_step` transposed (:data:`TRANSPOSED`): ``S^T = K . q^T`` with the keys as A [G, D] and the
+    query heads as B [D, NP]; ``O^T += V^T . P^T`` with the values as A [D, G]; m_i, l_i [NP] and acc [D, NP]
+    per query head (column)."""
+    ks = ks * (1 << K_BITS)  # exact in fp16
+    vs = vs * (1 << V_BITS)
+    kd = gl.inline_asm_elementwise(
+        KEY_ASM, "=r,r,r,r,r,r,r",
+        [gl.expand_dims(gl.expand_dims(kwords, 3), 4), rot,
+         gl.expand_dims(gl.convert_layout(ks, gl.SliceLayout(0, K_LAY)), 0),
+         gl.expand_dims(gl.convert_layout(km, gl.SliceLayout(0, K_LAY)), 0)],
+        dtype=gl.float16, is_pure=True, pack=2)  # [G, 4, KWT, 2, HALF]
+    kd = gl.reshape(gl.permute(kd, (0, 1, 2, 4, 3)), [G, 4, KWT * HALF // 2, 2, 2])  # (w, b) -> (kc, e)
+    kd = gl.reshape(gl.permute(kd, (0, 2, 3, 1, 4)), [G, D])  # [token, k = 16 kc + 8 e + 2 j + p]
+    kd = gl.convert_layout(kd, A16, assert_trivial=True)
+    s = mma_v2(kd, qb, gl.full([G, qb.shape[1]], 0.0, gl.float32, MMA))  # [G, NP], times qscale: log2 units
+    m_new = gl.maximum(m_i, gl.max(s, axis=0) * qscale)
+    if RESCALE_SLACK > 0:
+        grow = m_new > m_i + RESCALE_SLACK
+        if gl.max(grow.to(gl.int32), axis=0) > 0:  # one branch for the warp
+            m_new = gl.where(grow, m_new, m_i)
+            alpha = gl.exp2(m_i - m_new)
+            acc = acc * gl.expand_dims(alpha, 0)
+            l_i = l_i * alpha
+            m_i = m_new
+    else:
+        alpha = gl.exp2(m_i - m_new)
+        acc = acc * gl.expand_dims(alpha, 0)
+        l_i = l_i * alpha
+        m_i = m_new
+    prob = gl.exp2(s * qscale - gl.expand_dims(m_i, 0))
+    l_i = l_i + gl.sum(prob, axis=0)
+    pb = gl.convert_layout(prob.to(gl.float16), B16)  # [G (k = token), NP]: the transpose of the C fragments
+    vd = gl.inline_asm_elementwise(
+        VAL_ASM, "=r,r,r,r,r,r,r,r,r",
+        [gl.expand_dims(vwords, 3), v_sel, v_shift, gl.expand_dims(vs, 3), gl.expand_dims(vm, 3)],
+        dtype=gl.float16, is_pure=True, pack=2)  # [G, 8, VWT, VCW]
+    vd = gl.permute(gl.reshape(gl.permute(gl.reshape(vd, [G, 8, CPTV]), (0, 2, 1)), [G, D]), (1, 0))  # [D, G]
+    vd = gl.convert_layout(vd, A16, assert_trivial=True)
+    acc = mma_v2(vd, pb, acc)
+    return m_i, l_i, acc
+
+
+@gluon.jit
+def _step(q, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, rot, v_sel, v_shift, qscale,
+          K_LAY: gl.constexpr, B16: gl.constexpr, A16: gl.constexpr, MMA: gl.constexpr,
+          KEY_ASM: gl.constexpr, VAL_ASM: gl.constexpr, G: gl.constexpr, D: gl.constexpr,
+          KWT: gl.constexpr, HALF: gl.constexpr, CPTV: gl.constexpr, K_BITS: gl.constexpr,
+          V_BITS: gl.constexpr, RESCALE_SLACK: gl.constexpr, TRANSPOSED: gl.constexpr):
+    """:func:`_group_step_t` if ``TRANSPOSED`` else :func:`_group_step`."""
+    if TRANSPOSED:
+        return _group_step_t(q, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, rot, v_sel, v_shift, qscale, K_LAY,
+                             B16, A16, MMA, KEY_ASM, VAL_ASM, G, D, KWT, HALF, CPTV, K_BITS, V_BITS, RESCALE_SLACK)
+    else:
+        return _group_step(q, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, rot, v_sel, v_shift, qscale, K_LAY,
+                           B16, A16, MMA, KEY_ASM, VAL_ASM, G, D, KWT, HALF, CPTV, K_BITS, V_BITS, RESCALE_SLACK)
+
+
+@gluon.jit
 def _decode_tc_kernel(
     q_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr,
     part_m_ptr, part_l_ptr, part_acc_ptr, sm_scale,
@@ -317,7 +403,7 @@ def _decode_tc_kernel(
     RESIDUAL_KV: gl.constexpr, RESCALE_SLACK: gl.constexpr, WORK_LIST: gl.constexpr = False,
     PREFETCH: gl.constexpr = False, STAGES: gl.constexpr = 0, KC_COPY: gl.constexpr = None,
     VC_COPY: gl.constexpr = None, KS_COPY: gl.constexpr = None, SMEM2: gl.constexpr = None,
-    SMEM1: gl.constexpr = None,
+    SMEM1: gl.constexpr = None, TRANSPOSED: gl.constexpr = False, NP: gl.constexpr = 8,
 ):
     """Split ``program_id(2)`` of the complete groups of request ``program_id(0)``, KV head ``program_id(1)`` (with
     ``WORK_LIST``: work item ``program_id(0)`` of ``work_ptr``, as ``_decode_fma_kernel``): writes its (max, sum,
@@ -335,7 +421,8 @@ def _decode_tc_kernel(
     NVG: gl.constexpr = D // V_GROUP
     A16: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     B16: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
-    ROW_LAY: gl.constexpr = gl.SliceLayout(1, MMA)
+    ROW_LAY: gl.constexpr = gl.SliceLayout(0, MMA) if TRANSPOSED else gl.SliceLayout(1, MMA)  # query heads
+    NQ: gl.constexpr = NP if TRANSPOSED else 16  # query-head rows (padded)
 
     r = gl.program_id(0)
     h = gl.program_id(1)
@@ -349,9 +436,12 @@ def _decode_tc_kernel(
     q_start = gl.load(qsl_ptr + r).to(gl.int64)
     q_len = gl.load(qsl_ptr + r + 1) - q_start
     seq_len = gl.load(seq_lens_ptr + r)
-    m_i = gl.full([16], float("-inf"), gl.float32, ROW_LAY)
-    l_i = gl.full([16], 0.0, gl.float32, ROW_LAY)
-    acc = gl.full([16, D], 0.0, gl.float32, MMA)
+    m_i = gl.full([NQ], float("-inf"), gl.float32, ROW_LAY)
+    l_i = gl.full([NQ], 0.0, gl.float32, ROW_LAY)
+    if TRANSPOSED:
+        acc = gl.full([D, NP], 0.0, gl.float32, MMA)
+    else:
+        acc = gl.full([16, D], 0.0, gl.float32, MMA)
 
     # --- loop-invariant index tensors ---------------------------------------------------------------------------
     # keys: words [G, 4, KWT] (word j * KWT + w of token t), rotations [1, 1, 1, 1, HALF] (code b to bit 10 - bits),
@@ -403,12 +493,20 @@ def _decode_tc_kernel(
         # and log2(e) multiply the float32 scores instead: folded into q they rounded it, which doubled the error at
         # sharp attention, benchmarks/tc_rounding.py); MMA index k = 16 kc + 8 e + 2 j + p is channel
         # j * CPT + w * KPW + p * HALF + b with w * HALF + b = 2 kc + e
-        qk = gl.arange(0, D, layout=gl.SliceLayout(0, A16))
-        qr = gl.arange(0, 16, layout=gl.SliceLayout(1, A16))
-        pair = (qk // 16) * 2 + (qk // 8) % 2
-        qch = ((qk // 2) % 4) * CPT + (pair // HALF) * KPW + (qk % 2) * HALF + pair % HALF
-        q = gl.load(q_ptr + q_start * stride_qt + gl.expand_dims(h * QPK + qr, 1) * stride_qh
-                    + gl.expand_dims(qch, 0), mask=gl.expand_dims(qr < QPK, 1), other=0.0).to(gl.float32)
+        if TRANSPOSED:  # B operand [D (k), NP]
+            qk = gl.arange(0, D, layout=gl.SliceLayout(1, B16))
+            qr = gl.arange(0, NP, layout=gl.SliceLayout(0, B16))
+            pair = (qk // 16) * 2 + (qk // 8) % 2
+            qch = ((qk // 2) % 4) * CPT + (pair // HALF) * KPW + (qk % 2) * HALF + pair % HALF
+            q = gl.load(q_ptr + q_start * stride_qt + gl.expand_dims(h * QPK + qr, 0) * stride_qh
+                        + gl.expand_dims(qch, 1), mask=gl.expand_dims(qr < QPK, 0), other=0.0).to(gl.float32)
+        else:  # A operand [16, D]
+            qk = gl.arange(0, D, layout=gl.SliceLayout(0, A16))
+            qr = gl.arange(0, 16, layout=gl.SliceLayout(1, A16))
+            pair = (qk // 16) * 2 + (qk // 8) % 2
+            qch = ((qk // 2) % 4) * CPT + (pair // HALF) * KPW + (qk % 2) * HALF + pair % HALF
+            q = gl.load(q_ptr + q_start * stride_qt + gl.expand_dims(h * QPK + qr, 1) * stride_qh
+                        + gl.expand_dims(qch, 0), mask=gl.expand_dims(qr < QPK, 1), other=0.0).to(gl.float32)
         q = gl.minimum(gl.maximum(q, -65504.0), 65504.0).to(gl.float16)
         qscale = sm_scale * LOG2E_TC
         bt_row = block_table_ptr + r * stride_bt
@@ -446,9 +544,9 @@ def _decode_tc_kernel(
                 ks = ks_s.index(st).reshape([4, KWT, 2, HALF]).load(KS_LAY)
                 km = km_s.index(st).reshape([4, KWT, 2, HALF]).load(KS_LAY)
                 vwords = vc_s.index(st).reshape([G, 8, VWT]).load(W3)
-                m_i, l_i, acc = _group_step(q, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, rot, v_sel, v_shift,
-                                            qscale, K_LAY, B16, A16, MMA, KEY_ASM, VAL_ASM, G, D, KWT, HALF, CPTV,
-                                            K_BITS, V_BITS, RESCALE_SLACK)
+                m_i, l_i, acc = _step(q, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, rot, v_sel, v_shift,
+                                      qscale, K_LAY, B16, A16, MMA, KEY_ASM, VAL_ASM, G, D, KWT, HALF, CPTV,
+                                      K_BITS, V_BITS, RESCALE_SLACK, TRANSPOSED)
             async_copy.wait_group(0)
         else:
             if PREFETCH:  # the first group's record; each iteration then loads the next one's before its own math
@@ -467,18 +565,23 @@ def _decode_tc_kernel(
                     kwords, ks, km, vwords, vs, vm = _load_record(
                         kv_ptr, bt_row, g, h, stride_cache_block, stride_cache_head, k_word_off, kchan, v_word_off,
                         v_scale_off, GROUPS_PER_PAGE, RECORD_BYTES, OFF_KC, OFF_KS, OFF_KM, OFF_VC, OFF_VS, OFF_VM)
-                m_i, l_i, acc = _group_step(q, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, rot, v_sel, v_shift,
-                                            qscale, K_LAY, B16, A16, MMA, KEY_ASM, VAL_ASM, G, D, KWT, HALF, CPTV,
-                                            K_BITS, V_BITS, RESCALE_SLACK)
+                m_i, l_i, acc = _step(q, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, rot, v_sel, v_shift,
+                                      qscale, K_LAY, B16, A16, MMA, KEY_ASM, VAL_ASM, G, D, KWT, HALF, CPTV,
+                                      K_BITS, V_BITS, RESCALE_SLACK, TRANSPOSED)
 
-    rows = gl.arange(0, 16, layout=ROW_LAY)
+    rows = gl.arange(0, NQ, layout=ROW_LAY)
     rmask = (rows < QPK) & live
     base = (r * (QPK * gl.num_programs(1)) + h * QPK + rows) * SLOTS + split
     gl.store(part_m_ptr + base, m_i, mask=rmask)
     gl.store(part_l_ptr + base, l_i, mask=rmask)
-    on = gl.arange(0, D, layout=gl.SliceLayout(0, MMA))
-    gl.store(part_acc_ptr + gl.expand_dims(base, 1) * HEAD_PAD + gl.expand_dims((on % 8) * CPTV + on // 8, 0), acc,
-             mask=gl.expand_dims(rmask, 1))
+    if TRANSPOSED:  # acc [D (channel (n % 8) * CPTV + n // 8), NP]
+        on = gl.arange(0, D, layout=gl.SliceLayout(1, MMA))
+        gl.store(part_acc_ptr + gl.expand_dims(base, 0) * HEAD_PAD + gl.expand_dims((on % 8) * CPTV + on // 8, 1),
+                 acc, mask=gl.expand_dims(rmask, 0))
+    else:
+        on = gl.arange(0, D, layout=gl.SliceLayout(0, MMA))
+        gl.store(part_acc_ptr + gl.expand_dims(base, 1) * HEAD_PAD + gl.expand_dims((on % 8) * CPTV + on // 8, 0),
+                 acc, mask=gl.expand_dims(rmask, 1))
 
 
 def tc_kernel():
