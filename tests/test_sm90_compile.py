@@ -130,12 +130,24 @@ def test_tc_decode_compiles_with_register_operands(compiled, i):
 def test_tc_transposed_halves_the_mmas_and_the_accumulator(compiled):
     """At 4 query heads per KV head the transposed loop (query heads padded to 8 columns) runs half the MMAs of the
     16-row form, and its [D, 8] float32 accumulator and [D, 8] query operand leave registers for more programs per
-    SM (157 registers and 12 programs against 202 and 9, sm_90, 2026-12-02); both keep shared memory to the stages."""
+    SM (157 registers and 12 programs against 202 and 9, sm_90, 2026-12-02, before the 3-instruction dequantization's
+    159); both keep shared memory to the stages."""
     t, rows16 = compiled["tc"][0], compiled["tc_rows16"]  # TC_SHAPES[0]: head 128, G 32, k2v2, 4 per KV head
     assert rows16["ptx_ops"]["mma.sync"] == tc_mmas(128, 32, 4, transposed=False) == 2 * t["ptx_ops"]["mma.sync"]
     assert rows16["shared_bytes"] == t["shared_bytes"] == staged_bytes(128, 32, 2, 2)
     assert t["registers"] <= rows16["registers"] - 32 and t["programs_per_sm"] > rows16["programs_per_sm"]
 
+
+
+def test_tc_dequantizes_a_code_pair_in_three_instructions(compiled):
+    """Each pair of codes (one fp16x2 MMA operand register) costs one LOP3, one HADD2 and one HFMA2 in the loop, with
+    no rotate or shift per pair (``decode_tc._asm``; 4-5 instructions and 108 SHF per group before 2026-12-02), and
+    the HFMA2s' scale/minimum pairs are not re-packed at each use (two PRMTs per HFMA2 before: 176 PRMT in all).
+    Head 128, G 32, 2 bits: G x D / 32 lanes / 2 = 64 key pairs and 64 value pairs per thread and group."""
+    top = compiled["tc"][0]["loops"][0]["top"]  # TC_SHAPES[0]
+    assert top["HFMA2"] == top["HADD2"] == 128
+    assert 128 <= top["LOP3"] <= 136
+    assert top.get("SHF", 0) <= 16 and top["PRMT"] < 96, top
 
 
 def test_tc_rescaling_is_a_branch(compiled):
@@ -155,7 +167,7 @@ def test_tc_work_list_keeps_the_loop_and_the_programs_per_sm(compiled):
     from kivi_vllm.kernels.decode import WORK_PROGRAMS_PER_SM
 
     split, work = compiled["tc"][0], compiled["tc_work"]
-    # the same loop up to register allocation (879 SASS instructions with 2 stages, transposed, 2026-12-02)
+    # the same loop up to register allocation (731 SASS instructions with 2 stages, 2026-12-02)
     assert abs(work["loops"][0]["instructions"] - split["loops"][0]["instructions"]) <= 4
     # 157 registers: 12 programs fit; waves of 12 per SM measured faster at batch 64, slower at 256 than of 8
     # (thirteenth session; 202 registers and 9 before, tenth session: slower than 8)

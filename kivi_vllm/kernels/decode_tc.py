@@ -11,7 +11,7 @@ dequantized keys and values are the A operands (16-row tiles of tokens and of ch
 operands below, since an A and a B fragment hold the same reduction indices), the query heads the 8 columns of B
 (16 above 8 query heads per KV head). Padding to 8 instead of 16 halves the MMAs and the softmax work, and the
 [D, 8] float32 accumulator holds 32 registers per thread instead of 64: 157 registers against 202 at 4 query heads
-per KV head, 2 bits (sm_90 compile), 879 SASS per group against 983. The probabilities leave the score accumulator
+per KV head, 2 bits (sm_90 compile), 879 SASS per group against 983 (731 with the 3-instruction dequantization below). The probabilities leave the score accumulator
 transposed (a thread holds tokens lane / 4 and heads 2 (lane % 4)) and reach the B operand of ``V^T . P^T`` (tokens
 2 (lane % 4), heads lane / 4) through one register-only layout conversion (shuffles) per group. On the H200
 (thirteenth session, docs/benchmarks.md) 0.87-0.91x the 16-row form's time at the GQA shape (batch 64-256, 4k-16k)
@@ -22,11 +22,9 @@ The description below is of the 16-row form; the transposed one swaps the operan
 * scores ``S = q . K^T``: A = the query heads of one KV head in fp16 (padded to 16 rows, loaded once; a bf16 query
   clamped to fp16's range, |q| <= 65504, and not scaled: the softmax scale and log2(e) multiply the float32 scores,
   since folded into the query they were a rounding of their own; a bf16 query is then exact in fp16 unless it lies
-  below fp16's normal range, 6.1e-5); B = the group's keys dequantized in fp16,
-  ``(c / 2**bits) * (2**bits s) + m``;
-  Dequantized keys and values must lie in fp16's range (|x| <= 65504; KIVI's stored scale and minimum already
-  do); ``2**bits s`` overflows above a scale of 16,376 (2-bit) or 4,094 (4-bit), i.e. a channel range of about
-  49k (2-bit) or 61k (4-bit) within one group, where "fma" (float32) would be needed;
+  below fp16's normal range, 6.1e-5); B = the group's keys dequantized in fp16, ``c * s + m``. Dequantized keys
+  and values must lie in fp16's range (|x| <= 65504; KIVI's stored scale and minimum already do; before the
+  thirteenth session the kernel also needed ``2**bits s`` in that range);
 * output ``O += P . V``: A = the probabilities in fp16, taken from the score accumulator's registers as they lie
   (FlashAttention-2's register reuse); B = the group's values dequantized the same way, per token and channel
   group. Scores, softmax and ``O`` stay in float32. The running maximum moves only when a group's scores exceed it
@@ -41,12 +39,17 @@ where the register double buffer (``PREFETCH``, ``STAGES`` = 0) held 255 and spi
 than the register prefetch at 4k-16k for KIVI-2, 9-12% for KIVI-4 (tenth session, docs/benchmarks.md), which itself
 took 6.5-9.5% less than loading each record at its turn (ninth session).
 
-A code pair becomes an fp16x2 operand in 4-5 instructions (inline PTX): the two codes are moved to the top of two
-fp16 mantissas and given the exponent of 1.0 (``1 + c / 2**bits``, the exponent trick of
-:func:`.common.unit_floats`), the 1 is subtracted (exact), and one HFMA2 applies scale and minimum, so each
-dequantized element is rounded once (to fp16, 11 significant bits like TF32). Keys pair the codes b and b + 16 /
-bits of one 32-bit word (16 bits apart: one rotate); values pair tokens t and t + 1 of one channel (two words: one
-PRMT gathers their bytes).
+A code pair becomes an fp16x2 operand in 3 instructions (inline PTX, :func:`_asm`): LOP3 keeps the two codes where
+they lie in their 16-bit halves and ORs in the exponent that makes each code's lowest bit the mantissa's unit
+(``2**(10 - pos) + c``, the exponent trick of :func:`.common.unit_floats` without moving the code), subtracting that
+power of two leaves ``c`` (exact), and one HFMA2 applies scale and minimum, so each dequantized element is rounded
+once (to fp16, 11 significant bits like TF32). Keys pair the codes b and b + 16 / bits of one 32-bit word (16 bits
+apart; codes above bit 10 - bits read the word shifted by 6, one shift per word); values pair tokens t and t + 1 of
+one channel (two words: one PRMT gathers their bytes, shared by the codes of a byte). The HFMA2's scale and minimum
+pairs of the keys (channels b and b + 16 / bits) are built once per group from 32-bit loads (:func:`_scale_pairs`).
+Before the thirteenth session a pair took 4-5 instructions (the codes rotated to the top of the mantissas) plus
+two re-packing PRMTs that ptxas emitted at every use of a scale pair: 879 SASS per group at 4 query heads per KV
+head, 2 bits, now 731 (``benchmarks/kernel_resources.py --qpk 4``).
 
 Plain Triton picks MMA operand layouts itself and moves a dequantized tile through shared memory to reach them (the
 old "mma" kernel: 226 LDS per group, docs/benchmarks.md). Gluon (Triton 3.6 ``triton.experimental.gluon``) lets a
@@ -96,24 +99,30 @@ def _basis(rank: int, dim: int, value: int) -> list[int]:
     return b
 
 
-def _asm(kind: str, bits: int) -> str:
-    """Inline PTX turning a pair of packed codes into fp16x2 ``(c / 2**bits) * (2**bits s) + m``, one rounding.
+def _asm(kind: str) -> str:
+    """Inline PTX turning a pair of packed codes into fp16x2 ``c * s + m``, one rounding (the HFMA2).
 
-    keys (``pack=2`` operands: $0 out; $1 $2 the word, twice; $3 $4 a rotation, twice; $5 scale pair; $6 minimum
-    pair): the codes b and b + 16 / bits of a word (bits 16 apart) are rotated to the top of the two fp16 mantissas.
-    values ($1 $2 the words of tokens t and t + 1; $3 $4 a PRMT selector; $5 $6 a shift; $7 scale pair; $8 minimum
-    pair): the byte holding the channel's code in each word goes to bytes 1 and 3, a shift puts both codes at the top
-    of the mantissas. Then both: LOP3 keeps the codes and sets the exponent of 1.0 (``1 + c / 2**bits``), ``- 1``
-    (exact), HFMA2. Subtracting the 1 costs one instruction per pair; folding it into the minimum (``(m - 2**bits
-    s)``) rounds that difference too, which the H200 check measured at up to 8.4e-3 relative attention error against
-    1.8e-3 with this form (``scripts/decode_kernels_check.py --wide``, 2026-11-30)."""
-    mant = 10 - bits  # lowest bit of a code at the top of an fp16 mantissa
-    mask = ((1 << bits) - 1) << mant
-    mask |= mask << 16
-    tail = (f"lop3.b32 t, t, {mask:#010x}, 0x3c003c00, 0xea; mov.b32 one, 0x3c003c00; sub.rn.f16x2 t, t, one; ")
+    Each code stays where it lies in its 16-bit half (no shift): LOP3 keeps its bits and ORs in the exponent that
+    makes the code's lowest bit the unit of the mantissa, ``2**(10 - pos) + c`` for a code at bit ``pos`` (``pos +
+    bits <= 10``), and subtracting that power of two (exact) leaves ``c``. Mask and power of two ("magic") are
+    per-code operands, constants of each register that ptxas keeps out of the loop.
+
+    keys (``pack=2`` operands: $0 out; $1 $2 the word, twice; $3 $4 the mask; $5 $6 the magic; $7 scale pair;
+    $8 minimum pair): the codes b and b + 16 / bits of a word (bits 16 apart), the word shifted right by 6 first
+    for codes above bit 10 - bits (one shift per word, shared by those codes).
+    values ($1 $2 the words of tokens t and t + 1; $3 $4 a PRMT selector; $5 $6 mask; $7 $8 magic; $9 scale pair;
+    $10 minimum pair): the byte holding the channel's code in each word goes to bytes 0 and 2, the code at its bit
+    within the byte.
+
+    Before the thirteenth session the codes were moved to the top of the mantissas (a rotate or a shift per pair)
+    and given the exponent of 1.0 (``1 + c / 2**bits``), with the scale ``2**bits s``: one more instruction per
+    pair, and the same value. Folding the subtraction into the minimum (``m - magic * s``) would round that
+    difference too: up to 8.4e-3 relative attention error against 1.8e-3 (``scripts/decode_kernels_check.py
+    --wide``, 2026-11-30)."""
     if kind == "key":
-        return "{ .reg .b32 t, one; shf.l.wrap.b32 t, $1, $1, $3; " + tail + "fma.rn.f16x2 $0, t, $5, $6; }"
-    return "{ .reg .b32 t, one; prmt.b32 t, $1, $2, $3; shr.u32 t, t, $5; " + tail + "fma.rn.f16x2 $0, t, $7, $8; }"
+        return "{ .reg .b32 t; lop3.b32 t, $1, $3, $5, 0xea; sub.rn.f16x2 t, t, $5; fma.rn.f16x2 $0, t, $7, $9; }"
+    return ("{ .reg .b32 t; prmt.b32 t, $1, $2, $3; lop3.b32 t, t, $5, $7, 0xea; sub.rn.f16x2 t, t, $7; "
+            "fma.rn.f16x2 $0, t, $9, $10; }")
 
 
 #: Default slack of the conditional rescaling (log2 units: a factor of 256), FlashAttention-4's threshold.
@@ -195,12 +204,19 @@ def _tc_constexprs(layout: PageLayout, qpk: int, num_splits: int, rescale_slack:
                    + [_basis(5, 0, v) for v in _bits(G) if v >= 8]),
         lane_bases=[_basis(5, 1, 1), _basis(5, 1, 2), _basis(5, 0, 1), _basis(5, 0, 2), _basis(5, 0, 4)],
         warp_bases=[], block_bases=[], shape=[G, 4, kwt, 2, half])
-    # the per-channel key scale/min [4 (j), KWT, 2 (p), KPW/2 (b)] as loaded: b first (contiguous channels: vector
-    # loads), token lanes broadcast; converted to k_lay's slice (p first) inside each thread
+    # the per-channel key scale/min as loaded, 32-bit words of two channels [4 (j), KWT, 2 (p), KPW/4 (b // 2)]:
+    # b // 2 first (contiguous words: vector loads), token lanes broadcast; and the [4, KWT, KPW/4, 2 (b % 2)]
+    # layout of the fp16 pairs (channels b and b + KPW/2 of a word) built from them (:func:`_scale_pairs`), whose
+    # reshape to [4, KWT, KPW/2] is k_lay's slice
+    hh = half // 2
     ks_lay = gl.DistributedLinearLayout(
-        reg_bases=[_basis(4, 3, v) for v in _bits(half)] + [_basis(4, 2, 1)] + [_basis(4, 1, v) for v in _bits(kwt)],
+        reg_bases=[_basis(4, 3, v) for v in _bits(hh)] + [_basis(4, 2, 1)] + [_basis(4, 1, v) for v in _bits(kwt)],
         lane_bases=[_basis(4, 0, 1), _basis(4, 0, 2), [0] * 4, [0] * 4, [0] * 4], warp_bases=[], block_bases=[],
-        shape=[4, kwt, 2, half])
+        shape=[4, kwt, 2, hh])
+    kp_lay = gl.DistributedLinearLayout(
+        reg_bases=[_basis(4, 3, 1)] + [_basis(4, 2, v) for v in _bits(hh)] + [_basis(4, 1, v) for v in _bits(kwt)],
+        lane_bases=[_basis(4, 0, 1), _basis(4, 0, 2), [0] * 4, [0] * 4, [0] * 4], warp_bases=[], block_bases=[],
+        shape=[4, kwt, hh, 2])
     # values: [G tokens, 8 (n0), VWT words, VCW codes]: thread (j = lane % 4, n0 = lane / 4) holds tokens
     # 16 kc + 8 e + 2 j + p and channels n0 * D/8 .. (n0 + 1) * D/8 - 1 (VWT words of VCW codes, or half a word);
     # token bit 0 first among the registers (tokens t, t + 1 share one B register)
@@ -219,12 +235,38 @@ def _tc_constexprs(layout: PageLayout, qpk: int, num_splits: int, rescale_slack:
     kc_copy = gl.BlockedLayout([1, kvec], [32 // (krw // kvec), krw // kvec], [1, 1], [1, 0])
     vc_copy = gl.BlockedLayout([1, vvec], [32 // (vrw // vvec), vrw // vvec], [1, 1], [1, 0])
     ks_copy = gl.BlockedLayout([8], [32], [1], [0])  # D fp16: 16 lanes of 8 at D = 128
-    return dict(QPK=qpk, NUM_SPLITS=num_splits, SLOTS=num_splits + 1, K_LAY=k_lay, KS_LAY=ks_lay, V_LAY=v_lay,
-                MMA=mma, KWT=kwt, VWT=vwt, VCW=vcw, KEY_ASM=_asm("key", kb), VAL_ASM=_asm("value", vb),
+    return dict(QPK=qpk, NUM_SPLITS=num_splits, SLOTS=num_splits + 1, K_LAY=k_lay, KS_LAY=ks_lay, KP_LAY=kp_lay, V_LAY=v_lay,
+                MMA=mma, KWT=kwt, VWT=vwt, VCW=vcw, KEY_ASM=_asm("key"), VAL_ASM=_asm("value"),
                 RESCALE_SLACK=float(rescale_slack), PREFETCH=prefetch, STAGES=stages, KC_COPY=kc_copy,
                 VC_COPY=vc_copy, KS_COPY=ks_copy, SMEM2=gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
                 SMEM1=gl.SwizzledSharedLayout(1, 1, 1, [0]), TRANSPOSED=transposed, NP=max(8, 1 << (qpk - 1).bit_length()),
                 **layout_args(layout))
+
+
+@gluon.jit
+def _scale_pairs(w, KP_LAY: gl.constexpr, K_LAY: gl.constexpr):
+    """The fp16x2 scale (or minimum) operands of the key HFMA2s from the loaded words ``w`` [4, KWT, 2 (p), HALF/2]
+    (word ``i`` holds channels 2i and 2i + 1): the pair of channels b and b + HALF of each word, one PRMT per pair,
+    as [1, 4, KWT, 2, HALF] int32 (broadcast over tokens; equal for p = 0 and 1). Built explicitly, once per group: left to ptxas, the
+    pairs of 16-bit loads were re-packed at every use (two PRMTs per HFMA2)."""
+    w0, w1 = gl.split(gl.permute(w, (0, 1, 3, 2)))  # [4, KWT, HALF/2]: the words of p = 0 and p = 1
+    w0 = gl.expand_dims(gl.convert_layout(w0, gl.SliceLayout(3, KP_LAY)), 3)
+    w1 = gl.expand_dims(gl.convert_layout(w1, gl.SliceLayout(3, KP_LAY)), 3)
+    odd = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(0, KP_LAY))))
+    sel = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.where(odd == 0, 0x5410, 0x7632), 0), 0), 0)
+    pr = gl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [w0, w1, sel], dtype=gl.int32,
+                                   is_pure=True, pack=1)  # [4, KWT, HALF/2, 2 (b % 2)]
+    pr = gl.reshape(pr, [w.shape[0], w.shape[1], w.shape[3] * 2])  # b = 2 (b // 2) + b % 2
+    pr = gl.convert_layout(pr, gl.SliceLayout(2, gl.SliceLayout(0, K_LAY)), assert_trivial=True)
+    p = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(4, K_LAY)))))
+    p = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(p, 0), 0), 0), 4)  # [1, 1, 1, 2, 1]
+    return gl.expand_dims(gl.expand_dims(pr, 2), 0) + p * 0  # the same pair for p = 0 and 1
+
+
+@gluon.jit
+def _dims4(x):
+    """``x`` [n] as [1, 1, 1, 1, n]."""
+    return gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(x, 0), 0), 0), 0)
 
 
 @gluon.jit
@@ -244,8 +286,8 @@ def _load_record(kv_ptr, bt_row, g, h, stride_cache_block, stride_cache_head, k_
     scale/min (every load issued before any use)."""
     rec = _record_ptr(kv_ptr, bt_row, g, h, stride_cache_block, stride_cache_head, GROUPS_PER_PAGE, RECORD_BYTES)
     kwords = gl.load((rec + OFF_KC).to(gl.pointer_type(gl.int32)) + k_word_off)  # [G, 4, KWT]
-    ks = gl.load((rec + OFF_KS).to(gl.pointer_type(gl.float16)) + kchan)
-    km = gl.load((rec + OFF_KM).to(gl.pointer_type(gl.float16)) + kchan)
+    ks = gl.load((rec + OFF_KS).to(gl.pointer_type(gl.int32)) + kchan)  # words of two channels
+    km = gl.load((rec + OFF_KM).to(gl.pointer_type(gl.int32)) + kchan)
     vwords = gl.load((rec + OFF_VC).to(gl.pointer_type(gl.int32)) + v_word_off)  # [G, 8, VWT]
     vs, vm = _load_value_scales(rec, v_scale_off, OFF_VS, OFF_VM)
     return kwords, ks, km, vwords, vs, vm
@@ -274,21 +316,20 @@ def _load_value_scales(rec, v_scale_off, OFF_VS: gl.constexpr, OFF_VM: gl.conste
 
 
 @gluon.jit
-def _group_step(q, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, rot, v_sel, v_shift, qscale,
-                K_LAY: gl.constexpr, B16: gl.constexpr, A16: gl.constexpr, MMA: gl.constexpr,
+def _group_step(q, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, kcode, v_sel, vcode, qscale,
+                K_LAY: gl.constexpr, KP_LAY: gl.constexpr, B16: gl.constexpr, A16: gl.constexpr, MMA: gl.constexpr,
                 KEY_ASM: gl.constexpr, VAL_ASM: gl.constexpr, G: gl.constexpr, D: gl.constexpr,
                 KWT: gl.constexpr, HALF: gl.constexpr, CPTV: gl.constexpr, K_BITS: gl.constexpr,
                 V_BITS: gl.constexpr, RESCALE_SLACK: gl.constexpr):
     """One complete group's scores, online softmax and ``O += P . V`` from its record in the registers; returns the
     updated (m_i, l_i, acc)."""
-    ks = ks * (1 << K_BITS)  # exact in fp16
-    vs = vs * (1 << V_BITS)
+    kshift, kmask, kmagic = kcode
+    vmask, vmagic = vcode
     # keys -> B operand [D (k), G]
     kd = gl.inline_asm_elementwise(
-        KEY_ASM, "=r,r,r,r,r,r,r",
-        [gl.expand_dims(gl.expand_dims(kwords, 3), 4), rot,
-         gl.expand_dims(gl.convert_layout(ks, gl.SliceLayout(0, K_LAY)), 0),
-         gl.expand_dims(gl.convert_layout(km, gl.SliceLayout(0, K_LAY)), 0)],
+        KEY_ASM, "=r,r,r,r,r,r,r,r,r,r,r",
+        [gl.expand_dims(gl.expand_dims(kwords, 3), 4) >> kshift, kmask, kmagic,
+         _scale_pairs(ks, KP_LAY, K_LAY), _scale_pairs(km, KP_LAY, K_LAY)],
         dtype=gl.float16, is_pure=True, pack=2)  # [G, 4, KWT, 2, HALF]
     kd = gl.reshape(gl.permute(kd, (0, 1, 2, 4, 3)), [G, 4, KWT * HALF // 2, 2, 2])  # (w, b) -> (kc, e)
     kd = gl.reshape(gl.permute(kd, (2, 3, 1, 4, 0)), [D, G])  # k = 16 kc + 8 e + 2 j + p
@@ -316,8 +357,8 @@ def _group_step(q, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, rot, v_sel, v_
     # values -> B operand [G (k = token), D (n: channel (n % 8) * CPTV + n // 8)]
     pa = gl.convert_layout(prob.to(gl.float16), A16, assert_trivial=True)
     vd = gl.inline_asm_elementwise(
-        VAL_ASM, "=r,r,r,r,r,r,r,r,r",
-        [gl.expand_dims(vwords, 3), v_sel, v_shift, gl.expand_dims(vs, 3), gl.expand_dims(vm, 3)],
+        VAL_ASM, "=r,r,r,r,r,r,r,r,r,r,r",
+        [gl.expand_dims(vwords, 3), v_sel, vmask, vmagic, gl.expand_dims(vs, 3), gl.expand_dims(vm, 3)],
         dtype=gl.float16, is_pure=True, pack=2)  # [G, 8, VWT, VCW]
     vd = gl.reshape(gl.permute(gl.reshape(vd, [G, 8, CPTV]), (0, 2, 1)), [G, D])
     vd = gl.convert_layout(vd, B16, assert_trivial=True)
@@ -326,21 +367,20 @@ def _group_step(q, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, rot, v_sel, v_
 
 
 @gluon.jit
-def _group_step_t(qb, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, rot, v_sel, v_shift, qscale,
-                  K_LAY: gl.constexpr, B16: gl.constexpr, A16: gl.constexpr, MMA: gl.constexpr,
+def _group_step_t(qb, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, kcode, v_sel, vcode, qscale,
+                  K_LAY: gl.constexpr, KP_LAY: gl.constexpr, B16: gl.constexpr, A16: gl.constexpr, MMA: gl.constexpr,
                   KEY_ASM: gl.constexpr, VAL_ASM: gl.constexpr, G: gl.constexpr, D: gl.constexpr,
                   KWT: gl.constexpr, HALF: gl.constexpr, CPTV: gl.constexpr, K_BITS: gl.constexpr,
                   V_BITS: gl.constexpr, RESCALE_SLACK: gl.constexpr):
     """:func:`_group_step` transposed (:data:`TRANSPOSED`): ``S^T = K . q^T`` with the keys as A [G, D] and the
     query heads as B [D, NP]; ``O^T += V^T . P^T`` with the values as A [D, G]; m_i, l_i [NP] and acc [D, NP]
     per query head (column)."""
-    ks = ks * (1 << K_BITS)  # exact in fp16
-    vs = vs * (1 << V_BITS)
+    kshift, kmask, kmagic = kcode
+    vmask, vmagic = vcode
     kd = gl.inline_asm_elementwise(
-        KEY_ASM, "=r,r,r,r,r,r,r",
-        [gl.expand_dims(gl.expand_dims(kwords, 3), 4), rot,
-         gl.expand_dims(gl.convert_layout(ks, gl.SliceLayout(0, K_LAY)), 0),
-         gl.expand_dims(gl.convert_layout(km, gl.SliceLayout(0, K_LAY)), 0)],
+        KEY_ASM, "=r,r,r,r,r,r,r,r,r,r,r",
+        [gl.expand_dims(gl.expand_dims(kwords, 3), 4) >> kshift, kmask, kmagic,
+         _scale_pairs(ks, KP_LAY, K_LAY), _scale_pairs(km, KP_LAY, K_LAY)],
         dtype=gl.float16, is_pure=True, pack=2)  # [G, 4, KWT, 2, HALF]
     kd = gl.reshape(gl.permute(kd, (0, 1, 2, 4, 3)), [G, 4, KWT * HALF // 2, 2, 2])  # (w, b) -> (kc, e)
     kd = gl.reshape(gl.permute(kd, (0, 2, 3, 1, 4)), [G, D])  # [token, k = 16 kc + 8 e + 2 j + p]
@@ -364,8 +404,8 @@ def _group_step_t(qb, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, rot, v_sel,
     l_i = l_i + gl.sum(prob, axis=0)
     pb = gl.convert_layout(prob.to(gl.float16), B16)  # [G (k = token), NP]: the transpose of the C fragments
     vd = gl.inline_asm_elementwise(
-        VAL_ASM, "=r,r,r,r,r,r,r,r,r",
-        [gl.expand_dims(vwords, 3), v_sel, v_shift, gl.expand_dims(vs, 3), gl.expand_dims(vm, 3)],
+        VAL_ASM, "=r,r,r,r,r,r,r,r,r,r,r",
+        [gl.expand_dims(vwords, 3), v_sel, vmask, vmagic, gl.expand_dims(vs, 3), gl.expand_dims(vm, 3)],
         dtype=gl.float16, is_pure=True, pack=2)  # [G, 8, VWT, VCW]
     vd = gl.permute(gl.reshape(gl.permute(gl.reshape(vd, [G, 8, CPTV]), (0, 2, 1)), [G, D]), (1, 0))  # [D, G]
     vd = gl.convert_layout(vd, A16, assert_trivial=True)
@@ -374,17 +414,17 @@ def _group_step_t(qb, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, rot, v_sel,
 
 
 @gluon.jit
-def _step(q, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, rot, v_sel, v_shift, qscale,
-          K_LAY: gl.constexpr, B16: gl.constexpr, A16: gl.constexpr, MMA: gl.constexpr,
+def _step(q, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, kcode, v_sel, vcode, qscale,
+          K_LAY: gl.constexpr, KP_LAY: gl.constexpr, B16: gl.constexpr, A16: gl.constexpr, MMA: gl.constexpr,
           KEY_ASM: gl.constexpr, VAL_ASM: gl.constexpr, G: gl.constexpr, D: gl.constexpr,
           KWT: gl.constexpr, HALF: gl.constexpr, CPTV: gl.constexpr, K_BITS: gl.constexpr,
           V_BITS: gl.constexpr, RESCALE_SLACK: gl.constexpr, TRANSPOSED: gl.constexpr):
     """:func:`_group_step_t` if ``TRANSPOSED`` else :func:`_group_step`."""
     if TRANSPOSED:
-        return _group_step_t(q, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, rot, v_sel, v_shift, qscale, K_LAY,
+        return _group_step_t(q, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, kcode, v_sel, vcode, qscale, K_LAY, KP_LAY,
                              B16, A16, MMA, KEY_ASM, VAL_ASM, G, D, KWT, HALF, CPTV, K_BITS, V_BITS, RESCALE_SLACK)
     else:
-        return _group_step(q, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, rot, v_sel, v_shift, qscale, K_LAY,
+        return _group_step(q, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, kcode, v_sel, vcode, qscale, K_LAY, KP_LAY,
                            B16, A16, MMA, KEY_ASM, VAL_ASM, G, D, KWT, HALF, CPTV, K_BITS, V_BITS, RESCALE_SLACK)
 
 
@@ -394,7 +434,7 @@ def _decode_tc_kernel(
     part_m_ptr, part_l_ptr, part_acc_ptr, sm_scale,
     stride_qt, stride_qh, stride_cache_block, stride_cache_head, stride_bt, work_ptr,
     QPK: gl.constexpr, NUM_SPLITS: gl.constexpr, SLOTS: gl.constexpr,
-    K_LAY: gl.constexpr, KS_LAY: gl.constexpr, V_LAY: gl.constexpr, MMA: gl.constexpr,
+    K_LAY: gl.constexpr, KS_LAY: gl.constexpr, KP_LAY: gl.constexpr, V_LAY: gl.constexpr, MMA: gl.constexpr,
     KWT: gl.constexpr, VWT: gl.constexpr, VCW: gl.constexpr, KEY_ASM: gl.constexpr, VAL_ASM: gl.constexpr,
     BLOCK_SIZE: gl.constexpr, GROUP_SIZE: gl.constexpr, HEAD_SIZE: gl.constexpr, HEAD_PAD: gl.constexpr,
     K_BITS: gl.constexpr, V_BITS: gl.constexpr, V_GROUP: gl.constexpr, RECORD_BYTES: gl.constexpr,
@@ -452,18 +492,23 @@ def _decode_tc_kernel(
     kw = gl.expand_dims(gl.expand_dims(gl.arange(0, KWT, layout=gl.SliceLayout(0, gl.SliceLayout(1, K3))), 0), 1)
     k_word_off = kt * K_ROW_W + kj * KWT + kw
     KB1: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(0, K_LAY))))
-    rot = ((10 - K_BITS) - K_BITS * gl.arange(0, HALF, layout=KB1)) & 31
-    rot = gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(rot, 0), 0), 0), 0)
+    # per key code b [1, 1, 1, 1, HALF] (:func:`_asm`): codes above bit 10 - bits read the word shifted right by 6
+    kpos = K_BITS * gl.arange(0, HALF, layout=KB1)
+    kshift = gl.where(kpos + K_BITS > 10, 6, 0)
+    kpos = kpos - kshift
+    kmask = ((1 << K_BITS) - 1) << kpos
+    kmagic = (25 - kpos) << 10  # the fp16 bits of 2**(10 - pos)
+    kcode = (_dims4(kshift), _dims4(kmask | (kmask << 16)), _dims4(kmagic | (kmagic << 16)))
     sj = gl.arange(0, 4, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, KS_LAY))))
     sw = gl.arange(0, KWT, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, KS_LAY))))
     sp = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, KS_LAY))))
-    sb = gl.arange(0, HALF, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, KS_LAY))))
-    kchan = (gl.expand_dims(gl.expand_dims(gl.expand_dims(sj, 1), 2), 3) * CPT
-             + gl.expand_dims(gl.expand_dims(gl.expand_dims(sw, 0), 2), 3) * KPW
-             + gl.expand_dims(gl.expand_dims(gl.expand_dims(sp, 0), 1), 3) * HALF
+    sb = gl.arange(0, HALF // 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, KS_LAY))))
+    kchan = (gl.expand_dims(gl.expand_dims(gl.expand_dims(sj, 1), 2), 3) * (CPT // 2)  # word of channels 2i, 2i + 1
+             + gl.expand_dims(gl.expand_dims(gl.expand_dims(sw, 0), 2), 3) * (KPW // 2)
+             + gl.expand_dims(gl.expand_dims(gl.expand_dims(sp, 0), 1), 3) * (HALF // 2)
              + gl.expand_dims(gl.expand_dims(gl.expand_dims(sb, 0), 1), 2))
     # values: words [G, 8, VWT] and their value channel group (a word's codes share one, V_GROUP >= 16), and per
-    # code [1, 8, VWT, VCW] the byte of its word (PRMT selector: into bytes 1 and 3) and the shift after it
+    # code [1, 8, VWT, VCW] the byte of its word (PRMT selector: into bytes 0 and 2), its mask and magic
     W3: gl.constexpr = gl.SliceLayout(3, V_LAY)
     vt = gl.expand_dims(gl.expand_dims(gl.arange(0, G, layout=gl.SliceLayout(1, gl.SliceLayout(2, W3))), 1), 2)
     vn = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, W3))), 0), 2)
@@ -476,8 +521,10 @@ def _decode_tc_kernel(
     vw2 = gl.expand_dims(gl.expand_dims(gl.arange(0, VWT, layout=gl.SliceLayout(0, gl.SliceLayout(2, VS))), 0), 2)
     vb2 = gl.expand_dims(gl.expand_dims(gl.arange(0, VCW, layout=gl.SliceLayout(0, gl.SliceLayout(1, VS))), 0), 1)
     v_pos = ((vn2 * CPTV + vw2 * VCW + vb2) % VPW) * V_BITS  # first bit of the code in its word
-    v_sel = gl.expand_dims(((v_pos // 8) << 4) | ((v_pos // 8 + 4) << 12), 0)
-    v_shift = gl.expand_dims(v_pos % 8 + V_BITS - 2, 0)
+    v_sel = gl.expand_dims((v_pos // 8) | ((v_pos // 8 + 4) << 8), 0)
+    vmask = ((1 << V_BITS) - 1) << (v_pos % 8)
+    vmagic = (25 - v_pos % 8) << 10
+    vcode = (gl.expand_dims(vmask | (vmask << 16), 0), gl.expand_dims(vmagic | (vmagic << 16), 0))
 
     if (q_len == 1) & (seq_len > 0) & live:
         p = seq_len - 1
@@ -541,11 +588,13 @@ def _decode_tc_kernel(
                 async_copy.wait_group(STAGES - 1)  # this lane's copies of group g have landed
                 gl.thread_barrier()  # and every other lane's
                 kwords = kc_s.index(st).reshape([G, 4, KWT]).load(K3)
-                ks = ks_s.index(st).reshape([4, KWT, 2, HALF]).load(KS_LAY)
-                km = km_s.index(st).reshape([4, KWT, 2, HALF]).load(KS_LAY)
+                ks = ks_s.index(st)._reinterpret(gl.int32, [D // 2], SMEM1).reshape([4, KWT, 2, HALF // 2]).load(
+                    KS_LAY)
+                km = km_s.index(st)._reinterpret(gl.int32, [D // 2], SMEM1).reshape([4, KWT, 2, HALF // 2]).load(
+                    KS_LAY)
                 vwords = vc_s.index(st).reshape([G, 8, VWT]).load(W3)
-                m_i, l_i, acc = _step(q, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, rot, v_sel, v_shift,
-                                      qscale, K_LAY, B16, A16, MMA, KEY_ASM, VAL_ASM, G, D, KWT, HALF, CPTV,
+                m_i, l_i, acc = _step(q, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, kcode, v_sel, vcode,
+                                      qscale, K_LAY, KP_LAY, B16, A16, MMA, KEY_ASM, VAL_ASM, G, D, KWT, HALF, CPTV,
                                       K_BITS, V_BITS, RESCALE_SLACK, TRANSPOSED)
             async_copy.wait_group(0)
         else:
@@ -565,8 +614,8 @@ def _decode_tc_kernel(
                     kwords, ks, km, vwords, vs, vm = _load_record(
                         kv_ptr, bt_row, g, h, stride_cache_block, stride_cache_head, k_word_off, kchan, v_word_off,
                         v_scale_off, GROUPS_PER_PAGE, RECORD_BYTES, OFF_KC, OFF_KS, OFF_KM, OFF_VC, OFF_VS, OFF_VM)
-                m_i, l_i, acc = _step(q, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, rot, v_sel, v_shift,
-                                      qscale, K_LAY, B16, A16, MMA, KEY_ASM, VAL_ASM, G, D, KWT, HALF, CPTV,
+                m_i, l_i, acc = _step(q, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, kcode, v_sel, vcode,
+                                      qscale, K_LAY, KP_LAY, B16, A16, MMA, KEY_ASM, VAL_ASM, G, D, KWT, HALF, CPTV,
                                       K_BITS, V_BITS, RESCALE_SLACK, TRANSPOSED)
 
     rows = gl.arange(0, NQ, layout=ROW_LAY)
