@@ -130,8 +130,8 @@ def test_tc_decode_compiles_with_register_operands(compiled, i):
 def test_tc_transposed_halves_the_mmas_and_the_accumulator(compiled):
     """At 4 query heads per KV head the transposed loop (query heads padded to 8 columns) runs half the MMAs of the
     16-row form, and its [D, 8] float32 accumulator and [D, 8] query operand leave registers for more programs per
-    SM (157 registers and 12 programs against 202 and 9, sm_90, 2026-12-02, before the 3-instruction dequantization's
-    159); both keep shared memory to the stages."""
+    SM (157 registers and 12 programs against 202 and 9, sm_90, 2026-12-02, before the 3-instruction dequantization;
+    now 159 and 12 against 225 and 8); both keep shared memory to the stages."""
     t, rows16 = compiled["tc"][0], compiled["tc_rows16"]  # TC_SHAPES[0]: head 128, G 32, k2v2, 4 per KV head
     assert rows16["ptx_ops"]["mma.sync"] == tc_mmas(128, 32, 4, transposed=False) == 2 * t["ptx_ops"]["mma.sync"]
     assert rows16["shared_bytes"] == t["shared_bytes"] == staged_bytes(128, 32, 2, 2)
@@ -144,10 +144,48 @@ def test_tc_dequantizes_a_code_pair_in_three_instructions(compiled):
     no rotate or shift per pair (``decode_tc._asm``; 4-5 instructions and 108 SHF per group before 2026-12-02), and
     the HFMA2s' scale/minimum pairs are not re-packed at each use (two PRMTs per HFMA2 before: 176 PRMT in all).
     Head 128, G 32, 2 bits: G x D / 32 lanes / 2 = 64 key pairs and 64 value pairs per thread and group."""
-    top = compiled["tc"][0]["loops"][0]["top"]  # TC_SHAPES[0]
-    assert top["HFMA2"] == top["HADD2"] == 128
-    assert 128 <= top["LOP3"] <= 136
-    assert top.get("SHF", 0) <= 16 and top["PRMT"] < 96, top
+    ops = compiled["tc"][0]["loops"][0]["ops"]  # TC_SHAPES[0]; every opcode of the loop
+    assert ops["HFMA2"] == ops["HADD2"] == 128
+    assert 128 <= ops["LOP3"] <= 136
+    assert ops.get("SHF", 0) <= 16 and ops["PRMT"] < 96, ops
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_tc_code_positions_decode_exactly(bits):
+    """The arithmetic of ``decode_tc._asm`` on the CPU, in numpy fp16: for every code of a 32-bit key word (codes b
+    and b + 16/bits paired in the two 16-bit halves, words shifted right by 6 for codes above bit 10 - bits, as the
+    kernel's ``kshift``) and of a value byte (the byte moved to bytes 0 and 2 by PRMT), ``(word & mask) | magic``
+    read as two fp16 minus ``2**(10 - pos)`` equals the codes the page layout defines (code i of a word at bits
+    ``[i * bits, (i + 1) * bits)``, ``kivi_vllm.layout``), for random words. Fails if a code reached the exponent
+    bits or the magic were off by a bit."""
+    import numpy as np
+
+    rng = np.random.default_rng(bits)
+    words = rng.integers(0, 2**32, size=4096, dtype=np.uint64).astype(np.uint32)
+    def code(w, i):  # the layout's rule
+        return (w >> np.uint32(i * bits)) & np.uint32((1 << bits) - 1)
+
+    def decode(w, pos):
+        assert pos + bits <= 10  # the code inside the mantissa
+        mask = ((1 << bits) - 1) << pos
+        magic = (25 - pos) << 10  # fp16 bits of 2**(10 - pos)
+        t = (w & np.uint32(mask | mask << 16)) | np.uint32(magic | magic << 16)
+        halves = t.view(np.uint16).reshape(-1, 2).view(np.float16)  # little-endian: [low half, high half]
+        return (halves - np.float16(2.0 ** (10 - pos))).astype(np.float64)
+
+    half = 16 // bits
+    for b in range(half):  # keys: codes b (low half) and b + half (high half) of one word
+        pos = b * bits
+        shift = 6 if pos + bits > 10 else 0
+        got = decode(words >> np.uint32(shift), pos - shift)
+        assert np.array_equal(got[:, 0], code(words, b)) and np.array_equal(got[:, 1], code(words, b + half)), b
+    for i in range(32 // bits):  # values: code i of the words of tokens t and t + 1, its byte moved to bytes 0, 2
+        byte, pos = divmod(i * bits, 8)
+        w2 = words.reshape(-1, 2)
+        gathered = ((w2[:, 0] >> np.uint32(8 * byte)) & np.uint32(0xFF)) | (
+            ((w2[:, 1] >> np.uint32(8 * byte)) & np.uint32(0xFF)) << np.uint32(16))
+        got = decode(gathered, pos)
+        assert np.array_equal(got[:, 0], code(w2[:, 0], i)) and np.array_equal(got[:, 1], code(w2[:, 1], i)), i
 
 
 def test_tc_rescaling_is_a_branch(compiled):

@@ -21,7 +21,7 @@ per query head (q . m). Three kernels (:func:`default_kernel` picks one):
   layout, scores are multiply-adds; values accumulate per output channel as ``sum_j (p_j * s_j) c_jc`` plus
   ``sum_j p_j m_j`` (per-token scale and minimum per channel group). Complete groups only: the open group runs as a
   second launch of ``_decode_split_kernel`` with ``DO_GROUPS=False`` into its own partial slot (the last one).
-* "tc", :mod:`.decode_tc` (Gluon, NVIDIA sm_80+, the default on CUDA from 2 query heads per KV head): fp16 tensor-core
+* "tc", :mod:`.decode_tc` (Gluon, NVIDIA sm_80+, the default there wherever :func:`tc_supports` the shape): fp16 tensor-core
   MMAs whose operands are dequantized in registers (scale applied per element, one rounding), P taken from the
   score accumulator in place; shared memory only holds the next groups' packed records on their way in
   (``decode_tc.STAGES``); complete groups only, the open group as for "fma".
@@ -520,8 +520,9 @@ def kernel_for(qpk: int, group_size: int = 32, head_size: int = 128) -> str:
 
 def tc_supports(layout: PageLayout, qpk: int) -> str | None:
     """None if the "tc" kernel (:mod:`.decode_tc`) handles ``qpk`` query heads per KV head on pages of ``layout``,
-    else why not: at most 16 query heads per KV head (one MMA row tile), head size 64 or 128 (a quarter of a key row
-    must be whole 32-bit words; the [16, 128] float32 output accumulator is 64 registers per thread), group size a
+    else why not: at most 16 query heads per KV head (two 8-column MMA tiles in the transposed form, one 16-row
+    tile in the other), head size 64 or 128 (a quarter of a key row must be whole 32-bit words; the float32 output
+    accumulator is [128, 8], 32 registers per thread, transposed, [16, 128], 64 registers, not), group size a
     multiple of 16. (Here, not in :mod:`.decode_tc`, so that choosing a kernel never imports Gluon.)"""
     if qpk > 16:
         return f"{qpk} query heads per KV head (at most 16)"
@@ -547,7 +548,7 @@ def default_kernel(layout: PageLayout, qpk: int, capability: tuple[int, int] | N
     context: "tc" takes 0.69-0.80x the "fma" kernel's time at 2 query heads per KV head, 0.46-0.63x at 3 (both
     timed with ``maxnreg=168``, 0-9% slower than the default at 4), 0.47-0.66x at 4 and 0.11-0.29x at 8. At 1 query
     head per KV head (MHA) the 16-row form was slower than "fma" (559 vs 464 µs at 64 / 4k); the transposed form
-    (``decode_tc.TRANSPOSED``, query heads padded to 8 columns) took 0.82-1.00x its time at batch 16-256, 1k-16k,
+    (``decode_tc.TRANSPOSED``, query heads padded to 8 columns) took 0.81-1.00x its time at batch 16-256, 1k-16k,
     at the Llama-2-7B shape (thirteenth session, docs/benchmarks.md), so "tc" is the default there too. Its fp16
     operands are less accurate than "fma"'s float32 at very sharp attention (docs/benchmarks.md,
     ``benchmarks/tc_rounding.py``)."""

@@ -14,8 +14,8 @@ operands below, since an A and a B fragment hold the same reduction indices), th
 per KV head, 2 bits (sm_90 compile), 879 SASS per group against 983 (731 with the 3-instruction dequantization below). The probabilities leave the score accumulator
 transposed (a thread holds tokens lane / 4 and heads 2 (lane % 4)) and reach the B operand of ``V^T . P^T`` (tokens
 2 (lane % 4), heads lane / 4) through one register-only layout conversion (shuffles) per group. On the H200
-(thirteenth session, docs/benchmarks.md) 0.87-0.91x the 16-row form's time at the GQA shape (batch 64-256, 4k-16k)
-and 0.82-1.00x the "fma" kernel's at 1 query head per KV head (batch 16-256, 1k-16k; equal at 64 / 16k), where the
+(thirteenth session, docs/benchmarks.md) 0.88-0.91x the 16-row form's time at the GQA shape (batch 64-256, 4k-16k)
+and 0.81-1.00x the "fma" kernel's at 1 query head per KV head (batch 16-256, 1k-16k; equal at 64 / 16k), where the
 16-row form was slower than "fma".
 The description below is of the 16-row form; the transposed one swaps the operands of each product:
 
@@ -34,8 +34,8 @@ The description below is of the 16-row form; the transposed one swaps the operan
 The loop overlaps each group's memory round trip with the arithmetic of earlier groups. By default (``STAGES`` = 2,
 group size <= 32) ``cp.async`` copies group ``g + 1``'s key codes, key scale/min and value codes into shared memory
 while group ``g`` is computed, and each thread reads back the words its fragments need (the same layouts as the
-global loads); only the value scale/min are prefetched in registers. That holds 202 registers and no spill at 2 bits
-where the register double buffer (``PREFETCH``, ``STAGES`` = 0) held 255 and spilled 80 bytes: 6-7.5% less time
+global loads); only the value scale/min are prefetched in registers. That held 202 registers (16-row form, tenth
+session; 159 now) and no spill at 2 bits where the register double buffer (``PREFETCH``, ``STAGES`` = 0) held 255 and spilled 80 bytes: 6-7.5% less time
 than the register prefetch at 4k-16k for KIVI-2, 9-12% for KIVI-4 (tenth session, docs/benchmarks.md), which itself
 took 6.5-9.5% less than loading each record at its turn (ninth session).
 
@@ -107,9 +107,10 @@ def _asm(kind: str) -> str:
     bits <= 10``), and subtracting that power of two (exact) leaves ``c``. Mask and power of two ("magic") are
     per-code operands, constants of each register that ptxas keeps out of the loop.
 
-    keys (``pack=2`` operands: $0 out; $1 $2 the word, twice; $3 $4 the mask; $5 $6 the magic; $7 scale pair;
-    $8 minimum pair): the codes b and b + 16 / bits of a word (bits 16 apart), the word shifted right by 6 first
-    for codes above bit 10 - bits (one shift per word, shared by those codes).
+    keys (``pack=2`` operands: $0 out; $1 $2 the word, twice; $3 $4 the mask; $5 $6 the magic; $7 $8 the scale
+    pair, twice; $9 $10 the minimum pair, twice: :func:`_scale_pairs` gives them as int32): the codes b and b + 16 /
+    bits of a word (bits 16 apart), the word shifted right by 6 first for codes above bit 10 - bits (one shift per
+    word, shared by those codes).
     values ($1 $2 the words of tokens t and t + 1; $3 $4 a PRMT selector; $5 $6 mask; $7 $8 magic; $9 scale pair;
     $10 minimum pair): the byte holding the channel's code in each word goes to bytes 0 and 2, the code at its bit
     within the byte.
@@ -136,8 +137,8 @@ PREFETCH = True
 
 #: Shared-memory stages of the records' key codes, key scale/min and value codes (Ampere ``cp.async`` copies, no
 #: registers held while in flight): with STAGES = n >= 2 the loop copies group ``g + n - 1`` while it computes group
-#: ``g``, and keeps only the value scale/min in the register prefetch (202 registers at 2 bits, no spill, against
-#: 255 and 80 bytes spilled without). 0: no shared memory (PREFETCH decides). Layouts whose thread holds part of a
+#: ``g``, and keeps only the value scale/min in the register prefetch (202 registers at 2 bits in the 16-row form, no spill,
+#: against 255 and 80 bytes spilled without; tenth session). 0: no shared memory (PREFETCH decides). Layouts whose thread holds part of a
 #: value word (head size 64 at 2 bits) run with 0. Measured on the H200 at the GQA shape (tenth session,
 #: docs/benchmarks.md): 2 stages take 0.93x the register prefetch's time for KIVI-2 at 256 / 16k and 0.90x for
 #: KIVI-4; 3-5 stages are no faster.
@@ -146,9 +147,10 @@ STAGES = 2
 #: Compute the transposed products ``S^T = K . q^T`` and ``O^T = V^T . P^T``: the keys and values are the A operands
 #: (16-row tiles of tokens and channels), the query heads the 8 (or 16) columns of B, so heads pad to 8 instead of
 #: 16: half the MMAs and softmax work of the 16-row form, and a [D, 8] float32 accumulator (32 registers per thread
-#: instead of 64). The probabilities reach the P.V product's B operand through one layout conversion (shared
-#: memory), since the score accumulator holds them transposed. False: the 16-row form (the kernel until the
-#: thirteenth session).
+#: instead of 64). The probabilities reach the P.V product's B operand through one layout conversion in registers
+#: (warp shuffles), since the score accumulator holds them transposed. False: the 16-row form (the kernel until the
+#: thirteenth session; with the 3-instruction dequantization it compiles to 225 registers, 8 programs per SM, at 4
+#: query heads per KV head, 2 bits, against 159 and 12 transposed).
 TRANSPOSED = True
 
 
@@ -484,8 +486,8 @@ def _decode_tc_kernel(
         acc = gl.full([16, D], 0.0, gl.float32, MMA)
 
     # --- loop-invariant index tensors ---------------------------------------------------------------------------
-    # keys: words [G, 4, KWT] (word j * KWT + w of token t), rotations [1, 1, 1, 1, HALF] (code b to bit 10 - bits),
-    # scale/min channels [4, KWT, 2, HALF]
+    # keys: words [G, 4, KWT] (word j * KWT + w of token t), scale/min words [4, KWT, 2, HALF/2] (two channels
+    # each), and per code b the shift, mask and magic of :func:`_asm`
     K3: gl.constexpr = gl.SliceLayout(3, gl.SliceLayout(4, K_LAY))
     kt = gl.expand_dims(gl.expand_dims(gl.arange(0, G, layout=gl.SliceLayout(1, gl.SliceLayout(2, K3))), 1), 2)
     kj = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, K3))), 0), 2)
