@@ -21,9 +21,9 @@ per query head (q . m). Three kernels (:func:`default_kernel` picks one):
   layout, scores are multiply-adds; values accumulate per output channel as ``sum_j (p_j * s_j) c_jc`` plus
   ``sum_j p_j m_j`` (per-token scale and minimum per channel group). Complete groups only: the open group runs as a
   second launch of ``_decode_split_kernel`` with ``DO_GROUPS=False`` into its own partial slot (the last one).
-* "tc", :mod:`.decode_tc` (Gluon, NVIDIA sm_80+, the default there wherever :func:`tc_supports` the shape): fp16 tensor-core
-  MMAs whose operands are dequantized in registers (scale applied per element, one rounding), P taken from the
-  score accumulator in place; shared memory only holds the next groups' packed records on their way in
+* "tc", :mod:`.decode_tc` (Gluon, NVIDIA sm_80+, the default there wherever :func:`tc_supports` the shape): fp16
+  tensor-core MMAs whose operands are dequantized in registers (scale applied per element, one rounding), P taken from
+  the score accumulator in place; shared memory only holds the next groups' packed records on their way in
   (``decode_tc.STAGES``); complete groups only, the open group as for "fma".
 * ``_decode_split_kernel`` (tensor cores, rows padded to 16 query heads): one MMA ([QH, D] x [D, G]) for the
   scores, values dequantized in registers (``c * s + m``) before ``P . V``; the last split also handles the open
@@ -541,17 +541,17 @@ def cuda_capability(device: torch.device) -> tuple[int, int] | None:
 
 
 def default_kernel(layout: PageLayout, qpk: int, capability: tuple[int, int] | None) -> str:
-    """The decode kernel :func:`decode` runs when the caller names none: on an NVIDIA GPU of compute capability 8.0
-    or newer (``capability``, :func:`cuda_capability`; the "tc" kernel's ``mma.sync.m16n8k16`` and inline PTX), "tc"
-    (:mod:`.decode_tc`, tensor cores with register operands) where :func:`tc_supports` the shape; otherwise :func:`kernel_for`. Measured on the H200 (2026-11-30,
-    ``benchmarks/decode_attention.py --kernel tc|fma``, docs/benchmarks.md), KIVI-2 at batch 64-256, 4k-16k
-    context: "tc" takes 0.69-0.80x the "fma" kernel's time at 2 query heads per KV head, 0.46-0.63x at 3 (both
-    timed with ``maxnreg=168``, 0-9% slower than the default at 4), 0.47-0.66x at 4 and 0.11-0.29x at 8. At 1 query
-    head per KV head (MHA) the 16-row form was slower than "fma" (559 vs 464 µs at 64 / 4k); the transposed form
-    (``decode_tc.TRANSPOSED``, query heads padded to 8 columns) took 0.81-1.00x its time at batch 16-256, 1k-16k,
-    at the Llama-2-7B shape (thirteenth session, docs/benchmarks.md), so "tc" is the default there too. Its fp16
-    operands are less accurate than "fma"'s float32 at very sharp attention (docs/benchmarks.md,
-    ``benchmarks/tc_rounding.py``)."""
+    """The decode kernel :func:`decode` runs when the caller names none: on an NVIDIA GPU of compute capability 8.0 or
+    newer (``capability``, :func:`cuda_capability`; the "tc" kernel's ``mma.sync.m16n8k16`` and inline PTX), "tc"
+    (:mod:`.decode_tc`, tensor cores with register operands) where :func:`tc_supports` the shape; otherwise
+    :func:`kernel_for`. Measured on the H200 (2026-11-30, ``benchmarks/decode_attention.py --kernel tc|fma``,
+    docs/benchmarks.md), KIVI-2 at batch 64-256, 4k-16k context: "tc" takes 0.69-0.80x the "fma" kernel's time at 2
+    query heads per KV head, 0.46-0.63x at 3 (both timed with ``maxnreg=168``, 0-9% slower than the default at 4),
+    0.47-0.66x at 4 and 0.11-0.29x at 8. At 1 query head per KV head (MHA) the 16-row form was slower than "fma" (559 vs
+    464 µs at 64 / 4k); the transposed form (``decode_tc.TRANSPOSED``, query heads padded to 8 columns) took 0.81-1.00x
+    its time at batch 16-256, 1k-16k, at the Llama-2-7B shape (thirteenth session, docs/benchmarks.md), so "tc" is the
+    default there too. Its fp16 operands are less accurate than "fma"'s float32 at very sharp attention
+    (docs/benchmarks.md, ``benchmarks/tc_rounding.py``)."""
     if capability is not None and capability >= (8, 0) and tc_supports(layout, qpk) is None:
         return "tc"
     return kernel_for(qpk, layout.group_size, layout.head_size)

@@ -6,17 +6,17 @@ reduction are that module's launches), with both products as
 ``mma.sync.m16n8k16`` fp16 MMAs (float32 accumulators) whose operands are built in registers (shared memory only
 holds the packed records on their way in, ``STAGES``).
 
-By default (:data:`TRANSPOSED`) both products run transposed, ``S^T = K . q^T`` and ``O^T = V^T . P^T``: the
-dequantized keys and values are the A operands (16-row tiles of tokens and of channels, the same registers as the B
-operands below, since an A and a B fragment hold the same reduction indices), the query heads the 8 columns of B
-(16 above 8 query heads per KV head). Padding to 8 instead of 16 halves the MMAs and the softmax work, and the
-[D, 8] float32 accumulator holds 32 registers per thread instead of 64: 157 registers against 202 at 4 query heads
-per KV head, 2 bits (sm_90 compile), 879 SASS per group against 983 (731 with the 3-instruction dequantization below). The probabilities leave the score accumulator
-transposed (a thread holds tokens lane / 4 and heads 2 (lane % 4)) and reach the B operand of ``V^T . P^T`` (tokens
-2 (lane % 4), heads lane / 4) through one register-only layout conversion (shuffles) per group. On the H200
-(thirteenth session, docs/benchmarks.md) 0.88-0.91x the 16-row form's time at the GQA shape (batch 64-256, 4k-16k)
-and 0.81-1.00x the "fma" kernel's at 1 query head per KV head (batch 16-256, 1k-16k; equal at 64 / 16k), where the
-16-row form was slower than "fma".
+By default (:data:`TRANSPOSED`) both products run transposed, ``S^T = K . q^T`` and ``O^T = V^T . P^T``: the dequantized
+keys and values are the A operands (16-row tiles of tokens and of channels, the same registers as the B operands below,
+since an A and a B fragment hold the same reduction indices), the query heads the 8 columns of B (16 above 8 query heads
+per KV head). Padding to 8 instead of 16 halves the MMAs and the softmax work, and the [D, 8] float32 accumulator holds
+32 registers per thread instead of 64: 157 registers against 202 at 4 query heads per KV head, 2 bits (sm_90 compile),
+879 SASS per group against 983 (731 with the 3-instruction dequantization below). The probabilities leave the score
+accumulator transposed (a thread holds tokens lane / 4 and heads 2 (lane % 4)) and reach the B operand of ``V^T . P^T``
+(tokens 2 (lane % 4), heads lane / 4) through one register-only layout conversion (shuffles) per group. On the H200
+(thirteenth session, docs/benchmarks.md) 0.88-0.91x the 16-row form's time at the GQA shape (batch 64-256, 4k-16k) and
+0.81-1.00x the "fma" kernel's at 1 query head per KV head (batch 16-256, 1k-16k; equal at 64 / 16k), where the 16-row
+form was slower than "fma".
 The description below is of the 16-row form; the transposed one swaps the operands of each product:
 
 * scores ``S = q . K^T``: A = the query heads of one KV head in fp16 (padded to 16 rows, loaded once; a bf16 query
@@ -33,11 +33,11 @@ The description below is of the 16-row form; the transposed one swaps the operan
 
 The loop overlaps each group's memory round trip with the arithmetic of earlier groups. By default (``STAGES`` = 2,
 group size <= 32) ``cp.async`` copies group ``g + 1``'s key codes, key scale/min and value codes into shared memory
-while group ``g`` is computed, and each thread reads back the words its fragments need (the same layouts as the
-global loads); only the value scale/min are prefetched in registers. That held 202 registers (16-row form, tenth
-session; 159 now) and no spill at 2 bits where the register double buffer (``PREFETCH``, ``STAGES`` = 0) held 255 and spilled 80 bytes: 6-7.5% less time
-than the register prefetch at 4k-16k for KIVI-2, 9-12% for KIVI-4 (tenth session, docs/benchmarks.md), which itself
-took 6.5-9.5% less than loading each record at its turn (ninth session).
+while group ``g`` is computed, and each thread reads back the words its fragments need (the same layouts as the global
+loads); only the value scale/min are prefetched in registers. That held 202 registers (16-row form, tenth session; 159
+now) and no spill at 2 bits where the register double buffer (``PREFETCH``, ``STAGES`` = 0) held 255 and spilled 80
+bytes: 6-7.5% less time than the register prefetch at 4k-16k for KIVI-2, 9-12% for KIVI-4 (tenth session,
+docs/benchmarks.md), which itself took 6.5-9.5% less than loading each record at its turn (ninth session).
 
 A code pair becomes an fp16x2 operand in 3 instructions (inline PTX, :func:`_asm`): LOP3 keeps the two codes where
 they lie in their 16-bit halves and ORs in the exponent that makes each code's lowest bit the mantissa's unit
@@ -137,11 +137,11 @@ PREFETCH = True
 
 #: Shared-memory stages of the records' key codes, key scale/min and value codes (Ampere ``cp.async`` copies, no
 #: registers held while in flight): with STAGES = n >= 2 the loop copies group ``g + n - 1`` while it computes group
-#: ``g``, and keeps only the value scale/min in the register prefetch (202 registers at 2 bits in the 16-row form, no spill,
-#: against 255 and 80 bytes spilled without; tenth session). 0: no shared memory (PREFETCH decides). Layouts whose thread holds part of a
-#: value word (head size 64 at 2 bits) run with 0. Measured on the H200 at the GQA shape (tenth session,
-#: docs/benchmarks.md): 2 stages take 0.93x the register prefetch's time for KIVI-2 at 256 / 16k and 0.90x for
-#: KIVI-4; 3-5 stages are no faster.
+#: ``g``, and keeps only the value scale/min in the register prefetch (202 registers at 2 bits in the 16-row form, no
+#: spill, against 255 and 80 bytes spilled without; tenth session). 0: no shared memory (PREFETCH decides). Layouts
+#: whose thread holds part of a value word (head size 64 at 2 bits) run with 0. Measured on the H200 at the GQA shape
+#: (tenth session, docs/benchmarks.md): 2 stages take 0.93x the register prefetch's time for KIVI-2 at 256 / 16k and
+#: 0.90x for KIVI-4; 3-5 stages are no faster.
 STAGES = 2
 
 #: Compute the transposed products ``S^T = K . q^T`` and ``O^T = V^T . P^T``: the keys and values are the A operands
@@ -237,11 +237,13 @@ def _tc_constexprs(layout: PageLayout, qpk: int, num_splits: int, rescale_slack:
     kc_copy = gl.BlockedLayout([1, kvec], [32 // (krw // kvec), krw // kvec], [1, 1], [1, 0])
     vc_copy = gl.BlockedLayout([1, vvec], [32 // (vrw // vvec), vrw // vvec], [1, 1], [1, 0])
     ks_copy = gl.BlockedLayout([8], [32], [1], [0])  # D fp16: 16 lanes of 8 at D = 128
-    return dict(QPK=qpk, NUM_SPLITS=num_splits, SLOTS=num_splits + 1, K_LAY=k_lay, KS_LAY=ks_lay, KP_LAY=kp_lay, V_LAY=v_lay,
+    return dict(QPK=qpk, NUM_SPLITS=num_splits, SLOTS=num_splits + 1, K_LAY=k_lay, KS_LAY=ks_lay, KP_LAY=kp_lay,
+                V_LAY=v_lay,
                 MMA=mma, KWT=kwt, VWT=vwt, VCW=vcw, KEY_ASM=_asm("key"), VAL_ASM=_asm("value"),
                 RESCALE_SLACK=float(rescale_slack), PREFETCH=prefetch, STAGES=stages, KC_COPY=kc_copy,
                 VC_COPY=vc_copy, KS_COPY=ks_copy, SMEM2=gl.SwizzledSharedLayout(1, 1, 1, [1, 0]),
-                SMEM1=gl.SwizzledSharedLayout(1, 1, 1, [0]), TRANSPOSED=transposed, NP=max(8, 1 << (qpk - 1).bit_length()),
+                SMEM1=gl.SwizzledSharedLayout(1, 1, 1, [0]), TRANSPOSED=transposed,
+                NP=max(8, 1 << (qpk - 1).bit_length()),
                 **layout_args(layout))
 
 
@@ -249,8 +251,8 @@ def _tc_constexprs(layout: PageLayout, qpk: int, num_splits: int, rescale_slack:
 def _scale_pairs(w, KP_LAY: gl.constexpr, K_LAY: gl.constexpr):
     """The fp16x2 scale (or minimum) operands of the key HFMA2s from the loaded words ``w`` [4, KWT, 2 (p), HALF/2]
     (word ``i`` holds channels 2i and 2i + 1): the pair of channels b and b + HALF of each word, one PRMT per pair,
-    as [1, 4, KWT, 2, HALF] int32 (broadcast over tokens; equal for p = 0 and 1). Built explicitly, once per group: left to ptxas, the
-    pairs of 16-bit loads were re-packed at every use (two PRMTs per HFMA2)."""
+    as [1, 4, KWT, 2, HALF] int32 (broadcast over tokens; equal for p = 0 and 1). Built explicitly, once per group:
+    left to ptxas, the pairs of 16-bit loads were re-packed at every use (two PRMTs per HFMA2)."""
     w0, w1 = gl.split(gl.permute(w, (0, 1, 3, 2)))  # [4, KWT, HALF/2]: the words of p = 0 and p = 1
     w0 = gl.expand_dims(gl.convert_layout(w0, gl.SliceLayout(3, KP_LAY)), 3)
     w1 = gl.expand_dims(gl.convert_layout(w1, gl.SliceLayout(3, KP_LAY)), 3)
@@ -423,11 +425,13 @@ def _step(q, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, kcode, v_sel, vcode,
           V_BITS: gl.constexpr, RESCALE_SLACK: gl.constexpr, TRANSPOSED: gl.constexpr):
     """:func:`_group_step_t` if ``TRANSPOSED`` else :func:`_group_step`."""
     if TRANSPOSED:
-        return _group_step_t(q, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, kcode, v_sel, vcode, qscale, K_LAY, KP_LAY,
-                             B16, A16, MMA, KEY_ASM, VAL_ASM, G, D, KWT, HALF, CPTV, K_BITS, V_BITS, RESCALE_SLACK)
+        return _group_step_t(q, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, kcode, v_sel, vcode, qscale, K_LAY,
+                             KP_LAY, B16, A16, MMA, KEY_ASM, VAL_ASM, G, D, KWT, HALF, CPTV, K_BITS, V_BITS,
+                             RESCALE_SLACK)
     else:
-        return _group_step(q, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, kcode, v_sel, vcode, qscale, K_LAY, KP_LAY,
-                           B16, A16, MMA, KEY_ASM, VAL_ASM, G, D, KWT, HALF, CPTV, K_BITS, V_BITS, RESCALE_SLACK)
+        return _group_step(q, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, kcode, v_sel, vcode, qscale, K_LAY,
+                           KP_LAY, B16, A16, MMA, KEY_ASM, VAL_ASM, G, D, KWT, HALF, CPTV, K_BITS, V_BITS,
+                           RESCALE_SLACK)
 
 
 @gluon.jit
