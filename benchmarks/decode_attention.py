@@ -351,18 +351,13 @@ def main():
     from kivi_vllm.layout import PageLayout
 
     kern = (decode, store, PageLayout, default_num_splits, default_kernel, cuda_capability)
-    if args.tc_prefetch is not None:
+    tc_options = {"PREFETCH": args.tc_prefetch, "STAGES": args.tc_stages, "TRANSPOSED": args.tc_transposed}
+    if any(v is not None for v in tc_options.values()):  # decode_tc's module options (imports Gluon)
         from kivi_vllm.kernels import decode_tc
 
-        decode_tc.PREFETCH = bool(args.tc_prefetch)
-    if args.tc_stages is not None:
-        from kivi_vllm.kernels import decode_tc
-
-        decode_tc.STAGES = args.tc_stages
-    if args.tc_transposed is not None:
-        from kivi_vllm.kernels import decode_tc
-
-        decode_tc.TRANSPOSED = bool(args.tc_transposed)
+        for name, v in tc_options.items():
+            if v is not None:
+                setattr(decode_tc, name, type(getattr(decode_tc, name))(v))
     try:
         from vllm.version import __version__ as vllm_version
     except Exception:  # noqa: BLE001

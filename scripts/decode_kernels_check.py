@@ -59,18 +59,13 @@ def main() -> None:
     ap.add_argument("--tc-stages", type=int, default=None, help="tc: decode_tc.STAGES")
     ap.add_argument("--tc-transposed", type=int, choices=[0, 1], default=None, help="tc: decode_tc.TRANSPOSED")
     a = ap.parse_args()
-    if a.tc_transposed is not None:
+    tc_options = {"PREFETCH": a.tc_prefetch, "STAGES": a.tc_stages, "TRANSPOSED": a.tc_transposed}
+    if any(v is not None for v in tc_options.values()):  # decode_tc's module options (imports Gluon)
         from kivi_vllm.kernels import decode_tc
 
-        decode_tc.TRANSPOSED = bool(a.tc_transposed)
-    if a.tc_prefetch is not None:
-        from kivi_vllm.kernels import decode_tc
-
-        decode_tc.PREFETCH = bool(a.tc_prefetch)
-    if a.tc_stages is not None:
-        from kivi_vllm.kernels import decode_tc
-
-        decode_tc.STAGES = a.tc_stages
+        for name, v in tc_options.items():
+            if v is not None:
+                setattr(decode_tc, name, type(getattr(decode_tc, name))(v))
     if DEV != "cuda":
         raise SystemExit("decode_kernels_check.py needs a CUDA device (the CPU tests cover small shapes)")
     from kivi_vllm.kernels.decode import wave_programs

@@ -323,62 +323,13 @@ def _load_value_scales(rec, v_scale_off, OFF_VS: gl.constexpr, OFF_VM: gl.conste
 def _group_step(q, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, kcode, v_sel, vcode, qscale,
                 K_LAY: gl.constexpr, KP_LAY: gl.constexpr, B16: gl.constexpr, A16: gl.constexpr, MMA: gl.constexpr,
                 KEY_ASM: gl.constexpr, VAL_ASM: gl.constexpr, G: gl.constexpr, D: gl.constexpr,
-                KWT: gl.constexpr, HALF: gl.constexpr, CPTV: gl.constexpr, K_BITS: gl.constexpr,
-                V_BITS: gl.constexpr, RESCALE_SLACK: gl.constexpr):
+                KWT: gl.constexpr, HALF: gl.constexpr, CPTV: gl.constexpr, RESCALE_SLACK: gl.constexpr,
+                TRANSPOSED: gl.constexpr):
     """One complete group's scores, online softmax and ``O += P . V`` from its record in the registers; returns the
-    updated (m_i, l_i, acc)."""
-    kshift, kmask, kmagic = kcode
-    vmask, vmagic = vcode
-    # keys -> B operand [D (k), G]
-    kd = gl.inline_asm_elementwise(
-        KEY_ASM, "=r,r,r,r,r,r,r,r,r,r,r",
-        [gl.expand_dims(gl.expand_dims(kwords, 3), 4) >> kshift, kmask, kmagic,
-         _scale_pairs(ks, KP_LAY, K_LAY), _scale_pairs(km, KP_LAY, K_LAY)],
-        dtype=gl.float16, is_pure=True, pack=2)  # [G, 4, KWT, 2, HALF]
-    kd = gl.reshape(gl.permute(kd, (0, 1, 2, 4, 3)), [G, 4, KWT * HALF // 2, 2, 2])  # (w, b) -> (kc, e)
-    kd = gl.reshape(gl.permute(kd, (2, 3, 1, 4, 0)), [D, G])  # k = 16 kc + 8 e + 2 j + p
-    kd = gl.convert_layout(kd, B16, assert_trivial=True)
-    s = mma_v2(q, kd, gl.full([16, G], 0.0, gl.float32, MMA))  # times qscale: log2 units
-    # online softmax, base 2; with RESCALE_SLACK > 0 a row's running max (and so acc, l) moves only when the
-    # group's max exceeds it by more than the slack (FlashAttention-4's conditional rescaling): the
-    # probabilities are then at most 2**slack (fp16 holds them), and most groups skip the 64 multiplies
-    m_new = gl.maximum(m_i, gl.max(s, axis=1) * qscale)
-    if RESCALE_SLACK > 0:
-        grow = m_new > m_i + RESCALE_SLACK
-        if gl.max(grow.to(gl.int32), axis=0) > 0:  # one branch for the warp
-            m_new = gl.where(grow, m_new, m_i)
-            alpha = gl.exp2(m_i - m_new)
-            acc = acc * gl.expand_dims(alpha, 1)
-            l_i = l_i * alpha
-            m_i = m_new
-    else:
-        alpha = gl.exp2(m_i - m_new)
-        acc = acc * gl.expand_dims(alpha, 1)
-        l_i = l_i * alpha
-        m_i = m_new
-    prob = gl.exp2(s * qscale - gl.expand_dims(m_i, 1))  # one FFMA per score
-    l_i = l_i + gl.sum(prob, axis=1)
-    # values -> B operand [G (k = token), D (n: channel (n % 8) * CPTV + n // 8)]
-    pa = gl.convert_layout(prob.to(gl.float16), A16, assert_trivial=True)
-    vd = gl.inline_asm_elementwise(
-        VAL_ASM, "=r,r,r,r,r,r,r,r,r,r,r",
-        [gl.expand_dims(vwords, 3), v_sel, vmask, vmagic, gl.expand_dims(vs, 3), gl.expand_dims(vm, 3)],
-        dtype=gl.float16, is_pure=True, pack=2)  # [G, 8, VWT, VCW]
-    vd = gl.reshape(gl.permute(gl.reshape(vd, [G, 8, CPTV]), (0, 2, 1)), [G, D])
-    vd = gl.convert_layout(vd, B16, assert_trivial=True)
-    acc = mma_v2(pa, vd, acc)
-    return m_i, l_i, acc
-
-
-@gluon.jit
-def _group_step_t(qb, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, kcode, v_sel, vcode, qscale,
-                  K_LAY: gl.constexpr, KP_LAY: gl.constexpr, B16: gl.constexpr, A16: gl.constexpr, MMA: gl.constexpr,
-                  KEY_ASM: gl.constexpr, VAL_ASM: gl.constexpr, G: gl.constexpr, D: gl.constexpr,
-                  KWT: gl.constexpr, HALF: gl.constexpr, CPTV: gl.constexpr, K_BITS: gl.constexpr,
-                  V_BITS: gl.constexpr, RESCALE_SLACK: gl.constexpr):
-    """:func:`_group_step` transposed (:data:`TRANSPOSED`): ``S^T = K . q^T`` with the keys as A [G, D] and the
-    query heads as B [D, NP]; ``O^T += V^T . P^T`` with the values as A [D, G]; m_i, l_i [NP] and acc [D, NP]
-    per query head (column)."""
+    updated (m_i, l_i, acc). ``TRANSPOSED`` (:data:`TRANSPOSED`): ``S^T = K . q^T`` with the keys as A [G, D] and
+    the query heads as B ``q`` [D, NP], ``O^T += V^T . P^T`` with the values as A [D, G], acc [D, NP]; else the
+    16-row form, ``q`` [16, D] as A, the keys and values as B, acc [16, D]. m_i, l_i: per query head."""
+    T: gl.constexpr = 0 if TRANSPOSED else 1  # the token axis of the scores (and the channel axis of acc)
     kshift, kmask, kmagic = kcode
     vmask, vmagic = vcode
     kd = gl.inline_asm_elementwise(
@@ -387,51 +338,45 @@ def _group_step_t(qb, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, kcode, v_se
          _scale_pairs(ks, KP_LAY, K_LAY), _scale_pairs(km, KP_LAY, K_LAY)],
         dtype=gl.float16, is_pure=True, pack=2)  # [G, 4, KWT, 2, HALF]
     kd = gl.reshape(gl.permute(kd, (0, 1, 2, 4, 3)), [G, 4, KWT * HALF // 2, 2, 2])  # (w, b) -> (kc, e)
-    kd = gl.reshape(gl.permute(kd, (0, 2, 3, 1, 4)), [G, D])  # [token, k = 16 kc + 8 e + 2 j + p]
-    kd = gl.convert_layout(kd, A16, assert_trivial=True)
-    s = mma_v2(kd, qb, gl.full([G, qb.shape[1]], 0.0, gl.float32, MMA))  # [G, NP], times qscale: log2 units
-    m_new = gl.maximum(m_i, gl.max(s, axis=0) * qscale)
+    if TRANSPOSED:  # keys -> A operand [G, D (k = 16 kc + 8 e + 2 j + p)]
+        kd = gl.convert_layout(gl.reshape(gl.permute(kd, (0, 2, 3, 1, 4)), [G, D]), A16, assert_trivial=True)
+        s = mma_v2(kd, q, gl.full([G, q.shape[1]], 0.0, gl.float32, MMA))  # [G, NP]
+    else:  # keys -> B operand [D (k), G]
+        kd = gl.convert_layout(gl.reshape(gl.permute(kd, (2, 3, 1, 4, 0)), [D, G]), B16, assert_trivial=True)
+        s = mma_v2(q, kd, gl.full([16, G], 0.0, gl.float32, MMA))  # [16, G]
+    # s times qscale: log2 units. Online softmax, base 2; with RESCALE_SLACK > 0 a head's running max (and so acc,
+    # l) moves only when the group's max exceeds it by more than the slack (FlashAttention-4's conditional
+    # rescaling): the probabilities are then at most 2**slack (fp16 holds them), and most groups skip the rescale
+    m_new = gl.maximum(m_i, gl.max(s, axis=T) * qscale)
     if RESCALE_SLACK > 0:
         grow = m_new > m_i + RESCALE_SLACK
         if gl.max(grow.to(gl.int32), axis=0) > 0:  # one branch for the warp
             m_new = gl.where(grow, m_new, m_i)
             alpha = gl.exp2(m_i - m_new)
-            acc = acc * gl.expand_dims(alpha, 0)
+            acc = acc * gl.expand_dims(alpha, T)
             l_i = l_i * alpha
             m_i = m_new
     else:
         alpha = gl.exp2(m_i - m_new)
-        acc = acc * gl.expand_dims(alpha, 0)
+        acc = acc * gl.expand_dims(alpha, T)
         l_i = l_i * alpha
         m_i = m_new
-    prob = gl.exp2(s * qscale - gl.expand_dims(m_i, 0))
-    l_i = l_i + gl.sum(prob, axis=0)
-    pb = gl.convert_layout(prob.to(gl.float16), B16)  # [G (k = token), NP]: the transpose of the C fragments
+    prob = gl.exp2(s * qscale - gl.expand_dims(m_i, T))  # one FFMA per score
+    l_i = l_i + gl.sum(prob, axis=T)
+    if TRANSPOSED:  # P -> B operand [G (k = token), NP]: the transpose of the C fragments (shuffles)
+        pv = gl.convert_layout(prob.to(gl.float16), B16)
+    else:  # P -> A operand [16, G] from the score accumulator's registers as they lie
+        pv = gl.convert_layout(prob.to(gl.float16), A16, assert_trivial=True)
     vd = gl.inline_asm_elementwise(
         VAL_ASM, "=r,r,r,r,r,r,r,r,r,r,r",
         [gl.expand_dims(vwords, 3), v_sel, vmask, vmagic, gl.expand_dims(vs, 3), gl.expand_dims(vm, 3)],
         dtype=gl.float16, is_pure=True, pack=2)  # [G, 8, VWT, VCW]
-    vd = gl.permute(gl.reshape(gl.permute(gl.reshape(vd, [G, 8, CPTV]), (0, 2, 1)), [G, D]), (1, 0))  # [D, G]
-    vd = gl.convert_layout(vd, A16, assert_trivial=True)
-    acc = mma_v2(vd, pb, acc)
+    vd = gl.reshape(gl.permute(gl.reshape(vd, [G, 8, CPTV]), (0, 2, 1)), [G, D])  # n: channel (n % 8) CPTV + n // 8
+    if TRANSPOSED:  # values -> A operand [D, G]
+        acc = mma_v2(gl.convert_layout(gl.permute(vd, (1, 0)), A16, assert_trivial=True), pv, acc)
+    else:  # values -> B operand [G (k = token), D]
+        acc = mma_v2(pv, gl.convert_layout(vd, B16, assert_trivial=True), acc)
     return m_i, l_i, acc
-
-
-@gluon.jit
-def _step(q, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, kcode, v_sel, vcode, qscale,
-          K_LAY: gl.constexpr, KP_LAY: gl.constexpr, B16: gl.constexpr, A16: gl.constexpr, MMA: gl.constexpr,
-          KEY_ASM: gl.constexpr, VAL_ASM: gl.constexpr, G: gl.constexpr, D: gl.constexpr,
-          KWT: gl.constexpr, HALF: gl.constexpr, CPTV: gl.constexpr, K_BITS: gl.constexpr,
-          V_BITS: gl.constexpr, RESCALE_SLACK: gl.constexpr, TRANSPOSED: gl.constexpr):
-    """:func:`_group_step_t` if ``TRANSPOSED`` else :func:`_group_step`."""
-    if TRANSPOSED:
-        return _group_step_t(q, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, kcode, v_sel, vcode, qscale, K_LAY,
-                             KP_LAY, B16, A16, MMA, KEY_ASM, VAL_ASM, G, D, KWT, HALF, CPTV, K_BITS, V_BITS,
-                             RESCALE_SLACK)
-    else:
-        return _group_step(q, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, kcode, v_sel, vcode, qscale, K_LAY,
-                           KP_LAY, B16, A16, MMA, KEY_ASM, VAL_ASM, G, D, KWT, HALF, CPTV, K_BITS, V_BITS,
-                           RESCALE_SLACK)
 
 
 @gluon.jit
@@ -467,8 +412,9 @@ def _decode_tc_kernel(
     NVG: gl.constexpr = D // V_GROUP
     A16: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     B16: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
-    ROW_LAY: gl.constexpr = gl.SliceLayout(0, MMA) if TRANSPOSED else gl.SliceLayout(1, MMA)  # query heads
-    NQ: gl.constexpr = NP if TRANSPOSED else 16  # query-head rows (padded)
+    NQ: gl.constexpr = NP if TRANSPOSED else 16  # query heads (padded)
+    CA: gl.constexpr = 0 if TRANSPOSED else 1  # the channel axis of the query operand and of acc
+    ROW_LAY: gl.constexpr = gl.SliceLayout(CA, MMA)  # per query head
 
     r = gl.program_id(0)
     h = gl.program_id(1)
@@ -484,10 +430,7 @@ def _decode_tc_kernel(
     seq_len = gl.load(seq_lens_ptr + r)
     m_i = gl.full([NQ], float("-inf"), gl.float32, ROW_LAY)
     l_i = gl.full([NQ], 0.0, gl.float32, ROW_LAY)
-    if TRANSPOSED:
-        acc = gl.full([D, NP], 0.0, gl.float32, MMA)
-    else:
-        acc = gl.full([16, D], 0.0, gl.float32, MMA)
+    acc = gl.full([D, NQ] if TRANSPOSED else [NQ, D], 0.0, gl.float32, MMA)
 
     # --- loop-invariant index tensors ---------------------------------------------------------------------------
     # keys: words [G, 4, KWT] (word j * KWT + w of token t), scale/min words [4, KWT, 2, HALF/2] (two channels
@@ -542,24 +485,18 @@ def _decode_tc_kernel(
             per_split = gl.cdiv(n_full, NUM_SPLITS)
             g_lo = split * per_split
             g_hi = gl.minimum(n_full, g_lo + per_split)
-        # q as the A operand in fp16 as the model gave it (a bf16 or fp16 query is exact in fp16; the softmax scale
+        # q as an MMA operand in fp16 as the model gave it (a bf16 or fp16 query is exact in fp16; the softmax scale
         # and log2(e) multiply the float32 scores instead: folded into q they rounded it, which doubled the error at
         # sharp attention, benchmarks/tc_rounding.py); MMA index k = 16 kc + 8 e + 2 j + p is channel
         # j * CPT + w * KPW + p * HALF + b with w * HALF + b = 2 kc + e
-        if TRANSPOSED:  # B operand [D (k), NP]
-            qk = gl.arange(0, D, layout=gl.SliceLayout(1, B16))
-            qr = gl.arange(0, NP, layout=gl.SliceLayout(0, B16))
-            pair = (qk // 16) * 2 + (qk // 8) % 2
-            qch = ((qk // 2) % 4) * CPT + (pair // HALF) * KPW + (qk % 2) * HALF + pair % HALF
-            q = gl.load(q_ptr + q_start * stride_qt + gl.expand_dims(h * QPK + qr, 0) * stride_qh
-                        + gl.expand_dims(qch, 1), mask=gl.expand_dims(qr < QPK, 0), other=0.0).to(gl.float32)
-        else:  # A operand [16, D]
-            qk = gl.arange(0, D, layout=gl.SliceLayout(0, A16))
-            qr = gl.arange(0, 16, layout=gl.SliceLayout(1, A16))
-            pair = (qk // 16) * 2 + (qk // 8) % 2
-            qch = ((qk // 2) % 4) * CPT + (pair // HALF) * KPW + (qk % 2) * HALF + pair % HALF
-            q = gl.load(q_ptr + q_start * stride_qt + gl.expand_dims(h * QPK + qr, 1) * stride_qh
-                        + gl.expand_dims(qch, 0), mask=gl.expand_dims(qr < QPK, 1), other=0.0).to(gl.float32)
+        # transposed: the B operand [D (k), NP]; else the A operand [16, D (k)]
+        QOP: gl.constexpr = B16 if TRANSPOSED else A16
+        qk = gl.arange(0, D, layout=gl.SliceLayout(1 - CA, QOP))
+        qr = gl.arange(0, NQ, layout=gl.SliceLayout(CA, QOP))
+        pair = (qk // 16) * 2 + (qk // 8) % 2
+        qch = ((qk // 2) % 4) * CPT + (pair // HALF) * KPW + (qk % 2) * HALF + pair % HALF
+        q = gl.load(q_ptr + q_start * stride_qt + gl.expand_dims(h * QPK + qr, CA) * stride_qh
+                    + gl.expand_dims(qch, 1 - CA), mask=gl.expand_dims(qr < QPK, CA), other=0.0).to(gl.float32)
         q = gl.minimum(gl.maximum(q, -65504.0), 65504.0).to(gl.float16)
         qscale = sm_scale * LOG2E_TC
         bt_row = block_table_ptr + r * stride_bt
@@ -599,9 +536,9 @@ def _decode_tc_kernel(
                 km = km_s.index(st)._reinterpret(gl.int32, [D // 2], SMEM1).reshape([4, KWT, 2, HALF // 2]).load(
                     KS_LAY)
                 vwords = vc_s.index(st).reshape([G, 8, VWT]).load(W3)
-                m_i, l_i, acc = _step(q, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, kcode, v_sel, vcode,
-                                      qscale, K_LAY, KP_LAY, B16, A16, MMA, KEY_ASM, VAL_ASM, G, D, KWT, HALF, CPTV,
-                                      K_BITS, V_BITS, RESCALE_SLACK, TRANSPOSED)
+                m_i, l_i, acc = _group_step(q, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, kcode, v_sel, vcode,
+                                            qscale, K_LAY, KP_LAY, B16, A16, MMA, KEY_ASM, VAL_ASM, G, D, KWT, HALF,
+                                            CPTV, RESCALE_SLACK, TRANSPOSED)
             async_copy.wait_group(0)
         else:
             if PREFETCH:  # the first group's record; each iteration then loads the next one's before its own math
@@ -620,23 +557,18 @@ def _decode_tc_kernel(
                     kwords, ks, km, vwords, vs, vm = _load_record(
                         kv_ptr, bt_row, g, h, stride_cache_block, stride_cache_head, k_word_off, kchan, v_word_off,
                         v_scale_off, GROUPS_PER_PAGE, RECORD_BYTES, OFF_KC, OFF_KS, OFF_KM, OFF_VC, OFF_VS, OFF_VM)
-                m_i, l_i, acc = _step(q, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, kcode, v_sel, vcode,
-                                      qscale, K_LAY, KP_LAY, B16, A16, MMA, KEY_ASM, VAL_ASM, G, D, KWT, HALF, CPTV,
-                                      K_BITS, V_BITS, RESCALE_SLACK, TRANSPOSED)
+                m_i, l_i, acc = _group_step(q, kwords, ks, km, vwords, vs, vm, m_i, l_i, acc, kcode, v_sel, vcode,
+                                            qscale, K_LAY, KP_LAY, B16, A16, MMA, KEY_ASM, VAL_ASM, G, D, KWT, HALF,
+                                            CPTV, RESCALE_SLACK, TRANSPOSED)
 
     rows = gl.arange(0, NQ, layout=ROW_LAY)
     rmask = (rows < QPK) & live
     base = (r * (QPK * gl.num_programs(1)) + h * QPK + rows) * SLOTS + split
     gl.store(part_m_ptr + base, m_i, mask=rmask)
     gl.store(part_l_ptr + base, l_i, mask=rmask)
-    if TRANSPOSED:  # acc [D (channel (n % 8) * CPTV + n // 8), NP]
-        on = gl.arange(0, D, layout=gl.SliceLayout(1, MMA))
-        gl.store(part_acc_ptr + gl.expand_dims(base, 0) * HEAD_PAD + gl.expand_dims((on % 8) * CPTV + on // 8, 1),
-                 acc, mask=gl.expand_dims(rmask, 0))
-    else:
-        on = gl.arange(0, D, layout=gl.SliceLayout(0, MMA))
-        gl.store(part_acc_ptr + gl.expand_dims(base, 1) * HEAD_PAD + gl.expand_dims((on % 8) * CPTV + on // 8, 0),
-                 acc, mask=gl.expand_dims(rmask, 1))
+    on = gl.arange(0, D, layout=gl.SliceLayout(1 - CA, MMA))  # acc's channel n is (n % 8) * CPTV + n // 8
+    gl.store(part_acc_ptr + gl.expand_dims(base, CA) * HEAD_PAD + gl.expand_dims((on % 8) * CPTV + on // 8, 1 - CA),
+             acc, mask=gl.expand_dims(rmask, CA))
 
 
 def tc_kernel():
