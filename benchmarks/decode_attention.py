@@ -35,7 +35,7 @@ the L2 flush). ``--eager`` times the Python call instead. The first call (Triton
 Bytes per step (for GB/s; "% copy" = against dst.copy_(src) of 2 GiB measured at the start, 2 x bytes / time):
   KIVI: B * Hkv * ((L-1)//32 * record_bytes + n_staged * 128 * 2 B * 2 (K and V stage)), n_staged = (L-1) % 32,
         + this step's key/value (B*Hkv*128*2 B*2) + query and output (B*32*128*2 B each). Not counted: block
-        table, and the split partials (written by the split kernel, read by the reduction; ``aux_bytes`` in JSON).
+        table, and the split partials (written by the split kernel, read by the open group's merge ("fma", "tc") or the reduction ("mma"); ``aux_bytes`` in JSON).
   FA3:  B * L * Hkv * 128 * 2 (K and V) * itemsize, + query (itemsize) and output (bf16), as for KIVI.
 "x fp8" / "x bf16" = FA3 time / this row's time (> 1: faster than FA3); "st/kivi2" = store time / KIVI-2 decode time.
 
@@ -106,6 +106,8 @@ def parse_args():
     p.add_argument("--tc-transposed", type=int, choices=[0, 1], default=None,
                    help="KIVI tc decode: decode_tc.TRANSPOSED (1: S^T = K q^T and O^T = V^T P^T, query heads padded "
                         "to 8 columns; 0: query heads padded to 16 rows)")
+    p.add_argument("--open-warps", type=int, default=None,
+                   help="KIVI fma/tc decode: decode.OPEN_WARPS (warps per program of the open group's launch)")
     p.add_argument("--eager", action="store_true", help="time the Python call, not a CUDA-graph replay")
     p.add_argument("--profile", action="store_true",
                    help="KIVI: also print the GPU time of each kernel of the decode call (torch.profiler, mean of "
@@ -205,8 +207,7 @@ def kivi_cell(bits, B, L, hq, h, d, io, device, args, kern):
     import triton  # imported by main() already, after the interpreter switch
 
     pad = triton.next_power_of_2(d)  # partials: m, l and a [HEAD_PAD] accumulator per (request, head, split), fp32
-    slots = splits + (kernel != "mma")  # the FMA and TC paths' open group has its own partial slot
-    row.update(kernel=kernel, num_splits=splits, aux_bytes=2 * B * hq * slots * (2 + pad) * 4)
+    row.update(kernel=kernel, num_splits=splits, aux_bytes=2 * B * hq * splits * (2 + pad) * 4)  # at most
     from kivi_vllm.kernels.decode import decode_work, wave_programs
 
     target = (wave_programs(kernel, torch.device(device)) or 0) if args.work_target is None else args.work_target
@@ -351,6 +352,10 @@ def main():
     from kivi_vllm.layout import PageLayout
 
     kern = (decode, store, PageLayout, default_num_splits, default_kernel, cuda_capability)
+    if args.open_warps is not None:
+        import kivi_vllm.kernels.decode as decode_module
+
+        decode_module.OPEN_WARPS = args.open_warps
     tc_options = {"PREFETCH": args.tc_prefetch, "STAGES": args.tc_stages, "TRANSPOSED": args.tc_transposed}
     if any(v is not None for v in tc_options.values()):  # decode_tc's module options (imports Gluon)
         from kivi_vllm.kernels import decode_tc

@@ -53,7 +53,7 @@ def resources(bits: int, qpk: int, kernel: str, num_warps: int, num_stages: int 
         consts = mod.fma_constexprs(lay, qpk, 8, num_stages, lane_rows)
     else:  # the launch of decode() for a bf16 model on a GPU (TF32 dots)
         fn = mod._decode_split_kernel
-        consts = dict(NUM_SPLITS=8, SLOTS=8, DO_GROUPS=True, SPLIT_OFFSET=0,
+        consts = dict(NUM_SPLITS=8, DO_GROUPS=True,
                       **mod.mma_constexprs(lay, qpk, num_stages, dict(DOT_DTYPE=tl.float32, DOT_PRECISION="tf32")))
     return compiled_resources(fn, consts, num_warps, maxnreg)
 

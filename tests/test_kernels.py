@@ -435,7 +435,7 @@ def test_decode_variants_agree(num_splits, dtype, kernel, decode_stages, lane_ro
 @pytest.mark.parametrize("host_seq", ["exact", "upper", "low"])
 def test_decode_work_list(target, host_seq, monkeypatch):
     """The FMA kernel over a work list (decode_work, in waves of ``target`` programs) gives the reference's answer,
-    the reduction reading only the slots the list names (the partials start as NaN), and request 0 (12 complete
+    the open group's launch merging only the slots the list names (the partials start as NaN), and request 0 (12 complete
     groups, 4 splits) has a finite partial maximum in each of its items' slots that has keys. Host sequence lengths that are upper bounds (+40) or too low (17: one
     complete group, one item) still cover every group, because each request's last item runs to the end of what
     the device reads. A prefill request, a request without complete groups and a padding request get no item."""
@@ -464,8 +464,8 @@ def test_decode_work_list(target, host_seq, monkeypatch):
     counts = counts.cpu()
     assert counts[3] == 0 and counts[5] == 0  # prefill, padding
     assert counts[2] == 0 or host_seq != "exact"  # no complete group (by the host's count)
-    part_m = next(t for t in made if t.dtype == torch.float32 and t.numel() == 6 * 4 * 5).view(6, 4, 5)
-    m0 = part_m[0, :, :4].cpu()  # request 0, query heads x its 4 split slots (slot 4: the open group)
+    part_m = next(t for t in made if t.dtype == torch.float32 and t.numel() == 6 * 4 * 4).view(6, 4, 4)
+    m0 = part_m[0, :, :4].cpu()  # request 0, query heads x its 4 split slots
     mine = items.cpu()[items.cpu()[:, 0] == 0]
     n0 = (201 - 1) // 16  # the groups request 0 has on the device
     # an item has keys iff its range, clamped to the device's groups, is not empty (upper bounds can empty the last)

@@ -20,7 +20,8 @@ per query head (q . m). Three kernels (:func:`default_kernel` picks one):
 * ``_decode_fma_kernel`` (CUDA cores): codes stay in the page's 32-bit word layout, ``q * s`` is formed in that
   layout, scores are multiply-adds; values accumulate per output channel as ``sum_j (p_j * s_j) c_jc`` plus
   ``sum_j p_j m_j`` (per-token scale and minimum per channel group). Complete groups only: the open group runs as a
-  second launch of ``_decode_split_kernel`` with ``DO_GROUPS=False`` into its own partial slot (the last one).
+  second launch of ``_decode_split_kernel`` with ``DO_GROUPS=False`` and ``COMBINE``, one program per (request, KV
+  head), which also merges the first launch's partial slots and writes the output (no reduction launch).
 * "tc", :mod:`.decode_tc` (Gluon, NVIDIA sm_80+, the default there wherever :func:`tc_supports` the shape): fp16
   tensor-core MMAs whose operands are dequantized in registers (scale applied per element, one rounding), P taken from
   the score accumulator in place; shared memory only holds the next groups' packed records on their way in
@@ -32,8 +33,9 @@ per query head (q . m). Three kernels (:func:`default_kernel` picks one):
 The grid is (num_reqs, num_kv_heads, num_splits) with a fixed ``num_splits`` per batch size, or, with a work list
 (:func:`decode_work`: what the engine gives "tc"), (work-list rows, num_kv_heads, 1) with the rows fixed per batch
 size, so the launch shape does not depend on context lengths and the whole decode step can be captured in a CUDA
-graph. Split s (or work item i) handles a contiguous range of groups. ``_reduce_kernel`` merges the slots' (max, sum, accumulator) triples (FlashDecoding,
-Dao et al. 2023; vLLM ``triton_decode_attention.py``).
+graph. Split s (or work item i) handles a contiguous range of groups and writes a (max, sum, accumulator) triple to
+its slot; the open group's launch ("fma", "tc") or ``_reduce_kernel`` ("mma") merges the slots (FlashDecoding, Dao
+et al. 2023; vLLM ``triton_decode_attention.py``).
 """
 
 from __future__ import annotations
@@ -53,23 +55,31 @@ def _decode_split_kernel(
     q_ptr, key_ptr, value_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr,
     part_m_ptr, part_l_ptr, part_acc_ptr, sm_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_cache_block, stride_cache_head, stride_bt,
-    QPK: tl.constexpr, QPK_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, SLOTS: tl.constexpr, DO_GROUPS: tl.constexpr,
-    SPLIT_OFFSET: tl.constexpr, STAGE_DTYPE: tl.constexpr,
+    stride_cache_block, stride_cache_head, stride_bt, out_ptr, count_ptr, stride_ot, stride_oh,
+    QPK: tl.constexpr, QPK_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, DO_GROUPS: tl.constexpr,
+    STAGE_DTYPE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, NUM_STAGES: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr, RECORD_BYTES: tl.constexpr,
     OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KM: tl.constexpr, OFF_VC: tl.constexpr,
     OFF_VS: tl.constexpr, OFF_VM: tl.constexpr, OFF_KSTAGE: tl.constexpr, OFF_VSTAGE: tl.constexpr,
-    RESIDUAL_KV: tl.constexpr,
+    RESIDUAL_KV: tl.constexpr, COMBINE: tl.constexpr = False, WORK_LIST: tl.constexpr = False,
+    COMBINE_STAGES: tl.constexpr = 2,
 ):
+    """Split ``split`` of request r's complete groups (program (r, h, split) of the grid (num_reqs, num_kv_heads,
+    NUM_SPLITS)), the last split also the open group, written as (max, sum, accumulator) partials to slot
+    ``split`` for :func:`_reduce_kernel` (the "mma" kernel). With ``DO_GROUPS`` False, the open group only, in a
+    grid (num_reqs, num_kv_heads, 1) after the "fma" or "tc" kernel; with ``COMBINE`` too, it merges its partial
+    with the ``NUM_SPLITS`` slots that kernel wrote (with ``WORK_LIST``: ``count_ptr[r]`` slots, the request's work
+    items) and writes the attention output ``out_ptr`` [T, num_heads, head_size] itself: no partial of its own, no
+    reduction launch (FlashDecoding's second pass, Dao et al. 2023, done by the open group's program)."""
     G: tl.constexpr = GROUP_SIZE
     GROUPS_PER_PAGE: tl.constexpr = BLOCK_SIZE // GROUP_SIZE
     K_ROW: tl.constexpr = HEAD_SIZE * K_BITS // 8
     V_ROW: tl.constexpr = HEAD_SIZE * V_BITS // 8
     r = tl.program_id(0)
     h = tl.program_id(1)
-    split = tl.program_id(2) + SPLIT_OFFSET
+    split = tl.program_id(2)
     q_start = tl.load(qsl_ptr + r).to(tl.int64)
     q_len = tl.load(qsl_ptr + r + 1) - q_start
     seq_len = tl.load(seq_lens_ptr + r)
@@ -175,11 +185,33 @@ def _decode_split_kernel(
             v_ex = tl.where(new[:, None], v_new[None, :], v_old)
             acc = acc * alpha[:, None] + tl.dot(prob.to(DOT_DTYPE), v_ex.to(DOT_DTYPE), input_precision=DOT_PRECISION)
             m_i = m_new
+        if COMBINE:
+            # merge the other kernel's slots into this (finite: the open group holds at least p itself) partial;
+            # a slot without keys has max -inf and weighs exp2(-inf) = 0
+            n_slots = NUM_SPLITS
+            if WORK_LIST:
+                n_slots = tl.load(count_ptr + r)
+            pbase = (r * (QPK * tl.num_programs(1)) + h * QPK + rows) * NUM_SPLITS
+            for s in tl.range(0, n_slots, num_stages=COMBINE_STAGES):
+                m_s = tl.load(part_m_ptr + pbase + s, mask=rmask, other=float("-inf"))
+                l_s = tl.load(part_l_ptr + pbase + s, mask=rmask, other=0.0)
+                acc_s = tl.load(part_acc_ptr + (pbase + s)[:, None] * HEAD_PAD + d[None, :], mask=rmask[:, None],
+                                other=0.0)
+                m_new = tl.maximum(m_i, m_s)
+                alpha = tl.exp2(m_i - m_new)
+                beta = tl.exp2(m_s - m_new)
+                l_i = l_i * alpha + l_s * beta
+                acc = acc * alpha[:, None] + acc_s * beta[:, None]
+                m_i = m_new
+            o = acc / l_i[:, None]
+            tl.store(out_ptr + q_start * stride_ot + (h * QPK + rows)[:, None] * stride_oh + d[None, :],
+                     o.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
 
-    base = (r * (QPK * tl.num_programs(1)) + h * QPK + rows) * SLOTS + split
-    tl.store(part_m_ptr + base, m_i, mask=rmask)
-    tl.store(part_l_ptr + base, l_i, mask=rmask)
-    tl.store(part_acc_ptr + base[:, None] * HEAD_PAD + d[None, :], acc, mask=rmask[:, None])
+    if not COMBINE:
+        base = (r * (QPK * tl.num_programs(1)) + h * QPK + rows) * NUM_SPLITS + split
+        tl.store(part_m_ptr + base, m_i, mask=rmask)
+        tl.store(part_l_ptr + base, l_i, mask=rmask)
+        tl.store(part_acc_ptr + base[:, None] * HEAD_PAD + d[None, :], acc, mask=rmask[:, None])
 
 
 @triton.jit
@@ -213,7 +245,7 @@ def _decode_fma_kernel(
     part_m_ptr, part_l_ptr, part_acc_ptr, sm_scale, one_bits,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_cache_block, stride_cache_head, stride_bt, work_ptr,
-    QPK: tl.constexpr, QPK_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, SLOTS: tl.constexpr,
+    QPK: tl.constexpr, QPK_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr, RECORD_BYTES: tl.constexpr,
     OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KM: tl.constexpr, OFF_VC: tl.constexpr,
@@ -229,7 +261,8 @@ def _decode_fma_kernel(
     and ``sum_j p_j * min_j``. About 3 instructions per code (shift, LOP3, multiply-add) and 96 registers with one
     warp at 1 query head per KV head, G 32, head 128 (docs/benchmarks.md).
     Complete groups only: the open group (exact stage rows) is :func:`_decode_split_kernel` with ``DO_GROUPS``
-    False, a separate launch, so that its [G, D] tiles do not raise this kernel's register count.
+    False and ``COMBINE``, a separate launch after this one (so that its [G, D] tiles do not raise this kernel's
+    register count), which also merges this kernel's slots into the output.
 
     Program (r, h, split) of the grid (num_reqs, num_kv_heads, NUM_SPLITS) takes split ``split`` of request r's
     groups; with ``WORK_LIST`` program (i, h) of the grid (work items, num_kv_heads, 1) takes work item i of
@@ -321,7 +354,7 @@ def _decode_fma_kernel(
             m_i = m_new
 
     acc_out = tl.sum(acc, axis=2) + tl.sum(acc_m, axis=1)[:, None, :]  # [QPK_PAD, VPW, VW]: the GB partial sums
-    base = (r * (QPK * tl.num_programs(1)) + h * QPK + rows) * SLOTS + split
+    base = (r * (QPK * tl.num_programs(1)) + h * QPK + rows) * NUM_SPLITS + split
     wmask = rmask & live
     tl.store(part_m_ptr + base, m_i, mask=wmask)
     tl.store(part_l_ptr + base, l_i, mask=wmask)
@@ -330,12 +363,10 @@ def _decode_fma_kernel(
 
 
 @triton.jit
-def _reduce_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, seq_lens_ptr, qsl_ptr, count_ptr, stride_ot,
-                   stride_oh, SLOTS: tl.constexpr, SLOTS_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr,
-                   HEAD_PAD: tl.constexpr, WORK_LIST: tl.constexpr = False):
+def _reduce_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, seq_lens_ptr, qsl_ptr, stride_ot, stride_oh,
+                   SLOTS: tl.constexpr, SLOTS_PAD: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr):
     """out = sum_s exp2(m_s - M) acc_s / sum_s exp2(m_s - M) l_s, with M = max_s m_s (splits without keys have
-    m_s = -inf and weigh 0). With ``WORK_LIST`` request r's slots are its ``count_ptr[r]`` work items' and the last
-    (the open group's); the others were not written."""
+    m_s = -inf and weigh 0): the "mma" kernel's second pass, program (r, query head)."""
     r = tl.program_id(0)
     hq = tl.program_id(1)
     q_start = tl.load(qsl_ptr + r).to(tl.int64)
@@ -343,8 +374,6 @@ def _reduce_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, seq_lens_ptr, 
     if (q_len == 1) & (tl.load(seq_lens_ptr + r) > 0):
         s = tl.arange(0, SLOTS_PAD)
         smask = s < SLOTS
-        if WORK_LIST:
-            smask = (s < tl.load(count_ptr + r)) | (s == SLOTS - 1)
         d = tl.arange(0, HEAD_PAD)
         base = (r * tl.num_programs(1) + hq) * SLOTS + s
         m = tl.load(part_m_ptr + base, mask=smask, other=float("-inf"))
@@ -363,13 +392,13 @@ def fma_constexprs(layout: PageLayout, qpk: int, num_splits: int, num_stages: in
     group's slot); ``benchmarks/kernel_resources.py`` compiles the kernel with the same. ``lane_rows`` None:
     :func:`default_lane_rows`."""
     lane_rows = default_lane_rows(qpk, layout.group_size, layout.v_bits) if lane_rows is None else lane_rows
-    return dict(QPK=qpk, QPK_PAD=triton.next_power_of_2(qpk), NUM_SPLITS=num_splits, SLOTS=num_splits + 1,
+    return dict(QPK=qpk, QPK_PAD=triton.next_power_of_2(qpk), NUM_SPLITS=num_splits,
                 NUM_STAGES=num_stages, LANE_ROWS=lane_rows, **layout_args(layout))
 
 
 def mma_constexprs(layout: PageLayout, qpk: int, num_stages: int, dot: dict) -> dict:
     """The constexprs of :func:`_decode_split_kernel` that do not depend on the launch mode (``NUM_SPLITS``,
-    ``SLOTS``, ``DO_GROUPS`` and ``SPLIT_OFFSET`` do); ``dot``: :func:`.common.dot_args` of the query."""
+    ``DO_GROUPS``, ``COMBINE`` and ``WORK_LIST`` do); ``dot``: :func:`.common.dot_args` of the query."""
     return dict(QPK=qpk, QPK_PAD=max(16, triton.next_power_of_2(qpk)), STAGE_DTYPE=stage_dtype(layout),
                 NUM_STAGES=num_stages, **dot, **layout_args(layout))
 
@@ -406,6 +435,10 @@ def default_num_splits(kernel: str, num_reqs: int, num_kv_heads: int) -> int:
 #: kernel time where the same items without the empty rows took 138 (716 against 518 at batch 256; eighth
 #: session, ``benchmarks/decode_attention.py --work-variant``, docs/benchmarks.md).
 WORK_PROGRAMS_PER_SM: dict[str, int] = {"tc": 8}
+
+#: Warps per program of the open group's launch ("fma", "tc": one program per request and KV head, which also
+#: merges the other kernel's slots; ``benchmarks/decode_attention.py --open-warps`` times others).
+OPEN_WARPS = 4
 
 #: End group of a request's last work item: "to the end", the kernel clamps it to the device's group count.
 WORK_END = 1 << 30
@@ -598,7 +631,7 @@ def decode(
             group size; default :func:`default_lane_rows` (2-bit values: 4 at 1 query head per KV head, 2 above;
             4-bit values: 1; the fastest on the H200, docs/benchmarks.md).
         num_warps: warps per program of the split kernel (default 1 for "fma", 2 for "mma"; "tc" takes only 1;
-            the FMA and TC paths' open-group launch always uses 4).
+            the FMA and TC paths' open-group launch uses :data:`OPEN_WARPS`).
         kernel: "fma" (CUDA cores, codes in their word layout: :func:`_decode_fma_kernel`), "mma" (tensor cores,
             rows padded to 16 query heads: :func:`_decode_split_kernel`) or "tc" (tensor cores with operands built
             in registers, Gluon, NVIDIA sm_80+ only: :mod:`.decode_tc`); default :func:`default_kernel`.
@@ -663,14 +696,14 @@ def decode(
         raise ValueError(f"KIVI decode: num_splits ({S}) must be a power of 2")
     qpk = HQ // H
     pad = triton.next_power_of_2(layout.head_size)
-    slots = S if kernel == "mma" else S + 1  # the FMA/TC kernel's splits, then the open group's own slot
-    part_m = torch.empty(R * HQ * slots, dtype=torch.float32, device=query.device)
+    part_m = torch.empty(R * HQ * S, dtype=torch.float32, device=query.device)  # a slot per split or work item
     part_l = torch.empty_like(part_m)
-    part_acc = torch.empty(R * HQ * slots * pad, dtype=torch.float32, device=query.device)
+    part_acc = torch.empty(R * HQ * S * pad, dtype=torch.float32, device=query.device)
     grid = (R, H, S) if work is None else (items.shape[0], H, 1)
     args = (query, key, value, kv_cache, block_table, seq_lens, query_start_loc, part_m, part_l, part_acc, scale,
             query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1),
             kv_cache.stride(0), kv_cache.stride(1), block_table.stride(0))
+    out_args = (out, counts, out.stride(0), out.stride(1))
     mma = mma_constexprs(layout, qpk, num_stages, dot_args(query))
     if kernel in ("fma", "tc"):
         if kernel == "fma":
@@ -685,13 +718,13 @@ def decode(
                 **decode_tc.tc_constexprs(layout, qpk, S,
                                           decode_tc.RESCALE_SLACK if rescale_slack is None else rescale_slack,
                                           decode_tc.PREFETCH))
-        # the open group (stage rows and this step's token) in slot S
-        _decode_split_kernel[(R, H, 1)](*args, NUM_SPLITS=S, SLOTS=slots, DO_GROUPS=False, SPLIT_OFFSET=S,
-                                        num_warps=4, **mma)
-    else:
-        _decode_split_kernel[(R, H, S)](*args, NUM_SPLITS=S, SLOTS=slots, DO_GROUPS=True, SPLIT_OFFSET=0,
-                                        num_warps=num_warps or 2, **mma)
-    _reduce_kernel[(R, HQ)](out, part_m, part_l, part_acc, seq_lens, query_start_loc, counts, out.stride(0),
-                            out.stride(1), SLOTS=slots, SLOTS_PAD=triton.next_power_of_2(slots),
-                            HEAD_SIZE=layout.head_size, HEAD_PAD=pad, WORK_LIST=work is not None, num_warps=4)
+        # the open group (stage rows and this step's token), merged with the slots above into ``out``
+        _decode_split_kernel[(R, H, 1)](*args, *out_args, NUM_SPLITS=S, DO_GROUPS=False,
+                                        COMBINE=True, WORK_LIST=work is not None, num_warps=OPEN_WARPS, **mma)
+        return out
+    _decode_split_kernel[(R, H, S)](*args, *out_args, NUM_SPLITS=S, DO_GROUPS=True,
+                                    num_warps=num_warps or 2, **mma)
+    _reduce_kernel[(R, HQ)](out, part_m, part_l, part_acc, seq_lens, query_start_loc, out.stride(0), out.stride(1),
+                            SLOTS=S, SLOTS_PAD=triton.next_power_of_2(S), HEAD_SIZE=layout.head_size, HEAD_PAD=pad,
+                            num_warps=4)
     return out

@@ -237,7 +237,7 @@ def _tc_constexprs(layout: PageLayout, qpk: int, num_splits: int, rescale_slack:
     kc_copy = gl.BlockedLayout([1, kvec], [32 // (krw // kvec), krw // kvec], [1, 1], [1, 0])
     vc_copy = gl.BlockedLayout([1, vvec], [32 // (vrw // vvec), vrw // vvec], [1, 1], [1, 0])
     ks_copy = gl.BlockedLayout([8], [32], [1], [0])  # D fp16: 16 lanes of 8 at D = 128
-    return dict(QPK=qpk, NUM_SPLITS=num_splits, SLOTS=num_splits + 1, K_LAY=k_lay, KS_LAY=ks_lay, KP_LAY=kp_lay,
+    return dict(QPK=qpk, NUM_SPLITS=num_splits, K_LAY=k_lay, KS_LAY=ks_lay, KP_LAY=kp_lay,
                 V_LAY=v_lay,
                 MMA=mma, KWT=kwt, VWT=vwt, VCW=vcw, KEY_ASM=_asm("key"), VAL_ASM=_asm("value"),
                 RESCALE_SLACK=float(rescale_slack), PREFETCH=prefetch, STAGES=stages, KC_COPY=kc_copy,
@@ -384,7 +384,7 @@ def _decode_tc_kernel(
     q_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr,
     part_m_ptr, part_l_ptr, part_acc_ptr, sm_scale,
     stride_qt, stride_qh, stride_cache_block, stride_cache_head, stride_bt, work_ptr,
-    QPK: gl.constexpr, NUM_SPLITS: gl.constexpr, SLOTS: gl.constexpr,
+    QPK: gl.constexpr, NUM_SPLITS: gl.constexpr,
     K_LAY: gl.constexpr, KS_LAY: gl.constexpr, KP_LAY: gl.constexpr, V_LAY: gl.constexpr, MMA: gl.constexpr,
     KWT: gl.constexpr, VWT: gl.constexpr, VCW: gl.constexpr, KEY_ASM: gl.constexpr, VAL_ASM: gl.constexpr,
     BLOCK_SIZE: gl.constexpr, GROUP_SIZE: gl.constexpr, HEAD_SIZE: gl.constexpr, HEAD_PAD: gl.constexpr,
@@ -398,7 +398,8 @@ def _decode_tc_kernel(
 ):
     """Split ``program_id(2)`` of the complete groups of request ``program_id(0)``, KV head ``program_id(1)`` (with
     ``WORK_LIST``: work item ``program_id(0)`` of ``work_ptr``, as ``_decode_fma_kernel``): writes its (max, sum,
-    accumulator) partials for :func:`.decode._reduce_kernel` (slots as ``_decode_fma_kernel``)."""
+    accumulator) partials to its slot for the open group's launch, which merges them (:func:`.decode._decode_split_kernel`
+    with ``COMBINE``; slots as ``_decode_fma_kernel``)."""
     G: gl.constexpr = GROUP_SIZE
     D: gl.constexpr = HEAD_SIZE
     GROUPS_PER_PAGE: gl.constexpr = BLOCK_SIZE // GROUP_SIZE
@@ -563,7 +564,7 @@ def _decode_tc_kernel(
 
     rows = gl.arange(0, NQ, layout=ROW_LAY)
     rmask = (rows < QPK) & live
-    base = (r * (QPK * gl.num_programs(1)) + h * QPK + rows) * SLOTS + split
+    base = (r * (QPK * gl.num_programs(1)) + h * QPK + rows) * NUM_SPLITS + split
     gl.store(part_m_ptr + base, m_i, mask=rmask)
     gl.store(part_l_ptr + base, l_i, mask=rmask)
     on = gl.arange(0, D, layout=gl.SliceLayout(1 - CA, MMA))  # acc's channel n is (n % 8) * CPTV + n // 8
