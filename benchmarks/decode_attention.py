@@ -108,6 +108,8 @@ def parse_args():
                         "to 8 columns; 0: query heads padded to 16 rows)")
     p.add_argument("--open-warps", type=int, default=None,
                    help="KIVI fma/tc decode: decode.OPEN_WARPS (warps per program of the open group's launch)")
+    p.add_argument("--open-kernel", choices=["light", "dot"], default=None,
+                   help="KIVI fma/tc decode: decode.OPEN_KERNEL (the open group's launch)")
     p.add_argument("--eager", action="store_true", help="time the Python call, not a CUDA-graph replay")
     p.add_argument("--profile", action="store_true",
                    help="KIVI: also print the GPU time of each kernel of the decode call (torch.profiler, mean of "
@@ -352,10 +354,11 @@ def main():
     from kivi_vllm.layout import PageLayout
 
     kern = (decode, store, PageLayout, default_num_splits, default_kernel, cuda_capability)
-    if args.open_warps is not None:
+    if args.open_warps is not None or args.open_kernel is not None:
         import kivi_vllm.kernels.decode as decode_module
 
-        decode_module.OPEN_WARPS = args.open_warps
+        decode_module.OPEN_WARPS = args.open_warps or decode_module.OPEN_WARPS
+        decode_module.OPEN_KERNEL = args.open_kernel or decode_module.OPEN_KERNEL
     tc_options = {"PREFETCH": args.tc_prefetch, "STAGES": args.tc_stages, "TRANSPOSED": args.tc_transposed}
     if any(v is not None for v in tc_options.values()):  # decode_tc's module options (imports Gluon)
         from kivi_vllm.kernels import decode_tc

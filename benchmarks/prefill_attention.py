@@ -8,6 +8,7 @@ on bf16 and fp8 caches, for the prompt chunks a prefill-heavy engine step carrie
     python benchmarks/prefill_attention.py --configs kivi2 --exact --flash-first-chunks   # exact, first chunks in FA
     python benchmarks/prefill_attention.py --configs kivi2 --store-warps 2 4 8 16   # the store's warps per program
     python benchmarks/prefill_attention.py --configs kivi2 --store-probe   # the store: phases, listed rows, floor
+    python benchmarks/prefill_attention.py --configs kivi2 --store-rows-per-program 1 2 4 16   # rows per store program
 
 Why: on kivi-bench's `long` workload (256 x (3584 + 512), Llama-2-7B shape) steps full of prompt chunks took
 672-816 ms with KIVI against 401 ms with fp8 (docs/benchmarks.md), although a decode step is faster. With KIVI's
@@ -93,6 +94,9 @@ def parse_args():
     p.add_argument("--store-warps", type=int, nargs="+", default=None,
                    help="KIVI: also time the stores with these warps per program (store's num_warps; store_us is "
                         "the default's)")
+    p.add_argument("--store-rows-per-program", type=int, nargs="+", default=None,
+                   help="KIVI: also time the stores with these rows per program (store's rows_per_program; "
+                        "store_us is the default's, rows_per_program_for; same bytes checked)")
     p.add_argument("--store-probe", action="store_true",
                    help="KIVI: also time each store phase alone, the stores over every row instead of the listed "
                         "ones (store_rows; same bytes checked), and over every row with every slot -1 (each program "
@@ -166,11 +170,13 @@ def kivi_cell(bits, B, C, P, hq, h, d, io, device, args):
                 prefill_warps=args.prefill_warps, prefill_bulk_groups=args.bulk_groups,
                 prefill_bulk_dot=args.bulk_dot, first_chunk_attention=flash, max_query_len=C)
 
-    def stores(warps=4, slots=slot, phases=(0, 1), listed=rows):
+    def stores(warps=4, slots=slot, phases=(0, 1), listed=rows, per=None):
         for ph in phases:
-            store(kv_cache, key, value, slots, qsl, seq_lens, lay, ph, num_warps=warps, rows=listed)
+            store(kv_cache, key, value, slots, qsl, seq_lens, lay, ph, num_warps=warps, rows=listed,
+                  rows_per_program=per)
 
-    pristine = kv_cache.clone() if args.store_warps or args.store_probe else None  # the random bytes
+    pristine = (kv_cache.clone() if args.store_warps or args.store_probe or args.store_rows_per_program
+                else None)  # the random bytes
     ms, mode = bench(step, device, args.eager)
     sms, _ = bench(stores, device, args.eager)
     by_warps, same_bytes = {}, {}
@@ -184,6 +190,13 @@ def kivi_cell(bits, B, C, P, hq, h, d, io, device, args):
         same_bytes[warps] = bool(torch.equal(kv_cache, written))
         by_warps[warps] = bench(lambda warps=warps: stores(warps), device, args.eager)[0] * 1e3
         log(f"    store, {warps} warps per program: {by_warps[warps]:.1f} us, same bytes {same_bytes[warps]}")
+    by_per = {}
+    for per in args.store_rows_per_program or []:
+        kv_cache.copy_(pristine)
+        stores(per=per)
+        same = bool(torch.equal(kv_cache, written))
+        by_per[per] = bench(lambda per=per: stores(per=per), device, args.eager)[0] * 1e3
+        log(f"    store, {per} rows per program: {by_per[per]:.1f} us, same bytes {same}")
     probe = {}
     if args.store_probe:
         kv_cache.copy_(pristine)
@@ -197,6 +210,7 @@ def kivi_cell(bits, B, C, P, hq, h, d, io, device, args):
         log("    store probe: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
                                            for k, v in probe.items()))
     return dict(status="ok", time_us=ms * 1e3, store_us=sms * 1e3, store_us_by_warps=by_warps,
+                store_us_by_rows_per_program=by_per,
                 store_same_bytes_by_warps=same_bytes, store_probe=probe, timing=mode, block_q=bq,
                 prefill_warps=args.prefill_warps, prefill_unpack=args.prefill_unpack,
                 bulk_groups=resolve_bulk_groups(lay, args.bulk_groups, args.prefill_unpack),

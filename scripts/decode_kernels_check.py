@@ -58,7 +58,13 @@ def main() -> None:
     ap.add_argument("--tc-prefetch", type=int, choices=[0, 1], default=None, help="tc: decode_tc.PREFETCH")
     ap.add_argument("--tc-stages", type=int, default=None, help="tc: decode_tc.STAGES")
     ap.add_argument("--tc-transposed", type=int, choices=[0, 1], default=None, help="tc: decode_tc.TRANSPOSED")
+    ap.add_argument("--open-kernel", choices=["light", "dot"], default=None,
+                    help="fma/tc: decode.OPEN_KERNEL (the open group's launch)")
     a = ap.parse_args()
+    if a.open_kernel:
+        import kivi_vllm.kernels.decode as decode_module
+
+        decode_module.OPEN_KERNEL = a.open_kernel
     tc_options = {"PREFETCH": a.tc_prefetch, "STAGES": a.tc_stages, "TRANSPOSED": a.tc_transposed}
     if any(v is not None for v in tc_options.values()):  # decode_tc's module options (imports Gluon)
         from kivi_vllm.kernels import decode_tc

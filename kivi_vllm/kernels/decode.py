@@ -153,36 +153,17 @@ def _decode_split_kernel(
         if (split == NUM_SPLITS - 1) | (not DO_GROUPS):
             # the open group, exact: positions n_full*G .. p; earlier ones staged, p itself is this step's token
             n_staged = p - n_full * G
-            blk = tl.load(bt_row + n_full // GROUPS_PER_PAGE).to(tl.int64)
-            page = kv_ptr + blk * stride_cache_block + h * stride_cache_head
-            staged = i < n_staged
-            new = i == n_staged
-            m2 = dmask[None, :]
-            k_st = tl.load((page + OFF_KSTAGE).to(tl.pointer_type(STAGE_DTYPE)) + i[:, None] * HEAD_SIZE + d[None, :],
-                           mask=staged[:, None] & m2, other=0.0).to(tl.float32)
-            k_new = tl.load(key_ptr + q_start * stride_kt + h * stride_kh + d, mask=dmask, other=0.0)
-            k_new = k_new.to(STAGE_DTYPE).to(tl.float32)
-            k_ex = tl.where(new[:, None], k_new[None, :], k_st)
+            k_ex, v_ex = _open_group_kv(key_ptr, value_ptr, kv_ptr, bt_row, q_start, h, n_full, n_staged,
+                                        stride_kt, stride_kh, stride_vt, stride_vh, stride_cache_block,
+                                        stride_cache_head, STAGE_DTYPE, BLOCK_SIZE, GROUP_SIZE, HEAD_SIZE, HEAD_PAD,
+                                        V_BITS, V_GROUP, RECORD_BYTES, OFF_VC, OFF_VS, OFF_VM, OFF_KSTAGE,
+                                        OFF_VSTAGE, RESIDUAL_KV)
             s = tl.dot(q.to(DOT_DTYPE), tl.trans(k_ex.to(DOT_DTYPE)), input_precision=DOT_PRECISION)
             s = tl.where((i <= n_staged)[None, :], s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, axis=1))
             alpha = tl.exp2(m_i - m_new)
             prob = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(prob, axis=1)
-            v_new = tl.load(value_ptr + q_start * stride_vt + h * stride_vh + d, mask=dmask, other=0.0)
-            v_new = v_new.to(STAGE_DTYPE).to(tl.float32)
-            if RESIDUAL_KV:
-                v_old = tl.load((page + OFF_VSTAGE).to(tl.pointer_type(STAGE_DTYPE)) + i[:, None] * HEAD_SIZE
-                                + d[None, :], mask=staged[:, None] & m2, other=0.0).to(tl.float32)
-            else:
-                # residual="k": earlier values of the open group were quantized per token on arrival
-                rec = page + (n_full % GROUPS_PER_PAGE) * RECORD_BYTES
-                vc = gather_codes(rec + OFF_VC, i[:, None], staged[:, None], d[None, :], V_ROW, V_BITS,
-                                  HEAD_SIZE).to(tl.float32)
-                v_scale = load_value_scales(rec + OFF_VS, i, staged, G, HEAD_PAD, HEAD_SIZE, V_GROUP)
-                v_min = load_value_scales(rec + OFF_VM, i, staged, G, HEAD_PAD, HEAD_SIZE, V_GROUP)
-                v_old = vc * v_scale + v_min
-            v_ex = tl.where(new[:, None], v_new[None, :], v_old)
             acc = acc * alpha[:, None] + tl.dot(prob.to(DOT_DTYPE), v_ex.to(DOT_DTYPE), input_precision=DOT_PRECISION)
             m_i = m_new
         if COMBINE:
@@ -212,6 +193,112 @@ def _decode_split_kernel(
         tl.store(part_m_ptr + base, m_i, mask=rmask)
         tl.store(part_l_ptr + base, l_i, mask=rmask)
         tl.store(part_acc_ptr + base[:, None] * HEAD_PAD + d[None, :], acc, mask=rmask[:, None])
+
+
+@triton.jit
+def _open_group_kv(key_ptr, value_ptr, kv_ptr, bt_row, q_start, h, n_full, n_staged,
+                   stride_kt, stride_kh, stride_vt, stride_vh, stride_cache_block, stride_cache_head,
+                   STAGE_DTYPE: tl.constexpr, BLOCK_SIZE: tl.constexpr, GROUP_SIZE: tl.constexpr,
+                   HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr,
+                   RECORD_BYTES: tl.constexpr, OFF_VC: tl.constexpr, OFF_VS: tl.constexpr, OFF_VM: tl.constexpr,
+                   OFF_KSTAGE: tl.constexpr, OFF_VSTAGE: tl.constexpr, RESIDUAL_KV: tl.constexpr):
+    """Keys and values of KV head ``h``'s open group (group ``n_full`` of the request whose block-table row is
+    ``bt_row``), exact, [G, HEAD_PAD] in the stage dtype (the model's): rows ``0 .. n_staged - 1`` from the page's
+    stage, row ``n_staged`` this step's key/value (row ``q_start`` of ``key_ptr``/``value_ptr``, rounded to the
+    stage dtype as the store will keep it), rows after it 0. With residual "k" the earlier values were quantized per
+    token on arrival and are dequantized from the group's record: values in float32 then."""
+    G: tl.constexpr = GROUP_SIZE
+    i = tl.arange(0, G)
+    d = tl.arange(0, HEAD_PAD)
+    dmask = d < HEAD_SIZE
+    blk = tl.load(bt_row + n_full // (BLOCK_SIZE // G)).to(tl.int64)
+    page = kv_ptr + blk * stride_cache_block + h * stride_cache_head
+    staged = (i < n_staged)[:, None] & dmask[None, :]
+    new = (i == n_staged)[:, None]
+    k_st = tl.load((page + OFF_KSTAGE).to(tl.pointer_type(STAGE_DTYPE)) + i[:, None] * HEAD_SIZE + d[None, :],
+                   mask=staged, other=0.0)
+    k_new = tl.load(key_ptr + q_start * stride_kt + h * stride_kh + d, mask=dmask, other=0.0)
+    k_ex = tl.where(new, k_new.to(STAGE_DTYPE)[None, :], k_st)
+    v_new = tl.load(value_ptr + q_start * stride_vt + h * stride_vh + d, mask=dmask, other=0.0)
+    if RESIDUAL_KV:
+        v_old = tl.load((page + OFF_VSTAGE).to(tl.pointer_type(STAGE_DTYPE)) + i[:, None] * HEAD_SIZE + d[None, :],
+                        mask=staged, other=0.0)
+        v_ex = tl.where(new, v_new.to(STAGE_DTYPE)[None, :], v_old)
+    else:
+        rec = page + (n_full % (BLOCK_SIZE // G)) * RECORD_BYTES
+        vc = gather_codes(rec + OFF_VC, i[:, None], (i < n_staged)[:, None], d[None, :], HEAD_SIZE * V_BITS // 8,
+                          V_BITS, HEAD_SIZE).to(tl.float32)
+        v_scale = load_value_scales(rec + OFF_VS, i, i < n_staged, G, HEAD_PAD, HEAD_SIZE, V_GROUP)
+        v_min = load_value_scales(rec + OFF_VM, i, i < n_staged, G, HEAD_PAD, HEAD_SIZE, V_GROUP)
+        v_ex = tl.where(new, v_new.to(STAGE_DTYPE).to(tl.float32)[None, :], vc * v_scale + v_min)
+    return k_ex, v_ex
+
+
+@triton.jit
+def _open_group_kernel(
+    q_ptr, key_ptr, value_ptr, kv_ptr, block_table_ptr, seq_lens_ptr, qsl_ptr,
+    part_m_ptr, part_l_ptr, part_acc_ptr, sm_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_cache_block, stride_cache_head, stride_bt, out_ptr, count_ptr, stride_ot, stride_oh,
+    QPK: tl.constexpr, NUM_SPLITS: tl.constexpr, WORK_LIST: tl.constexpr, STAGE_DTYPE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr, RECORD_BYTES: tl.constexpr,
+    OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KM: tl.constexpr, OFF_VC: tl.constexpr,
+    OFF_VS: tl.constexpr, OFF_VM: tl.constexpr, OFF_KSTAGE: tl.constexpr, OFF_VSTAGE: tl.constexpr,
+    RESIDUAL_KV: tl.constexpr,
+):
+    """The second launch of the "fma" and "tc" paths, program (r, h) of the grid (num_reqs, num_kv_heads): the
+    open group of request r, KV head h, exactly (:func:`_open_group_kv`: its staged tokens and this step's), then,
+    per query head, its (max, sum, accumulator) merged with the ``NUM_SPLITS`` slots the first launch wrote (with
+    ``WORK_LIST``: the request's ``count_ptr[r]`` work items' slots) into the attention output ``out_ptr`` [T,
+    num_heads, head_size]: FlashDecoding's second pass (Dao et al. 2023) in the same program, no reduction launch.
+
+    Scores and value sums are float32 multiply-adds over the [G, head_size] tiles, one query head at a time: no
+    MMA, so no padding of the query heads to 16 rows, and a small register footprint (more programs resident: the
+    launch is one or a few waves of short dependent load chains, not of arithmetic)."""
+    G: tl.constexpr = GROUP_SIZE
+    r = tl.program_id(0)
+    h = tl.program_id(1)
+    q_start = tl.load(qsl_ptr + r).to(tl.int64)
+    q_len = tl.load(qsl_ptr + r + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + r)
+    if (q_len == 1) & (seq_len > 0):
+        p = seq_len - 1
+        n_full = p // G
+        n_staged = p - n_full * G
+        i = tl.arange(0, G)
+        d = tl.arange(0, HEAD_PAD)
+        dmask = d < HEAD_SIZE
+        k, v = _open_group_kv(key_ptr, value_ptr, kv_ptr, block_table_ptr + r * stride_bt, q_start, h, n_full,
+                              n_staged, stride_kt, stride_kh, stride_vt, stride_vh, stride_cache_block,
+                              stride_cache_head, STAGE_DTYPE, BLOCK_SIZE, GROUP_SIZE, HEAD_SIZE, HEAD_PAD, V_BITS,
+                              V_GROUP, RECORD_BYTES, OFF_VC, OFF_VS, OFF_VM, OFF_KSTAGE, OFF_VSTAGE, RESIDUAL_KV)
+        n_slots = NUM_SPLITS
+        if WORK_LIST:
+            n_slots = tl.load(count_ptr + r)
+        for j in tl.static_range(QPK):
+            hq = h * QPK + j
+            # softmax in base 2, the scale and log2(e) folded into q
+            q = tl.load(q_ptr + q_start * stride_qt + hq * stride_qh + d, mask=dmask, other=0.0).to(tl.float32)
+            s = tl.sum(k.to(tl.float32) * (q * (sm_scale * LOG2E))[None, :], axis=1)  # [G]
+            s = tl.where(i <= n_staged, s, float("-inf"))
+            m_i = tl.max(s, axis=0)  # finite: row n_staged (this step's token) is always there
+            prob = tl.exp2(s - m_i)
+            l_i = tl.sum(prob, axis=0)
+            acc = tl.sum(prob[:, None] * v.to(tl.float32), axis=0)  # [HEAD_PAD]
+            base = (r * (QPK * tl.num_programs(1)) + hq) * NUM_SPLITS
+            for sl in tl.range(0, n_slots):  # a slot without keys has max -inf: weight exp2(-inf) = 0
+                m_s = tl.load(part_m_ptr + base + sl)
+                l_s = tl.load(part_l_ptr + base + sl)
+                acc_s = tl.load(part_acc_ptr + (base + sl) * HEAD_PAD + d)
+                m_new = tl.maximum(m_i, m_s)
+                alpha = tl.exp2(m_i - m_new)
+                beta = tl.exp2(m_s - m_new)
+                l_i = l_i * alpha + l_s * beta
+                acc = acc * alpha + acc_s * beta
+                m_i = m_new
+            tl.store(out_ptr + q_start * stride_ot + hq * stride_oh + d, (acc / l_i).to(out_ptr.dtype.element_ty),
+                     mask=dmask)
 
 
 @triton.jit
@@ -439,6 +526,10 @@ WORK_PROGRAMS_PER_SM: dict[str, int] = {"tc": 8}
 #: Warps per program of the open group's launch ("fma", "tc": one program per request and KV head, which also
 #: merges the other kernel's slots; ``benchmarks/decode_attention.py --open-warps`` times others).
 OPEN_WARPS = 4
+
+#: The open group's launch: "light" (:func:`_open_group_kernel`, float32 multiply-adds one query head at a time) or
+#: "dot" (:func:`_decode_split_kernel` with ``COMBINE``: TF32 dots, query heads padded to 16 rows).
+OPEN_KERNEL = "light"
 
 #: End group of a request's last work item: "to the end", the kernel clamps it to the device's group count.
 WORK_END = 1 << 30
@@ -719,8 +810,12 @@ def decode(
                                           decode_tc.RESCALE_SLACK if rescale_slack is None else rescale_slack,
                                           decode_tc.PREFETCH))
         # the open group (stage rows and this step's token), merged with the slots above into ``out``
-        _decode_split_kernel[(R, H, 1)](*args, *out_args, NUM_SPLITS=S, DO_GROUPS=False,
-                                        COMBINE=True, WORK_LIST=work is not None, num_warps=OPEN_WARPS, **mma)
+        if OPEN_KERNEL == "light":
+            _open_group_kernel[(R, H)](*args, *out_args, QPK=qpk, NUM_SPLITS=S, WORK_LIST=work is not None,
+                                       STAGE_DTYPE=stage_dtype(layout), num_warps=OPEN_WARPS, **layout_args(layout))
+        else:
+            _decode_split_kernel[(R, H, 1)](*args, *out_args, NUM_SPLITS=S, DO_GROUPS=False,
+                                            COMBINE=True, WORK_LIST=work is not None, num_warps=OPEN_WARPS, **mma)
         return out
     _decode_split_kernel[(R, H, S)](*args, *out_args, NUM_SPLITS=S, DO_GROUPS=True,
                                     num_warps=num_warps or 2, **mma)

@@ -224,7 +224,7 @@ def store(
         rows: residual="kv" only: int32 [N] on the device, the rows with work (:func:`store_rows`); the programs
             take the listed rows instead of every row of ``key``. None: every row.
         rows_per_program: rows (a power of two, at most 32: a bit each in one int32) per program and KV head; None:
-            :func:`rows_per_program_for` this launch.
+            :func:`rows_per_program_for` this launch (1 with ``rows``).
 
     Raises:
         ValueError: wrong cache shape/dtype, key/value shapes that do not match the layout, key/value not
@@ -241,7 +241,10 @@ def store(
     if rows is not None and (layout.residual != "kv" or rows.dtype != torch.int32):
         raise ValueError(f"KIVI store: rows need residual 'kv' and int32, got {layout.residual!r}, {rows.dtype}")
     num_rows = T if rows is None else rows.numel()
-    per = rows_per_program_for(num_rows, H, kv_cache.device) if rows_per_program is None else int(rows_per_program)
+    if rows_per_program is not None:
+        per = int(rows_per_program)
+    else:  # listed rows (steps with prompt chunks) mostly complete a group: quantized in parallel, one per program
+        per = 1 if rows is not None else rows_per_program_for(num_rows, H, kv_cache.device)
     if per < 1 or per > 32 or per & (per - 1):
         raise ValueError(f"KIVI store: rows_per_program must be a power of two in [1, 32], got {per}")
     if num_rows == 0 or n == 0:
