@@ -355,8 +355,8 @@ def main():
 
     kern = (decode, store, PageLayout, default_num_splits, default_kernel, cuda_capability)
     if args.open_warps is not None or args.open_kernel is not None:
-        import kivi_vllm.kernels.decode as decode_module
-
+        # the module (kivi_vllm.kernels.decode as an attribute is the function: the package re-exports it)
+        decode_module = sys.modules["kivi_vllm.kernels.decode"]
         decode_module.OPEN_WARPS = args.open_warps or decode_module.OPEN_WARPS
         decode_module.OPEN_KERNEL = args.open_kernel or decode_module.OPEN_KERNEL
     tc_options = {"PREFETCH": args.tc_prefetch, "STAGES": args.tc_stages, "TRANSPOSED": args.tc_transposed}

@@ -62,9 +62,9 @@ def main() -> None:
                     help="fma/tc: decode.OPEN_KERNEL (the open group's launch)")
     a = ap.parse_args()
     if a.open_kernel:
-        import kivi_vllm.kernels.decode as decode_module
+        import kivi_vllm.kernels.decode  # noqa: F401 - the module (the package's attribute is the function)
 
-        decode_module.OPEN_KERNEL = a.open_kernel
+        sys.modules["kivi_vllm.kernels.decode"].OPEN_KERNEL = a.open_kernel
     tc_options = {"PREFETCH": a.tc_prefetch, "STAGES": a.tc_stages, "TRANSPOSED": a.tc_transposed}
     if any(v is not None for v in tc_options.values()):  # decode_tc's module options (imports Gluon)
         from kivi_vllm.kernels import decode_tc

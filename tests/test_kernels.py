@@ -431,6 +431,25 @@ def test_decode_variants_agree(num_splits, dtype, kernel, decode_stages, lane_ro
     assert rel_err(out[:4], out_ref[:4]) < TOL
 
 
+@pytest.mark.parametrize("open_kernel", ["light", "dot"])
+@pytest.mark.parametrize("qpk,residual,dtype", [(1, "kv", torch.bfloat16), (3, "k", torch.float32)])
+def test_open_group_kernels(open_kernel, qpk, residual, dtype, monkeypatch):
+    """Both forms of the open group's launch (decode.open_kernel_for picks one by query heads per KV head; here
+    each runs at 1 and 3) attend to the staged tokens and this step's, merge the FMA kernel's slots of a work list
+    and of the split grid, and give the reference's answer; with residual "k" the open group's earlier values come
+    dequantized from its record. Contexts end at, just before and just after group boundaries (the open group
+    holds 1 to 16 tokens), and one request has no complete group (nothing to merge)."""
+    monkeypatch.setattr(DECODE, "OPEN_KERNEL", open_kernel)
+    lay = PageLayout(64, 64, 2, 2, 16, residual, dtype)
+    b = Batch(lay, [(159, 1), (160, 1), (3, 1), (17, 1), (40, 9)], 2 * qpk, 2, dtype,
+              seed_of("open", open_kernel, qpk), out_dtype=torch.float32, pad_reqs=1)
+    out_ref, _ = b.reference()
+    n = b.qsl_host[-1]
+    for target in (None, 8):  # the split grid, a work list
+        out, _ = b.kernels(num_splits=4, decode_kernel="fma", decode_work_target=target)
+        assert rel_err(out[:n], out_ref[:n]) < TOL, target
+
+
 @pytest.mark.parametrize("target", [1, 8, 40])
 @pytest.mark.parametrize("host_seq", ["exact", "upper", "low"])
 def test_decode_work_list(target, host_seq, monkeypatch):

@@ -527,9 +527,22 @@ WORK_PROGRAMS_PER_SM: dict[str, int] = {"tc": 8}
 #: merges the other kernel's slots; ``benchmarks/decode_attention.py --open-warps`` times others).
 OPEN_WARPS = 4
 
-#: The open group's launch: "light" (:func:`_open_group_kernel`, float32 multiply-adds one query head at a time) or
-#: "dot" (:func:`_decode_split_kernel` with ``COMBINE``: TF32 dots, query heads padded to 16 rows).
-OPEN_KERNEL = "light"
+#: The open group's launch, "light" or "dot" (:func:`open_kernel_for`); None: :func:`open_kernel_for` the shape.
+#: ``benchmarks/decode_attention.py --open-kernel`` and ``scripts/decode_kernels_check.py --open-kernel`` set it.
+OPEN_KERNEL: str | None = None
+
+
+def open_kernel_for(qpk: int) -> str:
+    """The open group's launch after the "fma" or "tc" kernel at ``qpk`` query heads per KV head: "light"
+    (:func:`_open_group_kernel`: float32 multiply-adds over the [G, head_size] tiles, one query head after the
+    other) at 1, "dot" (:func:`_decode_split_kernel` with ``COMBINE``: TF32 dots, the query heads padded to 16
+    rows) above. Both merge the first launch's slots and write the output. Measured on the H200 (fourteenth
+    session, ``decode_attention.py --profile``, kivi2 at 4k context, docs/benchmarks.md): at the Llama-2-7B shape
+    (1 query head per KV head) "light" took 20.6 and 64.1 µs at batch 64 and 256 against 28.9 and 103.6 for "dot"
+    (4 resident programs per SM at 102 registers x 4 warps, 8 at 64: the launch is waves of short dependent load
+    chains); at 4 query heads per KV head "light" took 19.1 and 61.5 against 10.6 and 29.8 (its per-head
+    reductions over the tile run one after the other)."""
+    return "light" if qpk == 1 else "dot"
 
 #: End group of a request's last work item: "to the end", the kernel clamps it to the device's group count.
 WORK_END = 1 << 30
@@ -810,7 +823,7 @@ def decode(
                                           decode_tc.RESCALE_SLACK if rescale_slack is None else rescale_slack,
                                           decode_tc.PREFETCH))
         # the open group (stage rows and this step's token), merged with the slots above into ``out``
-        if OPEN_KERNEL == "light":
+        if (OPEN_KERNEL or open_kernel_for(qpk)) == "light":
             _open_group_kernel[(R, H)](*args, *out_args, QPK=qpk, NUM_SPLITS=S, WORK_LIST=work is not None,
                                        STAGE_DTYPE=stage_dtype(layout), num_warps=OPEN_WARPS, **layout_args(layout))
         else:
