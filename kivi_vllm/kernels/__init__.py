@@ -1,7 +1,7 @@
 """Triton kernels for the KIVI pages, one launcher per file, and :func:`forward`, the order they run in.
 
 * :mod:`.store` - quantize-on-write of one step's tokens (bit-exact with :func:`kivi_vllm.reference.store`).
-* :mod:`.decode` - split-KV decode attention over packed pages + the exact open group, then a reduction.
+* :mod:`.decode` - split-KV decode attention over packed pages, then the exact open group merged with the splits.
 * :mod:`.prefill` - prefill / continuation-chunk attention with the streaming visibility rule.
 
 They read and write exactly the bytes of :class:`kivi_vllm.layout.PageLayout` and reproduce
@@ -73,9 +73,9 @@ def forward(
     overwrite the rows of every other request (decode rows, and continuation chunks, whose prefill tiles run as
     before) and skip the first chunks' rows.
 
-    A pure-decode step (``tiles`` None) is three launches of decode (FMA kernel: splits, open group, reduction; two
-    with the MMA kernel) plus one of store: the shape captured in CUDA
-    graphs.
+    A pure-decode step (``tiles`` None) is two launches of decode (FMA or TC kernel: splits or work items, then the
+    open group, which merges them into the output; MMA kernel: splits, reduction) plus one of store: the shape
+    captured in CUDA graphs.
 
     Args:
         query: [T, num_heads, head_size]; key, value: [T, num_kv_heads, head_size] (T may include padding rows).

@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# session 14, device command 8 (same machine as command 7; run as one inline command, copied here): SmolLM2 KIVI-4
+# with CUDA graphs (command 7's 330 s limit ended before it; its JSON did not come back: the 8-file limit), then
+# kivi-bench `decode` (512 x (1024 + 1024)) on the Llama-3-8B shape, KIVI-2 then vLLM's fp8 cache
+source /tmp/kivi-env.sh; mkdir -p $OUT/r; echo "== kivi4 graphs"; timeout 120 python scripts/gpu_check.py --model /tmp/smollm2-135m --only kivi4_triton_graphs --out $OUT/r/gpu-check-k4g.jsonl > $OUT/r/gpu-check-k4g.log 2>&1; echo "rc=$?"; grep -E "^kivi" $OUT/r/gpu-check-k4g.log | cut -c1-200; for c in kivi2 fp8; do CUDA_VISIBLE_DEVICES=0 MODEL=benchmarks/llama3-8b BENCH_DIR=/tmp/e1 TIME_LIMIT=100 timeout 200 scripts/bench_gpu.sh decode $c > $OUT/r/bench-$c.log 2>&1; echo "rc=$?"; grep -vE "^(INFO|WARNING|DEBUG|\(EngineCore)" $OUT/r/bench-$c.log | tail -3 | cut -c1-300; done; cp /tmp/e1/results.json /tmp/e1/results.md $OUT/r/ 2>/dev/null; ls $OUT/r
