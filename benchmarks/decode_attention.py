@@ -8,7 +8,7 @@ FlashAttention 3 with a bf16 and an fp8 KV cache, on the same batch, with a copy
 One layer, one decode step: B requests, each with context L (this step's token included) and one query token;
 shapes "llama2-7b" (32 query heads, 32 KV heads, head size 128) and "gqa" (32 / 8 / 128); bf16 activations.
 
-* kivi2 / kivi4: ``kivi_vllm.kernels.decode.decode`` (split kernel + reduction) over a cache [num_blocks, Hkv,
+* kivi2 / kivi4: ``kivi_vllm.kernels.decode.decode`` (split kernel + open group's merge) over a cache [num_blocks, Hkv,
   page_bytes] uint8 of ``PageLayout(512, 128, b, b, group_size=32, residual="kv", residual_dtype=bf16)``; request r
   owns ceil(L/512) distinct blocks (a shuffled permutation). The store of the step's token
   (``kivi_vllm.kernels.store.store``, phase 0, slot = the token's slot) is timed on its own and reported as a
@@ -35,7 +35,8 @@ the L2 flush). ``--eager`` times the Python call instead. The first call (Triton
 Bytes per step (for GB/s; "% copy" = against dst.copy_(src) of 2 GiB measured at the start, 2 x bytes / time):
   KIVI: B * Hkv * ((L-1)//32 * record_bytes + n_staged * 128 * 2 B * 2 (K and V stage)), n_staged = (L-1) % 32,
         + this step's key/value (B*Hkv*128*2 B*2) + query and output (B*32*128*2 B each). Not counted: block
-        table, and the split partials (written by the split kernel, read by the open group's merge ("fma", "tc") or the reduction ("mma"); ``aux_bytes`` in JSON).
+        table, and the split partials (written by the split kernel, read by the open group's merge ("fma", "tc")
+        or the reduction ("mma"); ``aux_bytes`` in JSON).
   FA3:  B * L * Hkv * 128 * 2 (K and V) * itemsize, + query (itemsize) and output (bf16), as for KIVI.
 "x fp8" / "x bf16" = FA3 time / this row's time (> 1: faster than FA3); "st/kivi2" = store time / KIVI-2 decode time.
 
@@ -210,6 +211,9 @@ def kivi_cell(bits, B, L, hq, h, d, io, device, args, kern):
 
     pad = triton.next_power_of_2(d)  # partials: m, l and a [HEAD_PAD] accumulator per (request, head, split), fp32
     row.update(kernel=kernel, num_splits=splits, aux_bytes=2 * B * hq * splits * (2 + pad) * 4)  # at most
+    if kernel != "mma":  # the open group's launch that ran (module options as the command line set them)
+        dmod = sys.modules["kivi_vllm.kernels.decode"]
+        row.update(open_kernel=dmod.OPEN_KERNEL or dmod.open_kernel_for(hq // h), open_warps=dmod.OPEN_WARPS)
     from kivi_vllm.kernels.decode import decode_work, wave_programs
 
     target = (wave_programs(kernel, torch.device(device)) or 0) if args.work_target is None else args.work_target

@@ -190,13 +190,13 @@ def kivi_cell(bits, B, C, P, hq, h, d, io, device, args):
         same_bytes[warps] = bool(torch.equal(kv_cache, written))
         by_warps[warps] = bench(lambda warps=warps: stores(warps), device, args.eager)[0] * 1e3
         log(f"    store, {warps} warps per program: {by_warps[warps]:.1f} us, same bytes {same_bytes[warps]}")
-    by_per = {}
+    by_per, same_by_per = {}, {}
     for per in args.store_rows_per_program or []:
         kv_cache.copy_(pristine)
         stores(per=per)
-        same = bool(torch.equal(kv_cache, written))
+        same_by_per[per] = bool(torch.equal(kv_cache, written))
         by_per[per] = bench(lambda per=per: stores(per=per), device, args.eager)[0] * 1e3
-        log(f"    store, {per} rows per program: {by_per[per]:.1f} us, same bytes {same}")
+        log(f"    store, {per} rows per program: {by_per[per]:.1f} us, same bytes {same_by_per[per]}")
     probe = {}
     if args.store_probe:
         kv_cache.copy_(pristine)
@@ -210,7 +210,7 @@ def kivi_cell(bits, B, C, P, hq, h, d, io, device, args):
         log("    store probe: " + ", ".join(f"{k} {v:.1f}" if isinstance(v, float) else f"{k} {v}"
                                            for k, v in probe.items()))
     return dict(status="ok", time_us=ms * 1e3, store_us=sms * 1e3, store_us_by_warps=by_warps,
-                store_us_by_rows_per_program=by_per,
+                store_us_by_rows_per_program=by_per, store_same_bytes_by_rows_per_program=same_by_per,
                 store_same_bytes_by_warps=same_bytes, store_probe=probe, timing=mode, block_q=bq,
                 prefill_warps=args.prefill_warps, prefill_unpack=args.prefill_unpack,
                 bulk_groups=resolve_bulk_groups(lay, args.bulk_groups, args.prefill_unpack),

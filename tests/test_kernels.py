@@ -438,15 +438,39 @@ def test_open_group_kernels(open_kernel, qpk, residual, dtype, monkeypatch):
     each runs at 1 and 3) attend to the staged tokens and this step's, merge the FMA kernel's slots of a work list
     and of the split grid, and give the reference's answer; with residual "k" the open group's earlier values come
     dequantized from its record. Contexts end at, just before and just after group boundaries (the open group
-    holds 1 to 16 tokens), and one request has no complete group (nothing to merge)."""
+    holds 1 to 16 tokens), and one request has no complete group (nothing to merge). The partials start as NaN (a
+    slot read that no program wrote poisons the output), and the form asked for is the one launched."""
     monkeypatch.setattr(DECODE, "OPEN_KERNEL", open_kernel)
+    launched = []
+
+    class Spy:  # records which open-group form decode() launches
+        def __init__(self, name, fn):
+            self.name, self.fn = name, fn
+
+        def __getitem__(self, grid):
+            launched.append(self.name)
+            return self.fn[grid]
+
+    monkeypatch.setattr(DECODE, "_open_group_kernel", Spy("light", DECODE._open_group_kernel))
+    monkeypatch.setattr(DECODE, "_decode_split_kernel", Spy("dot", DECODE._decode_split_kernel))
     lay = PageLayout(64, 64, 2, 2, 16, residual, dtype)
     b = Batch(lay, [(159, 1), (160, 1), (3, 1), (17, 1), (40, 9)], 2 * qpk, 2, dtype,
               seed_of("open", open_kernel, qpk), out_dtype=torch.float32, pad_reqs=1)
     out_ref, _ = b.reference()
     n = b.qsl_host[-1]
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
     for target in (None, 8):  # the split grid, a work list
+        launched.clear()
+        monkeypatch.setattr(torch, "empty", lambda *a, **k: nan(empty(*a, **k)))
+        monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan(empty_like(*a, **k)))
         out, _ = b.kernels(num_splits=4, decode_kernel="fma", decode_work_target=target)
+        monkeypatch.setattr(torch, "empty", empty)
+        monkeypatch.setattr(torch, "empty_like", empty_like)
+        assert launched == [open_kernel], launched
         assert rel_err(out[:n], out_ref[:n]) < TOL, target
 
 
@@ -454,10 +478,11 @@ def test_open_group_kernels(open_kernel, qpk, residual, dtype, monkeypatch):
 @pytest.mark.parametrize("host_seq", ["exact", "upper", "low"])
 def test_decode_work_list(target, host_seq, monkeypatch):
     """The FMA kernel over a work list (decode_work, in waves of ``target`` programs) gives the reference's answer,
-    the open group's launch merging only the slots the list names (the partials start as NaN), and request 0 (12 complete
-    groups, 4 splits) has a finite partial maximum in each of its items' slots that has keys. Host sequence lengths that are upper bounds (+40) or too low (17: one
-    complete group, one item) still cover every group, because each request's last item runs to the end of what
-    the device reads. A prefill request, a request without complete groups and a padding request get no item."""
+    the open group's launch merging only the slots the list names (the partials start as NaN), and request 0 (12
+    complete groups, 4 splits) has a finite partial maximum in each of its items' slots that has keys. Host sequence
+    lengths that are upper bounds (+40) or too low (17: one complete group, one item) still cover every group,
+    because each request's last item runs to the end of what the device reads. A prefill request, a request without
+    complete groups and a padding request get no item."""
     lay = PageLayout(64, 64, 2, 2, 16, "kv", torch.float32)
     b = Batch(lay, [(200, 1), (17, 1), (0, 1), (40, 9), (129, 1)], 4, 2, torch.float32,
               seed_of("work", target, host_seq), out_dtype=torch.float32, pad_reqs=1)
@@ -469,7 +494,7 @@ def test_decode_work_list(target, host_seq, monkeypatch):
 
     def recording_empty(*args, **kwargs):  # decode() allocates its partials (max first) with torch.empty
         t = empty(*args, **kwargs)
-        if t.is_floating_point():  # NaN: a slot the reduction reads but no item wrote poisons the output
+        if t.is_floating_point():  # NaN: a slot the open group's merge reads but no item wrote poisons the output
             t.fill_(float("nan"))
         made.append(t)
         return t

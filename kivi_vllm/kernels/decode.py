@@ -1,4 +1,5 @@
-"""Decode attention over KIVI pages: split-KV (flash-decoding) with an online softmax, then a reduction (Triton).
+"""Decode attention over KIVI pages: split-KV (flash-decoding) with an online softmax, then the exact open group
+merged with the splits ("fma", "tc") or a reduction ("mma") (Triton).
 
 For every request whose step has exactly one query token (position p = seq_len - 1), and every KV head, this
 computes attention of that head's query heads (GQA: all ``num_heads / num_kv_heads`` of them in one program, so a
@@ -20,8 +21,9 @@ per query head (q . m). Three kernels (:func:`default_kernel` picks one):
 * ``_decode_fma_kernel`` (CUDA cores): codes stay in the page's 32-bit word layout, ``q * s`` is formed in that
   layout, scores are multiply-adds; values accumulate per output channel as ``sum_j (p_j * s_j) c_jc`` plus
   ``sum_j p_j m_j`` (per-token scale and minimum per channel group). Complete groups only: the open group runs as a
-  second launch of ``_decode_split_kernel`` with ``DO_GROUPS=False`` and ``COMBINE``, one program per (request, KV
-  head), which also merges the first launch's partial slots and writes the output (no reduction launch).
+  second launch, one program per (request, KV head), ``_open_group_kernel`` or ``_decode_split_kernel`` with
+  ``DO_GROUPS=False`` and ``COMBINE`` (:func:`open_kernel_for`), which also merges the first launch's partial slots
+  and writes the output (no reduction launch).
 * "tc", :mod:`.decode_tc` (Gluon, NVIDIA sm_80+, the default there wherever :func:`tc_supports` the shape): fp16
   tensor-core MMAs whose operands are dequantized in registers (scale applied per element, one rounding), P taken from
   the score accumulator in place; shared memory only holds the next groups' packed records on their way in
@@ -72,7 +74,9 @@ def _decode_split_kernel(
     grid (num_reqs, num_kv_heads, 1) after the "fma" or "tc" kernel; with ``COMBINE`` too, it merges its partial
     with the ``NUM_SPLITS`` slots that kernel wrote (with ``WORK_LIST``: ``count_ptr[r]`` slots, the request's work
     items) and writes the attention output ``out_ptr`` [T, num_heads, head_size] itself: no partial of its own, no
-    reduction launch (FlashDecoding's second pass, Dao et al. 2023, done by the open group's program)."""
+    reduction launch (FlashDecoding's second pass, Dao et al. 2023, done by the open group's program). ``DO_GROUPS``
+    False needs ``COMBINE`` (alone it would write slot 0, which the first kernel owns)."""
+    tl.static_assert(DO_GROUPS or COMBINE, "the open group alone must merge (COMBINE): slot 0 is the first kernel's")
     G: tl.constexpr = GROUP_SIZE
     GROUPS_PER_PAGE: tl.constexpr = BLOCK_SIZE // GROUP_SIZE
     K_ROW: tl.constexpr = HEAD_SIZE * K_BITS // 8
@@ -173,10 +177,10 @@ def _decode_split_kernel(
             if WORK_LIST:
                 n_slots = tl.load(count_ptr + r)
             pbase = (r * (QPK * tl.num_programs(1)) + h * QPK + rows) * NUM_SPLITS
-            for s in tl.range(0, n_slots, num_stages=COMBINE_STAGES):
-                m_s = tl.load(part_m_ptr + pbase + s, mask=rmask, other=float("-inf"))
-                l_s = tl.load(part_l_ptr + pbase + s, mask=rmask, other=0.0)
-                acc_s = tl.load(part_acc_ptr + (pbase + s)[:, None] * HEAD_PAD + d[None, :], mask=rmask[:, None],
+            for sl in tl.range(0, n_slots, num_stages=COMBINE_STAGES):
+                m_s = tl.load(part_m_ptr + pbase + sl, mask=rmask, other=float("-inf"))
+                l_s = tl.load(part_l_ptr + pbase + sl, mask=rmask, other=0.0)
+                acc_s = tl.load(part_acc_ptr + (pbase + sl)[:, None] * HEAD_PAD + d[None, :], mask=rmask[:, None],
                                 other=0.0)
                 m_new = tl.maximum(m_i, m_s)
                 alpha = tl.exp2(m_i - m_new)
@@ -345,11 +349,13 @@ def _decode_fma_kernel(
     Codes stay in the word layout of the page (:func:`_word_codes`: [1, codes per word, G, words]); the key scale is
     folded into the query in that layout, so a score is multiply-adds over the codes of each word followed by a sum
     over the words (lane shuffles); values accumulate per output channel as ``sum_j (p_j * scale_j) * code_jc``
-    and ``sum_j p_j * min_j``. About 3 instructions per code (shift, LOP3, multiply-add) and 96 registers with one
-    warp at 1 query head per KV head, G 32, head 128 (docs/benchmarks.md).
-    Complete groups only: the open group (exact stage rows) is :func:`_decode_split_kernel` with ``DO_GROUPS``
-    False and ``COMBINE``, a separate launch after this one (so that its [G, D] tiles do not raise this kernel's
-    register count), which also merges this kernel's slots into the output.
+    and ``sum_j p_j * min_j``. About 3 instructions per code (shift, LOP3, multiply-add) and 128 registers with one
+    warp at 1 query head per KV head, G 32, head 128, 2 bits (sm_90 compile, ``benchmarks/kernel_resources.py``; 96
+    before the per-lane value sums, ``default_lane_rows``).
+    Complete groups only: the open group (exact stage rows) is a separate launch after this one (so that its [G, D]
+    tiles do not raise this kernel's register count), :func:`_open_group_kernel` or :func:`_decode_split_kernel`
+    with ``DO_GROUPS`` False and ``COMBINE`` (:func:`open_kernel_for`), which also merges this kernel's slots into
+    the output.
 
     Program (r, h, split) of the grid (num_reqs, num_kv_heads, NUM_SPLITS) takes split ``split`` of request r's
     groups; with ``WORK_LIST`` program (i, h) of the grid (work items, num_kv_heads, 1) takes work item i of
@@ -475,8 +481,8 @@ def _reduce_kernel(out_ptr, part_m_ptr, part_l_ptr, part_acc_ptr, seq_lens_ptr, 
 
 def fma_constexprs(layout: PageLayout, qpk: int, num_splits: int, num_stages: int = 1,
                    lane_rows: int | None = None) -> dict:
-    """The constexprs :func:`decode` launches :func:`_decode_fma_kernel` with (``num_splits`` splits, then the open
-    group's slot); ``benchmarks/kernel_resources.py`` compiles the kernel with the same. ``lane_rows`` None:
+    """The constexprs :func:`decode` launches :func:`_decode_fma_kernel` with (``num_splits`` slots, which the open
+    group's launch merges); ``benchmarks/kernel_resources.py`` compiles the kernel with the same. ``lane_rows`` None:
     :func:`default_lane_rows`."""
     lane_rows = default_lane_rows(qpk, layout.group_size, layout.v_bits) if lane_rows is None else lane_rows
     return dict(QPK=qpk, QPK_PAD=triton.next_power_of_2(qpk), NUM_SPLITS=num_splits,
@@ -539,10 +545,11 @@ def open_kernel_for(qpk: int) -> str:
     rows) above. Both merge the first launch's slots and write the output. Measured on the H200 (fourteenth
     session, ``decode_attention.py --profile``, kivi2 at 4k context, docs/benchmarks.md): at the Llama-2-7B shape
     (1 query head per KV head) "light" took 20.6 and 64.1 µs at batch 64 and 256 against 28.9 and 103.6 for "dot"
-    (4 resident programs per SM at 102 registers x 4 warps, 8 at 64: the launch is waves of short dependent load
+    (4 resident programs per SM at 103 registers x 4 warps, 8 at 64: the launch is waves of short dependent load
     chains); at 4 query heads per KV head "light" took 19.1 and 61.5 against 10.6 and 29.8 (its per-head
     reductions over the tile run one after the other)."""
     return "light" if qpk == 1 else "dot"
+
 
 #: End group of a request's last work item: "to the end", the kernel clamps it to the device's group count.
 WORK_END = 1 << 30
@@ -823,7 +830,10 @@ def decode(
                                           decode_tc.RESCALE_SLACK if rescale_slack is None else rescale_slack,
                                           decode_tc.PREFETCH))
         # the open group (stage rows and this step's token), merged with the slots above into ``out``
-        if (OPEN_KERNEL or open_kernel_for(qpk)) == "light":
+        open_kernel = OPEN_KERNEL or open_kernel_for(qpk)
+        if open_kernel not in ("light", "dot"):
+            raise ValueError(f"KIVI decode: OPEN_KERNEL must be 'light', 'dot' or None, got {open_kernel!r}")
+        if open_kernel == "light":
             _open_group_kernel[(R, H)](*args, *out_args, QPK=qpk, NUM_SPLITS=S, WORK_LIST=work is not None,
                                        STAGE_DTYPE=stage_dtype(layout), num_warps=OPEN_WARPS, **layout_args(layout))
         else:

@@ -1,8 +1,8 @@
 """Decode attention on tensor cores with register operands (Triton Gluon): the "tc" kernel.
 
 The same attention over complete groups as ``_decode_fma_kernel`` in :mod:`.decode` (one program of one warp per
-request, KV head and split, or per work-list row and KV head: :func:`.decode.decode_work`; the open group and the
-reduction are that module's launches), with both products as
+request, KV head and split, or per work-list row and KV head: :func:`.decode.decode_work`; the open group, which
+merges the slots into the output, is that module's second launch), with both products as
 ``mma.sync.m16n8k16`` fp16 MMAs (float32 accumulators) whose operands are built in registers (shared memory only
 holds the packed records on their way in, ``STAGES``).
 
@@ -398,8 +398,8 @@ def _decode_tc_kernel(
 ):
     """Split ``program_id(2)`` of the complete groups of request ``program_id(0)``, KV head ``program_id(1)`` (with
     ``WORK_LIST``: work item ``program_id(0)`` of ``work_ptr``, as ``_decode_fma_kernel``): writes its (max, sum,
-    accumulator) partials to its slot for the open group's launch, which merges them (:func:`.decode._decode_split_kernel`
-    with ``COMBINE``; slots as ``_decode_fma_kernel``)."""
+    accumulator) partials to its slot for the open group's launch, which merges them (:func:`.decode.open_kernel_for`;
+    slots as ``_decode_fma_kernel``)."""
     G: gl.constexpr = GROUP_SIZE
     D: gl.constexpr = HEAD_SIZE
     GROUPS_PER_PAGE: gl.constexpr = BLOCK_SIZE // GROUP_SIZE
