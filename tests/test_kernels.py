@@ -233,6 +233,28 @@ def test_store_rows_per_program_checked():
     assert STORE.rows_per_program_for(4096, 32, torch.device("cpu")) == 1
 
 
+def test_listed_store_rows_run_one_per_program(monkeypatch):
+    """Steps with prompt chunks (listed rows) launch the store with one row per program whatever
+    rows_per_program_for would give (their rows mostly complete a group, quantized one after the other within a
+    program; and one value keeps one compiled specialization instead of one per row count); unlisted rows (decode
+    steps) take rows_per_program_for's value."""
+    lay = PageLayout(64, 64, 2, 2, 32, "kv", torch.bfloat16)
+    b = Batch(lay, MIXES["decode"], 4, 2, torch.bfloat16, seed_of("listed"))
+    monkeypatch.setattr(STORE, "rows_per_program_for", lambda *args: 16)
+    launches = []
+
+    class Spy:  # records the launch's constexprs instead of running the kernel
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append((grid, kw["ROWS_PER_PROGRAM"], kw["ROWS"]))
+
+    monkeypatch.setattr(STORE, "_store_kernel", Spy())
+    rows = torch.arange(b.k.shape[0], dtype=torch.int32, device=DEV)
+    K.store(b.cache, b.k, b.v, b.slot_mapping, b.qsl, b.seq_lens, lay, 0, rows=rows)
+    K.store(b.cache, b.k, b.v, b.slot_mapping, b.qsl, b.seq_lens, lay, 0)
+    n = b.k.shape[0]
+    assert launches == [((n, 2), 1, True), ((-(-n // 16), 2), 16, False)], launches
+
+
 # every mix with both residuals and both GQA ratios, each pairing of residual and ratio in two of the four mixes
 ATTENTION_CASES = [(mix, residual, gqa) for i, mix in enumerate(sorted(MIXES))
                    for residual, gqa in ((("kv", 1), ("k", 3)), (("k", 1), ("kv", 3)))[i % 2]]
