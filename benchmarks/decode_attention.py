@@ -211,10 +211,10 @@ def kivi_cell(bits, B, L, hq, h, d, io, device, args, kern):
 
     pad = triton.next_power_of_2(d)  # partials: m, l and a [HEAD_PAD] accumulator per (request, head, split), fp32
     row.update(kernel=kernel, num_splits=splits, aux_bytes=2 * B * hq * splits * (2 + pad) * 4)  # at most
-    if kernel != "mma":  # the open group's launch that ran (module options as the command line set them)
-        dmod = sys.modules["kivi_vllm.kernels.decode"]
-        row.update(open_kernel=dmod.OPEN_KERNEL or dmod.open_kernel_for(hq // h), open_warps=dmod.OPEN_WARPS)
-    from kivi_vllm.kernels.decode import decode_work, wave_programs
+    from kivi_vllm.kernels.decode import decode_work, open_launch, wave_programs
+
+    if kernel != "mma":  # the open group's launch that runs (module options as the command line set them)
+        row.update(zip(("open_kernel", "open_warps"), open_launch(hq // h)))
 
     target = (wave_programs(kernel, torch.device(device)) or 0) if args.work_target is None else args.work_target
     work = None
@@ -353,23 +353,13 @@ def main():
     import triton
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo, if not installed
-    from kivi_vllm.kernels.decode import cuda_capability, decode, default_kernel, default_num_splits
+    from kivi_vllm.kernels.decode import cuda_capability, decode, default_kernel, default_num_splits, set_options
     from kivi_vllm.kernels.store import store
     from kivi_vllm.layout import PageLayout
 
     kern = (decode, store, PageLayout, default_num_splits, default_kernel, cuda_capability)
-    if args.open_warps is not None or args.open_kernel is not None:
-        # the module (kivi_vllm.kernels.decode as an attribute is the function: the package re-exports it)
-        decode_module = sys.modules["kivi_vllm.kernels.decode"]
-        decode_module.OPEN_WARPS = args.open_warps or decode_module.OPEN_WARPS
-        decode_module.OPEN_KERNEL = args.open_kernel or decode_module.OPEN_KERNEL
-    tc_options = {"PREFETCH": args.tc_prefetch, "STAGES": args.tc_stages, "TRANSPOSED": args.tc_transposed}
-    if any(v is not None for v in tc_options.values()):  # decode_tc's module options (imports Gluon)
-        from kivi_vllm.kernels import decode_tc
-
-        for name, v in tc_options.items():
-            if v is not None:
-                setattr(decode_tc, name, type(getattr(decode_tc, name))(v))
+    set_options(args.open_kernel, args.open_warps, prefetch=args.tc_prefetch, stages=args.tc_stages,
+                transposed=args.tc_transposed)
     try:
         from vllm.version import __version__ as vllm_version
     except Exception:  # noqa: BLE001

@@ -153,8 +153,8 @@ def sass_loops(cubin: bytes) -> list[dict]:
     for addr, _, target in body:
         if target is not None and labels.get(target, addr + 1) < addr:
             ops = collections.Counter(op for a, op, _ in body if labels[target] <= a <= addr)
-            loops.append(dict(instructions=sum(ops.values()), top=dict(ops.most_common(12)), ops=dict(ops), ldl=ops["LDL"],
-                              stl=ops["STL"]))
+            loops.append(dict(instructions=sum(ops.values()), top=dict(ops.most_common(12)), ops=dict(ops),
+                              ldl=ops["LDL"], stl=ops["STL"]))
     return loops
 
 

@@ -61,17 +61,9 @@ def main() -> None:
     ap.add_argument("--open-kernel", choices=["light", "dot"], default=None,
                     help="fma/tc: decode.OPEN_KERNEL (the open group's launch)")
     a = ap.parse_args()
-    if a.open_kernel:
-        import kivi_vllm.kernels.decode  # noqa: F401 - the module (the package's attribute is the function)
+    from kivi_vllm.kernels.decode import set_options
 
-        sys.modules["kivi_vllm.kernels.decode"].OPEN_KERNEL = a.open_kernel
-    tc_options = {"PREFETCH": a.tc_prefetch, "STAGES": a.tc_stages, "TRANSPOSED": a.tc_transposed}
-    if any(v is not None for v in tc_options.values()):  # decode_tc's module options (imports Gluon)
-        from kivi_vllm.kernels import decode_tc
-
-        for name, v in tc_options.items():
-            if v is not None:
-                setattr(decode_tc, name, type(getattr(decode_tc, name))(v))
+    set_options(a.open_kernel, prefetch=a.tc_prefetch, stages=a.tc_stages, transposed=a.tc_transposed)
     if DEV != "cuda":
         raise SystemExit("decode_kernels_check.py needs a CUDA device (the CPU tests cover small shapes)")
     from kivi_vllm.kernels.decode import wave_programs

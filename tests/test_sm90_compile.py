@@ -138,7 +138,6 @@ def test_tc_transposed_halves_the_mmas_and_the_accumulator(compiled):
     assert t["registers"] <= rows16["registers"] - 32 and t["programs_per_sm"] > rows16["programs_per_sm"]
 
 
-
 def test_tc_dequantizes_a_code_pair_in_three_instructions(compiled):
     """Each pair of codes (one fp16x2 MMA operand register) costs one LOP3, one HADD2 and one HFMA2 in the loop, with
     no rotate or shift per pair (``decode_tc._asm``; 4-5 instructions and 108 SHF per group before 2026-12-02), and
@@ -162,6 +161,7 @@ def test_tc_code_positions_decode_exactly(bits):
 
     rng = np.random.default_rng(bits)
     words = rng.integers(0, 2**32, size=4096, dtype=np.uint64).astype(np.uint32)
+
     def code(w, i):  # the layout's rule
         return (w >> np.uint32(i * bits)) & np.uint32((1 << bits) - 1)
 

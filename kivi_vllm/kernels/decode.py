@@ -66,7 +66,6 @@ def _decode_split_kernel(
     OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KM: tl.constexpr, OFF_VC: tl.constexpr,
     OFF_VS: tl.constexpr, OFF_VM: tl.constexpr, OFF_KSTAGE: tl.constexpr, OFF_VSTAGE: tl.constexpr,
     RESIDUAL_KV: tl.constexpr, COMBINE: tl.constexpr = False, WORK_LIST: tl.constexpr = False,
-    COMBINE_STAGES: tl.constexpr = 2,
 ):
     """Split ``split`` of request r's complete groups (program (r, h, split) of the grid (num_reqs, num_kv_heads,
     NUM_SPLITS)), the last split also the open group, written as (max, sum, accumulator) partials to slot
@@ -177,7 +176,7 @@ def _decode_split_kernel(
             if WORK_LIST:
                 n_slots = tl.load(count_ptr + r)
             pbase = (r * (QPK * tl.num_programs(1)) + h * QPK + rows) * NUM_SPLITS
-            for sl in tl.range(0, n_slots, num_stages=COMBINE_STAGES):
+            for sl in tl.range(0, n_slots, num_stages=2):
                 m_s = tl.load(part_m_ptr + pbase + sl, mask=rmask, other=float("-inf"))
                 l_s = tl.load(part_l_ptr + pbase + sl, mask=rmask, other=0.0)
                 acc_s = tl.load(part_acc_ptr + (pbase + sl)[:, None] * HEAD_PAD + d[None, :], mask=rmask[:, None],
@@ -551,6 +550,36 @@ def open_kernel_for(qpk: int) -> str:
     return "light" if qpk == 1 else "dot"
 
 
+def open_launch(qpk: int) -> tuple[str, int]:
+    """The open group's launch :func:`decode` runs at ``qpk`` query heads per KV head, (form, warps per program):
+    :data:`OPEN_KERNEL` if set, else :func:`open_kernel_for`; :data:`OPEN_WARPS`.
+
+    Raises:
+        ValueError: :data:`OPEN_KERNEL` other than None, "light" or "dot".
+    """
+    kind = OPEN_KERNEL or open_kernel_for(qpk)
+    if kind not in ("light", "dot"):
+        raise ValueError(f"KIVI decode: OPEN_KERNEL must be 'light', 'dot' or None, got {kind!r}")
+    return kind, OPEN_WARPS
+
+
+def set_options(open_kernel: str | None = None, open_warps: int | None = None, **tc: int | None) -> None:
+    """Set the decode path's module options that the benchmarks and checks vary (a None leaves one as it is):
+    :data:`OPEN_KERNEL`, :data:`OPEN_WARPS`, and ``tc`` = ``prefetch``, ``stages``, ``transposed`` for
+    :mod:`.decode_tc`'s ``PREFETCH``, ``STAGES``, ``TRANSPOSED`` (imported, i.e. Gluon, only if one is given).
+    The module's functions read them at each call. (``import kivi_vllm.kernels.decode`` binds the re-exported
+    function ``decode``, not this module, so scripts call this rather than set attributes.)"""
+    global OPEN_KERNEL, OPEN_WARPS
+    OPEN_KERNEL = open_kernel or OPEN_KERNEL
+    OPEN_WARPS = open_warps or OPEN_WARPS
+    tc = {name.upper(): v for name, v in tc.items() if v is not None}
+    if tc:
+        from . import decode_tc
+
+        for name, v in tc.items():
+            setattr(decode_tc, name, type(getattr(decode_tc, name))(v))
+
+
 #: End group of a request's last work item: "to the end", the kernel clamps it to the device's group count.
 WORK_END = 1 << 30
 
@@ -830,15 +859,13 @@ def decode(
                                           decode_tc.RESCALE_SLACK if rescale_slack is None else rescale_slack,
                                           decode_tc.PREFETCH))
         # the open group (stage rows and this step's token), merged with the slots above into ``out``
-        open_kernel = OPEN_KERNEL or open_kernel_for(qpk)
-        if open_kernel not in ("light", "dot"):
-            raise ValueError(f"KIVI decode: OPEN_KERNEL must be 'light', 'dot' or None, got {open_kernel!r}")
-        if open_kernel == "light":
+        kind, warps = open_launch(qpk)
+        if kind == "light":
             _open_group_kernel[(R, H)](*args, *out_args, QPK=qpk, NUM_SPLITS=S, WORK_LIST=work is not None,
-                                       STAGE_DTYPE=stage_dtype(layout), num_warps=OPEN_WARPS, **layout_args(layout))
+                                       STAGE_DTYPE=stage_dtype(layout), num_warps=warps, **layout_args(layout))
         else:
             _decode_split_kernel[(R, H, 1)](*args, *out_args, NUM_SPLITS=S, DO_GROUPS=False,
-                                            COMBINE=True, WORK_LIST=work is not None, num_warps=OPEN_WARPS, **mma)
+                                            COMBINE=True, WORK_LIST=work is not None, num_warps=warps, **mma)
         return out
     _decode_split_kernel[(R, H, S)](*args, *out_args, NUM_SPLITS=S, DO_GROUPS=True,
                                     num_warps=num_warps or 2, **mma)
