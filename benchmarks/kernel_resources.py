@@ -8,6 +8,7 @@ iteration decide how many record loads are in flight.
     python benchmarks/kernel_resources.py --bits 4 --qpk 4
     python benchmarks/kernel_resources.py --prefill             # the prefill kernel at its tile options
     python benchmarks/kernel_resources.py --store               # the store kernel at 1, 4, 16 rows per program
+    python benchmarks/kernel_resources.py --open-group --qpk 4  # the open group's launch, both forms, 1/2/4 warps
 
 Uses triton's bundled ptxas (``ptxas -v``); no CUDA device is needed. Tensors and strides are taken as 16-byte
 aligned, as the JIT specializes them on the GPU (figures from before 2026-11-30's fifth session compiled without
@@ -74,6 +75,23 @@ def prefill_resources(bits: int, qpk: int, block_q: int, num_warps: int, phase: 
     mod.check_bulk(lay, bulk_groups, bulk_dot, unpack)
     consts = mod.prefill_constexprs(lay, qpk, block_q, phase, False, dots[dot], unpack, bulk_groups, bulk_dot)
     return dict(compiled_resources(mod._prefill_kernel, consts, num_warps), bulk_groups=bulk_groups)
+
+
+def open_group_resources(bits: int, qpk: int, kind: str, num_warps: int, group_size: int = 32,
+                         head_size: int = 128) -> dict:
+    """The same figures for the open group's launch after "tc"/"fma" as decode() makes it with a work list:
+    ``kind`` "light" (``decode._open_group_kernel``) or "dot" (``decode._decode_split_kernel`` with ``COMBINE``,
+    TF32 dots), bf16 model."""
+    mod = importlib.import_module("kivi_vllm.kernels.decode")
+    common = importlib.import_module("kivi_vllm.kernels.common")
+    lay = PageLayout(512, head_size, bits, bits, group_size, "kv", torch.bfloat16)
+    if kind == "light":
+        consts = dict(QPK=qpk, NUM_SPLITS=8, WORK_LIST=True, STAGE_DTYPE=common.stage_dtype(lay),
+                      **common.layout_args(lay))
+        return compiled_resources(mod._open_group_kernel, consts, num_warps)
+    consts = dict(NUM_SPLITS=8, DO_GROUPS=False, COMBINE=True, WORK_LIST=True,
+                  **mod.mma_constexprs(lay, qpk, 1, dict(DOT_DTYPE=tl.float32, DOT_PRECISION="tf32")))
+    return compiled_resources(mod._decode_split_kernel, consts, num_warps)
 
 
 def store_resources(bits: int, rows_per_program: int, num_warps: int = 4, group_size: int = 32, head_size: int = 128,
@@ -173,7 +191,18 @@ def main() -> None:
                     help="prefill: the bulk loop's operands")
     ap.add_argument("--maxnreg", type=int, default=None, help="decode: register cap per thread (Triton's maxnreg)")
     ap.add_argument("--store", action="store_true", help="the store kernel instead (1, 4 and 16 rows per program)")
+    ap.add_argument("--open-group", action="store_true",
+                    help="the open group's launch instead (light and dot forms, 1, 2 and 4 warps)")
     a = ap.parse_args()
+    if a.open_group:
+        print(f"open group's launch, KIVI-{a.bits}, head size {a.head_size}, group size {a.group_size}, {a.qpk} "
+              "query head(s) per KV head, sm_90, work list")
+        for kind in ("light", "dot"):
+            for w in (1, 2, 4):
+                r = open_group_resources(a.bits, a.qpk, kind, w, group_size=a.group_size, head_size=a.head_size)
+                print(f"{kind}, {w} warps: {r['registers']} registers, {r['spill_bytes']} B spilled, "
+                      f"{r['shared_bytes']} B shared, {r['programs_per_sm']} programs/SM", flush=True)
+        return
     if a.store:
         print(f"store kernel, KIVI-{a.bits}, head size {a.head_size}, group size {a.group_size}, sm_90, phase 0")
         for rpp in (1, 4, 16):

@@ -544,9 +544,9 @@ def open_kernel_for(qpk: int) -> str:
     rows) above. Both merge the first launch's slots and write the output. Measured on the H200 (fourteenth
     session, ``decode_attention.py --profile``, kivi2 at 4k context, docs/benchmarks.md): at the Llama-2-7B shape
     (1 query head per KV head) "light" took 20.6 and 64.1 µs at batch 64 and 256 against 28.9 and 103.6 for "dot"
-    (4 resident programs per SM at 103 registers x 4 warps, 8 at 64: the launch is waves of short dependent load
-    chains); at 4 query heads per KV head "light" took 19.1 and 61.5 against 10.6 and 29.8 (its per-head
-    reductions over the tile run one after the other)."""
+    (4 resident programs per SM at 112 registers x 4 warps, 8 at 64, ``benchmarks/kernel_resources.py
+    --open-group``: the launch is waves of short dependent load chains); at 4 query heads per KV head "light" took
+    19.1 and 61.5 against 10.6 and 29.8 (its per-head reductions over the tile run one after the other)."""
     return "light" if qpk == 1 else "dot"
 
 
