@@ -111,6 +111,9 @@ def parse_args():
                    help="KIVI fma/tc decode: decode.OPEN_WARPS (warps per program of the open group's launch)")
     p.add_argument("--open-kernel", choices=["light", "dot"], default=None,
                    help="KIVI fma/tc decode: decode.OPEN_KERNEL (the open group's launch)")
+    p.add_argument("--pdl", type=int, choices=[0, 1], default=None,
+                   help="KIVI fma/tc decode: decode.PDL (1: the open group's launch as a programmatic dependent of "
+                        "the first kernel, overlapping it; 0: a plain launch after it)")
     p.add_argument("--eager", action="store_true", help="time the Python call, not a CUDA-graph replay")
     p.add_argument("--profile", action="store_true",
                    help="KIVI: also print the GPU time of each kernel of the decode call (torch.profiler, mean of "
@@ -211,10 +214,10 @@ def kivi_cell(bits, B, L, hq, h, d, io, device, args, kern):
 
     pad = triton.next_power_of_2(d)  # partials: m, l and a [HEAD_PAD] accumulator per (request, head, split), fp32
     row.update(kernel=kernel, num_splits=splits, aux_bytes=2 * B * hq * splits * (2 + pad) * 4)  # at most
-    from kivi_vllm.kernels.decode import decode_work, open_launch, wave_programs
+    from kivi_vllm.kernels.decode import decode_work, open_launch, pdl_for, wave_programs
 
     if kernel != "mma":  # the open group's launch that runs (module options as the command line set them)
-        row.update(zip(("open_kernel", "open_warps"), open_launch(hq // h)))
+        row.update(zip(("open_kernel", "open_warps"), open_launch(hq // h)), pdl=pdl_for(torch.device(device)))
 
     target = (wave_programs(kernel, torch.device(device)) or 0) if args.work_target is None else args.work_target
     work = None
@@ -358,7 +361,7 @@ def main():
     from kivi_vllm.layout import PageLayout
 
     kern = (decode, store, PageLayout, default_num_splits, default_kernel, cuda_capability)
-    set_options(args.open_kernel, args.open_warps, prefetch=args.tc_prefetch, stages=args.tc_stages,
+    set_options(args.open_kernel, args.open_warps, args.pdl, prefetch=args.tc_prefetch, stages=args.tc_stages,
                 transposed=args.tc_transposed)
     try:
         from vllm.version import __version__ as vllm_version

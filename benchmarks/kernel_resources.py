@@ -78,18 +78,18 @@ def prefill_resources(bits: int, qpk: int, block_q: int, num_warps: int, phase: 
 
 
 def open_group_resources(bits: int, qpk: int, kind: str, num_warps: int, group_size: int = 32,
-                         head_size: int = 128) -> dict:
-    """The same figures for the open group's launch after "tc"/"fma" as decode() makes it with a work list:
-    ``kind`` "light" (``decode._open_group_kernel``) or "dot" (``decode._decode_split_kernel`` with ``COMBINE``,
-    TF32 dots), bf16 model."""
+                         head_size: int = 128, pdl: bool = True) -> dict:
+    """The same figures for the open group's launch after "tc"/"fma" as decode() makes it with a work list on an
+    H200: ``kind`` "light" (``decode._open_group_kernel``) or "dot" (``decode._decode_split_kernel`` with
+    ``COMBINE``, TF32 dots), bf16 model, as a programmatic dependent (``pdl``, ``decode.PDL``)."""
     mod = importlib.import_module("kivi_vllm.kernels.decode")
     common = importlib.import_module("kivi_vllm.kernels.common")
     lay = PageLayout(512, head_size, bits, bits, group_size, "kv", torch.bfloat16)
     if kind == "light":
-        consts = dict(QPK=qpk, NUM_SPLITS=8, WORK_LIST=True, STAGE_DTYPE=common.stage_dtype(lay),
+        consts = dict(QPK=qpk, NUM_SPLITS=8, WORK_LIST=True, STAGE_DTYPE=common.stage_dtype(lay), PDL=pdl,
                       **common.layout_args(lay))
         return compiled_resources(mod._open_group_kernel, consts, num_warps)
-    consts = dict(NUM_SPLITS=8, DO_GROUPS=False, COMBINE=True, WORK_LIST=True,
+    consts = dict(NUM_SPLITS=8, DO_GROUPS=False, COMBINE=True, WORK_LIST=True, PDL=pdl,
                   **mod.mma_constexprs(lay, qpk, 1, dict(DOT_DTYPE=tl.float32, DOT_PRECISION="tf32")))
     return compiled_resources(mod._decode_split_kernel, consts, num_warps)
 
@@ -137,10 +137,13 @@ def compiled_resources(fn, consts: dict, num_warps: int, maxnreg: int | None = N
     per_sm = min(REGS_PER_SM // (((regs + 7) // 8 * 8) * 32 * num_warps), SMEM_PER_SM // max(shared, 1),
                  MAX_WARPS // num_warps)
     ops = collections.Counter(".".join(m.split(".")[:2]) for m in
-                              re.findall(r"\b(?:ld\.global|cp\.async|bar\.sync|mma\.sync|bra)\b[\w.]*", ptx))
+                              re.findall(r"\b(?:ld\.global|cp\.async|bar\.sync|mma\.sync|bra|griddepcontrol)\b[\w.]*", ptx))
     ops["div.rn.f32"] = len(re.findall(r"\bdiv\.rn\.f32\b", ptx))
+    # global loads issued before the first griddepcontrol.wait (a programmatic dependent's overlap; None: no wait)
+    wait = ptx.find("griddepcontrol.wait")
+    before_wait = len(re.findall(r"\bld\.global\b", ptx[:wait])) if wait >= 0 else None
     return dict(registers=regs, spill_bytes=spill, shared_bytes=shared, programs_per_sm=per_sm, ptx_ops=dict(ops),
-                loops=sass_loops(k.asm["cubin"]))
+                loads_before_wait=before_wait, loops=sass_loops(k.asm["cubin"]))
 
 
 def sass_loops(cubin: bytes) -> list[dict]:

@@ -60,10 +60,12 @@ def main() -> None:
     ap.add_argument("--tc-transposed", type=int, choices=[0, 1], default=None, help="tc: decode_tc.TRANSPOSED")
     ap.add_argument("--open-kernel", choices=["light", "dot"], default=None,
                     help="fma/tc: decode.OPEN_KERNEL (the open group's launch)")
+    ap.add_argument("--pdl", type=int, choices=[0, 1], default=None,
+                    help="fma/tc: decode.PDL (the open group's launch as a programmatic dependent)")
     a = ap.parse_args()
     from kivi_vllm.kernels.decode import set_options
 
-    set_options(a.open_kernel, prefetch=a.tc_prefetch, stages=a.tc_stages, transposed=a.tc_transposed)
+    set_options(a.open_kernel, pdl=a.pdl, prefetch=a.tc_prefetch, stages=a.tc_stages, transposed=a.tc_transposed)
     if DEV != "cuda":
         raise SystemExit("decode_kernels_check.py needs a CUDA device (the CPU tests cover small shapes)")
     from kivi_vllm.kernels.decode import wave_programs

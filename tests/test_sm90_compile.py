@@ -64,6 +64,10 @@ for head, g, bits in %(prefill)s:
     r = kr.prefill_resources(bits, 4, pre.block_q_for(8, 2), 4, group_size=g, head_size=head, unpack="words",
                              bulk_groups=None)
     out["prefill"].append(dict(r, default=pre.default_bulk_groups(lay)))
+out["pdl"] = {kind: [kr.open_group_resources(2, qpk, kind, 4, pdl=pdl) for pdl in (False, True)]
+              for kind, qpk in (("light", 1), ("dot", 4))}
+out["pdl"]["tc"] = [kr.compiled_resources(tc.tc_kernel(), dict(tc.tc_constexprs(lay, 4, 8), WORK_LIST=True, PDL=pdl),
+                                          1) for pdl in (False, True)]
 out["store"] = [kr.store_resources(bits, rpp, group_size=g, head_size=head, residual=res)
                 for head, g, bits, rpp, res in %(store)s]
 print("RESULT " + json.dumps(out))
@@ -259,6 +263,33 @@ def test_default_decode_kernel():
     assert tc_supports(lay, 32) == "32 query heads per KV head (at most 16)"
 
 
+def test_pdl_only_on_hopper_outside_the_interpreter(monkeypatch):
+    """decode.pdl_for: programmatic dependent launch where griddepcontrol exists (sm_90+) and the kernels are
+    compiled (not TRITON_INTERPRET), and only while decode.PDL is on (set_options(pdl=...))."""
+    import importlib
+
+    dec = importlib.import_module("kivi_vllm.kernels.decode")
+    cap = {"v": (9, 0)}
+    monkeypatch.setattr(dec, "cuda_capability", lambda device: cap["v"])
+    monkeypatch.setattr(dec, "PDL", True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    gpu = torch.device("cuda")
+    assert dec.pdl_for(gpu)
+    cap["v"] = (8, 9)
+    assert not dec.pdl_for(gpu)
+    cap["v"] = None  # CPU, ROCm
+    assert not dec.pdl_for(torch.device("cpu"))
+    cap["v"] = (9, 0)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not dec.pdl_for(gpu)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert dec.pdl_for(gpu)
+    dec.set_options(pdl=False)
+    assert not dec.pdl_for(gpu) and dec.PDL is False
+    dec.set_options(open_warps=4)  # None leaves it off
+    assert not dec.pdl_for(gpu)
+
+
 def test_tc_decode_refuses_the_cpu():
     from kivi_vllm.kernels.decode import decode
 
@@ -308,3 +339,22 @@ def test_store_compiles_without_spill_or_per_element_division(compiled, i):
     assert r["shared_bytes"] <= H200_SMEM
     assert r["spill_bytes"] == 0 if group * head <= 32 * 128 else r["spill_bytes"] < 4532, r["spill_bytes"]
     assert 0 < r["ptx_ops"]["div.rn.f32"] < 2 * group * head // 128, r["ptx_ops"]
+
+
+def test_open_group_overlaps_the_first_kernel_with_pdl(compiled):
+    """decode.PDL: the "tc" kernel lets its dependent start (one launch_dependents), and the open group's launch,
+    both forms, loads its open group before it waits for the slots (griddepcontrol.wait on both of its paths, the
+    program with a one-token request and the one without); without PDL neither instruction is there, and the
+    figures that decide the programs per SM stay (registers, shared memory, the loop's instructions)."""
+    for kind in ("light", "dot"):
+        off, on = compiled["pdl"][kind]
+        assert "griddepcontrol.wait" not in off["ptx_ops"] and off["loads_before_wait"] is None
+        assert on["ptx_ops"]["griddepcontrol.wait"] == 2, on["ptx_ops"]
+        # the request's bounds, block-table entry, the stage rows and this step's key/value come first
+        assert on["loads_before_wait"] >= 5, (kind, on["loads_before_wait"])
+        assert on["registers"] == off["registers"] and on["shared_bytes"] == off["shared_bytes"]
+    off, on = compiled["pdl"]["tc"]
+    assert "griddepcontrol.launch_dependents" not in off["ptx_ops"]
+    assert on["ptx_ops"]["griddepcontrol.launch_dependents"] == 1
+    assert (on["registers"], on["programs_per_sm"]) == (off["registers"], off["programs_per_sm"])
+    assert on["loops"][0]["instructions"] == off["loops"][0]["instructions"]

@@ -42,10 +42,13 @@ et al. 2023; vLLM ``triton_decode_attention.py``).
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..layout import PageLayout
 from .common import (LOG2E, ONE_F32_BITS, check_attention, dot_args, gather_codes, layout_args, load_value_scales,
@@ -66,6 +69,7 @@ def _decode_split_kernel(
     OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KM: tl.constexpr, OFF_VC: tl.constexpr,
     OFF_VS: tl.constexpr, OFF_VM: tl.constexpr, OFF_KSTAGE: tl.constexpr, OFF_VSTAGE: tl.constexpr,
     RESIDUAL_KV: tl.constexpr, COMBINE: tl.constexpr = False, WORK_LIST: tl.constexpr = False,
+    PDL: tl.constexpr = False,
 ):
     """Split ``split`` of request r's complete groups (program (r, h, split) of the grid (num_reqs, num_kv_heads,
     NUM_SPLITS)), the last split also the open group, written as (max, sum, accumulator) partials to slot
@@ -74,7 +78,9 @@ def _decode_split_kernel(
     with the ``NUM_SPLITS`` slots that kernel wrote (with ``WORK_LIST``: ``count_ptr[r]`` slots, the request's work
     items) and writes the attention output ``out_ptr`` [T, num_heads, head_size] itself: no partial of its own, no
     reduction launch (FlashDecoding's second pass, Dao et al. 2023, done by the open group's program). ``DO_GROUPS``
-    False needs ``COMBINE`` (alone it would write slot 0, which the first kernel owns)."""
+    False needs ``COMBINE`` (alone it would write slot 0, which the first kernel owns). ``PDL`` (with ``COMBINE``):
+    launched as a programmatic dependent of the first kernel, it waits for that kernel's slots (``griddepcontrol.wait``)
+    only before merging them; every program waits once, also those without a one-token request (:data:`PDL`)."""
     tl.static_assert(DO_GROUPS or COMBINE, "the open group alone must merge (COMBINE): slot 0 is the first kernel's")
     G: tl.constexpr = GROUP_SIZE
     GROUPS_PER_PAGE: tl.constexpr = BLOCK_SIZE // GROUP_SIZE
@@ -172,6 +178,8 @@ def _decode_split_kernel(
         if COMBINE:
             # merge the other kernel's slots into this (finite: the open group holds at least p itself) partial;
             # a slot without keys has max -inf and weighs exp2(-inf) = 0
+            if PDL:
+                gdc_wait()  # the slots are the first kernel's: everything above overlapped with it
             n_slots = NUM_SPLITS
             if WORK_LIST:
                 n_slots = tl.load(count_ptr + r)
@@ -190,6 +198,8 @@ def _decode_split_kernel(
             o = acc / l_i[:, None]
             tl.store(out_ptr + q_start * stride_ot + (h * QPK + rows)[:, None] * stride_oh + d[None, :],
                      o.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
+    elif PDL:
+        gdc_wait()  # a dependent grid must not end before the first kernel: the next launch waits for this one only
 
     if not COMBINE:
         base = (r * (QPK * tl.num_programs(1)) + h * QPK + rows) * NUM_SPLITS + split
@@ -248,7 +258,7 @@ def _open_group_kernel(
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, V_GROUP: tl.constexpr, RECORD_BYTES: tl.constexpr,
     OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KM: tl.constexpr, OFF_VC: tl.constexpr,
     OFF_VS: tl.constexpr, OFF_VM: tl.constexpr, OFF_KSTAGE: tl.constexpr, OFF_VSTAGE: tl.constexpr,
-    RESIDUAL_KV: tl.constexpr,
+    RESIDUAL_KV: tl.constexpr, PDL: tl.constexpr = False,
 ):
     """The second launch of the "fma" and "tc" paths, program (r, h) of the grid (num_reqs, num_kv_heads): the
     open group of request r, KV head h, exactly (:func:`_open_group_kv`: its staged tokens and this step's), then,
@@ -258,7 +268,9 @@ def _open_group_kernel(
 
     Scores and value sums are float32 multiply-adds over the [G, head_size] tiles, one query head at a time: no
     MMA, so no padding of the query heads to 16 rows, and a small register footprint (more programs resident: the
-    launch is one or a few waves of short dependent load chains, not of arithmetic)."""
+    launch is one or a few waves of short dependent load chains, not of arithmetic). ``PDL``: launched as a
+    programmatic dependent of the first kernel, it loads the open group while that kernel runs and waits for its
+    slots (``griddepcontrol.wait``) before the first merge; every program waits once (:data:`PDL`)."""
     G: tl.constexpr = GROUP_SIZE
     r = tl.program_id(0)
     h = tl.program_id(1)
@@ -290,6 +302,8 @@ def _open_group_kernel(
             l_i = tl.sum(prob, axis=0)
             acc = tl.sum(prob[:, None] * v.to(tl.float32), axis=0)  # [HEAD_PAD]
             base = (r * (QPK * tl.num_programs(1)) + hq) * NUM_SPLITS
+            if PDL and j == 0:
+                gdc_wait()  # the slots are the first kernel's; the loads and the first head's scores overlapped it
             for sl in tl.range(0, n_slots):  # a slot without keys has max -inf: weight exp2(-inf) = 0
                 m_s = tl.load(part_m_ptr + base + sl)
                 l_s = tl.load(part_l_ptr + base + sl)
@@ -302,6 +316,8 @@ def _open_group_kernel(
                 m_i = m_new
             tl.store(out_ptr + q_start * stride_ot + hq * stride_oh + d, (acc / l_i).to(out_ptr.dtype.element_ty),
                      mask=dmask)
+    elif PDL:
+        gdc_wait()  # a dependent grid must not end before the first kernel: the next launch waits for this one only
 
 
 @triton.jit
@@ -341,7 +357,7 @@ def _decode_fma_kernel(
     OFF_KC: tl.constexpr, OFF_KS: tl.constexpr, OFF_KM: tl.constexpr, OFF_VC: tl.constexpr,
     OFF_VS: tl.constexpr, OFF_VM: tl.constexpr, OFF_KSTAGE: tl.constexpr, OFF_VSTAGE: tl.constexpr,
     RESIDUAL_KV: tl.constexpr, NUM_STAGES: tl.constexpr = 1, LANE_ROWS: tl.constexpr = 1,
-    WORK_LIST: tl.constexpr = False,
+    WORK_LIST: tl.constexpr = False, PDL: tl.constexpr = False,
 ):
     """The same attention as :func:`_decode_split_kernel`, on CUDA cores: no MMA, no shared memory in the loop.
 
@@ -358,7 +374,10 @@ def _decode_fma_kernel(
 
     Program (r, h, split) of the grid (num_reqs, num_kv_heads, NUM_SPLITS) takes split ``split`` of request r's
     groups; with ``WORK_LIST`` program (i, h) of the grid (work items, num_kv_heads, 1) takes work item i of
-    ``work_ptr`` (:func:`decode_work`: request, slot, first group, end group; request -1: nothing)."""
+    ``work_ptr`` (:func:`decode_work`: request, slot, first group, end group; request -1: nothing). With ``PDL`` it
+    lets the open group's launch start at once (:data:`PDL`)."""
+    if PDL:
+        gdc_launch_dependents()
     G: tl.constexpr = GROUP_SIZE
     GROUPS_PER_PAGE: tl.constexpr = BLOCK_SIZE // GROUP_SIZE
     K_ROW: tl.constexpr = HEAD_SIZE * K_BITS // 8
@@ -537,6 +556,23 @@ OPEN_WARPS = 4
 OPEN_KERNEL: str | None = None
 
 
+#: Programmatic dependent launch (Hopper, CUDA 12.3+; captured into CUDA graphs as programmatic edges): the open
+#: group's launch is a dependent of the "fma"/"tc" kernel, which lets it start at once
+#: (``griddepcontrol.launch_dependents``); its programs load the open group while that kernel still runs and wait for
+#: its slots (``griddepcontrol.wait``, which waits for the whole first grid and its memory) only before merging them,
+#: so the open group's load chains leave the step's critical path. Applies on compute capability 9.0+; False: a plain
+#: launch after the first kernel (the fourteenth session's kernels). ``benchmarks/decode_attention.py --pdl 0|1``.
+PDL = True
+
+
+def pdl_for(device: torch.device) -> bool:
+    """Whether :func:`decode` launches the open group as a programmatic dependent on ``device``: :data:`PDL` and
+    an NVIDIA GPU of compute capability 9.0 or newer (never under the Triton interpreter or off CUDA)."""
+    cap = cuda_capability(device)
+    interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return bool(PDL) and cap is not None and cap >= (9, 0) and not interpreted
+
+
 def open_kernel_for(qpk: int) -> str:
     """The open group's launch after the "fma" or "tc" kernel at ``qpk`` query heads per KV head: "light"
     (:func:`_open_group_kernel`: float32 multiply-adds over the [G, head_size] tiles, one query head after the
@@ -563,15 +599,17 @@ def open_launch(qpk: int) -> tuple[str, int]:
     return kind, OPEN_WARPS
 
 
-def set_options(open_kernel: str | None = None, open_warps: int | None = None, **tc: int | None) -> None:
+def set_options(open_kernel: str | None = None, open_warps: int | None = None, pdl: bool | None = None,
+                **tc: int | None) -> None:
     """Set the decode path's module options that the benchmarks and checks vary (a None leaves one as it is):
-    :data:`OPEN_KERNEL`, :data:`OPEN_WARPS`, and ``tc`` = ``prefetch``, ``stages``, ``transposed`` for
+    :data:`OPEN_KERNEL`, :data:`OPEN_WARPS`, :data:`PDL`, and ``tc`` = ``prefetch``, ``stages``, ``transposed`` for
     :mod:`.decode_tc`'s ``PREFETCH``, ``STAGES``, ``TRANSPOSED`` (imported, i.e. Gluon, only if one is given).
     The module's functions read them at each call. (``import kivi_vllm.kernels.decode`` binds the re-exported
     function ``decode``, not this module, so scripts call this rather than set attributes.)"""
-    global OPEN_KERNEL, OPEN_WARPS
+    global OPEN_KERNEL, OPEN_WARPS, PDL
     OPEN_KERNEL = open_kernel or OPEN_KERNEL
     OPEN_WARPS = open_warps or OPEN_WARPS
+    PDL = PDL if pdl is None else bool(pdl)
     tc = {name.upper(): v for name, v in tc.items() if v is not None}
     if tc:
         from . import decode_tc
@@ -846,26 +884,29 @@ def decode(
     out_args = (out, counts, out.stride(0), out.stride(1))
     mma = mma_constexprs(layout, qpk, num_stages, dot_args(query))
     if kernel in ("fma", "tc"):
+        pdl = pdl_for(query.device)  # the open group's launch below starts while this kernel runs
         if kernel == "fma":
             _decode_fma_kernel[grid](*args[:11], ONE_F32_BITS, *args[11:], items, num_warps=num_warps or 1,
-                                     maxnreg=maxnreg, WORK_LIST=work is not None,
+                                     maxnreg=maxnreg, WORK_LIST=work is not None, PDL=pdl,
                                      **fma_constexprs(layout, qpk, S, num_stages, lane_rows))
         else:
             decode_tc.tc_kernel()[grid](
                 query, kv_cache, block_table, seq_lens, query_start_loc, part_m, part_l, part_acc, scale,
                 query.stride(0), query.stride(1), kv_cache.stride(0), kv_cache.stride(1),
                 block_table.stride(0), items, num_warps=num_warps or 1, maxnreg=maxnreg, WORK_LIST=work is not None,
-                **decode_tc.tc_constexprs(layout, qpk, S,
+                PDL=pdl, **decode_tc.tc_constexprs(layout, qpk, S,
                                           decode_tc.RESCALE_SLACK if rescale_slack is None else rescale_slack,
                                           decode_tc.PREFETCH))
         # the open group (stage rows and this step's token), merged with the slots above into ``out``
         kind, warps = open_launch(qpk)
         if kind == "light":
             _open_group_kernel[(R, H)](*args, *out_args, QPK=qpk, NUM_SPLITS=S, WORK_LIST=work is not None,
-                                       STAGE_DTYPE=stage_dtype(layout), num_warps=warps, **layout_args(layout))
+                                       STAGE_DTYPE=stage_dtype(layout), PDL=pdl, num_warps=warps,
+                                       **layout_args(layout), **({"launch_pdl": True} if pdl else {}))
         else:
-            _decode_split_kernel[(R, H, 1)](*args, *out_args, NUM_SPLITS=S, DO_GROUPS=False,
-                                            COMBINE=True, WORK_LIST=work is not None, num_warps=warps, **mma)
+            _decode_split_kernel[(R, H, 1)](*args, *out_args, NUM_SPLITS=S, DO_GROUPS=False, COMBINE=True,
+                                            WORK_LIST=work is not None, PDL=pdl, num_warps=warps, **mma,
+                                            **({"launch_pdl": True} if pdl else {}))
         return out
     _decode_split_kernel[(R, H, S)](*args, *out_args, NUM_SPLITS=S, DO_GROUPS=True,
                                     num_warps=num_warps or 2, **mma)

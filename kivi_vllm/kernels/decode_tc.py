@@ -394,12 +394,16 @@ def _decode_tc_kernel(
     RESIDUAL_KV: gl.constexpr, RESCALE_SLACK: gl.constexpr, WORK_LIST: gl.constexpr = False,
     PREFETCH: gl.constexpr = False, STAGES: gl.constexpr = 0, KC_COPY: gl.constexpr = None,
     VC_COPY: gl.constexpr = None, KS_COPY: gl.constexpr = None, SMEM2: gl.constexpr = None,
-    SMEM1: gl.constexpr = None, TRANSPOSED: gl.constexpr = False, NP: gl.constexpr = 8,
+    SMEM1: gl.constexpr = None, TRANSPOSED: gl.constexpr = False, NP: gl.constexpr = 8, PDL: gl.constexpr = False,
 ):
     """Split ``program_id(2)`` of the complete groups of request ``program_id(0)``, KV head ``program_id(1)`` (with
     ``WORK_LIST``: work item ``program_id(0)`` of ``work_ptr``, as ``_decode_fma_kernel``): writes its (max, sum,
     accumulator) partials to its slot for the open group's launch, which merges them (:func:`.decode.open_kernel_for`;
-    slots as ``_decode_fma_kernel``)."""
+    slots as ``_decode_fma_kernel``). With ``PDL`` it lets the open group's launch (launched as a programmatic
+    dependent) start at once (``griddepcontrol.launch_dependents``, :data:`.decode.PDL`)."""
+    if PDL:
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
     G: gl.constexpr = GROUP_SIZE
     D: gl.constexpr = HEAD_SIZE
     GROUPS_PER_PAGE: gl.constexpr = BLOCK_SIZE // GROUP_SIZE
