@@ -255,6 +255,40 @@ def test_listed_store_rows_run_one_per_program(monkeypatch):
     assert launches == [((n, 2), 1, True), ((-(-n // 16), 2), 16, False)], launches
 
 
+@pytest.mark.parametrize("residual", ["kv", "k"])
+def test_store_warm_up_writes_nothing(residual, monkeypatch):
+    """warm_listed_rows (run by the backend in vLLM's first warm-up step) launches the listed-rows store of both
+    phases, one row of slot -1, and leaves every byte of the cache as it was (the real launches run: a stage or
+    record write would show); with residual "k" (no listed rows) it launches nothing. The store kernel does not
+    specialize on the row and request counts (a count of 1 or a multiple of 16 would compile another kernel mid-run)."""
+    lay = PageLayout(64, 64, 2, 2, 32, residual, torch.bfloat16)
+    b = Batch(lay, MIXES["mixed"], 4, 2, torch.bfloat16, seed_of("warm", residual))
+    b.reference()  # fills the cache with a step's bytes
+    b.cache.copy_(torch.randint(0, 256, b.cache.shape, dtype=torch.uint8, device=DEV))
+    before = b.cache.clone()
+    launches = []
+    real = STORE._store_kernel
+
+    class Spy:  # records each launch, then runs it
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                launches.append((grid, kw["PHASE"], kw["ROWS"], args[3].tolist(), kw["rows_ptr"].tolist()))
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(STORE, "_store_kernel", Spy())
+    STORE.warm_listed_rows(b.cache, b.k, b.v, b.qsl, b.seq_lens, lay)
+    assert torch.equal(b.cache, before)
+    if residual == "kv":
+        assert launches == [((1, 2), 0, True, [-1], [0]), ((1, 2), 1, True, [-1], [0])], launches
+    else:
+        assert launches == []
+    # (under the interpreter the decorator's arguments are kept as given; compiled, as ``params``)
+    nospec = real.kwargs["do_not_specialize"] if hasattr(real, "kwargs") else [p.name for p in real.params
+                                                                                if p.do_not_specialize]
+    assert {"num_reqs", "num_rows"} <= set(nospec)
+
+
 # every mix with both residuals and both GQA ratios, each pairing of residual and ratio in two of the four mixes
 ATTENTION_CASES = [(mix, residual, gqa) for i, mix in enumerate(sorted(MIXES))
                    for residual, gqa in ((("kv", 1), ("k", 3)), (("k", 1), ("kv", 3)))[i % 2]]

@@ -12,7 +12,12 @@ from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
 from .. import kernels, reference
 from ..config import KiviConfig
+from ..kernels.store import warm_listed_rows
 from .metadata import KiviMetadata
+
+#: (layout, key dtype, device) whose listed-rows store launches are compiled in this process
+#: (:func:`kivi_vllm.kernels.store.warm_listed_rows`)
+_WARM_STORES: set = set()
 
 
 class KiviAttentionImpl(AttentionImpl):
@@ -91,6 +96,13 @@ class KiviAttentionImpl(AttentionImpl):
         m = attn_metadata
         n = m.num_actual_tokens
         if m.triton:
+            warm = (m.layout, key.dtype, key.device)
+            if n and warm not in _WARM_STORES and not torch.cuda.is_current_stream_capturing():
+                # vLLM's warm-up steps (CUDA-graph capture's eager runs) are decode-only: compile the prompt steps'
+                # store now, not in the first prompt step of serving
+                warm_listed_rows(kv_cache, key[:n], value[:n], m.query_start_loc, m.seq_lens, m.layout,
+                                 num_reqs=m.num_reqs)
+                _WARM_STORES.add(warm)
             flash = None
             if self.first_chunk_dtype is not None and m.has_first_chunks:
                 flash = kernels.flash.first_chunk_attention(self.first_chunk_dtype, self.head_size)[0]

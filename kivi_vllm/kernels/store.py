@@ -114,7 +114,9 @@ def _store_values(rec, i, row_mask, v, R: tl.constexpr, HEAD_SIZE: tl.constexpr,
     tl.store((rec[:, None] + OFF_VM).to(tl.pointer_type(tl.float16)) + off, tl.reshape(vm, (R, NVG)), mask=cmask)
 
 
-@triton.jit
+# the counts are not specialized (Triton would compile another kernel for a count of 1 or a multiple of 16: in the
+# middle of serving, as prompt chunks list their rows; vLLM's JIT monitor saw it, fourteenth session)
+@triton.jit(do_not_specialize=["num_reqs", "num_rows"])
 def _store_kernel(
     kv_ptr, key_ptr, value_ptr, slot_ptr, qsl_ptr, seq_lens_ptr, num_reqs, num_rows,
     stride_cache_block, stride_cache_head, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -257,6 +259,27 @@ def store(
         STAGE_DTYPE=stage_dtype(layout), PHASE=phase, ROWS_PER_PROGRAM=per, ROWS=rows is not None,
         rows_ptr=rows, num_warps=num_warps, **layout_args(layout),
     )
+
+
+def warm_listed_rows(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, query_start_loc: torch.Tensor,
+                     seq_lens: torch.Tensor, layout: PageLayout, num_reqs: int | None = None) -> None:
+    """Compile the store's launches for listed rows (steps with prompt chunks: :func:`store_rows`, both phases) by
+    running them over one row whose slot is -1, which writes nothing. vLLM's warm-up runs (memory profile, CUDA-graph
+    capture) have no prompt chunks with a KV cache, so without this the first prompt step of serving compiled them,
+    about 2 s in which no request ran (Llama-3-8B shape on the H200, ``scripts/bench_gpu.sh decode kivi2``, vLLM's
+    JIT monitor: "Triton kernel JIT compilation during inference: _store_kernel", fourteenth and fifteenth sessions).
+    Residual "kv" only (the layouts that list rows); a no-op for "k".
+
+    Args:
+        kv_cache, key, value, query_start_loc, seq_lens, layout, num_reqs: as :func:`store` (a step's, e.g. a
+            warm-up step's; ``key``/``value`` need at least one row). Not modified.
+    """
+    if layout.residual != "kv" or key.shape[0] == 0:
+        return
+    slot = torch.full((1,), -1, dtype=torch.int64, device=key.device)
+    row = torch.zeros(1, dtype=torch.int32, device=key.device)
+    for phase in (0, 1):
+        store(kv_cache, key, value, slot, query_start_loc, seq_lens, layout, phase, num_reqs=num_reqs, rows=row)
 
 
 #: Store programs per SM that :func:`rows_per_program_for` aims at: the rows per program grow until the launch has
