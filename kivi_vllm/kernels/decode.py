@@ -548,8 +548,15 @@ def default_num_splits(kernel: str, num_reqs: int, num_kv_heads: int) -> int:
 WORK_PROGRAMS_PER_SM: dict[str, int] = {"tc": 8}
 
 #: Warps per program of the open group's launch ("fma", "tc": one program per request and KV head, which also
-#: merges the other kernel's slots; ``benchmarks/decode_attention.py --open-warps`` times others).
-OPEN_WARPS = 4
+#: merges the other kernel's slots) for each form (:func:`open_kernel_for`). Measured on the H200 with :data:`PDL`
+#: (fifteenth session, ``decode_attention.py --open-warps 2|8`` against the default 4, kivi2 at 4k, batch 16 / 256):
+#: "light" (Llama-2-7B shape) took 0.98x the time at 2 warps (99.7 / 1,275.2 µs against 101.8 / 1,296.2) and
+#: 1.02-1.03x at 8; "dot" (GQA shape) 1.13x at 2 warps at batch 16 (45.9 against 40.8) and 0.99x at 256.
+OPEN_WARPS_FOR: dict[str, int] = {"light": 2, "dot": 4}
+
+#: Warps of the open group's launch whatever its form; None: :data:`OPEN_WARPS_FOR` the form
+#: (``benchmarks/decode_attention.py --open-warps`` sets it).
+OPEN_WARPS: int | None = None
 
 #: The open group's launch, "light" or "dot" (:func:`open_kernel_for`); None: :func:`open_kernel_for` the shape.
 #: ``benchmarks/decode_attention.py --open-kernel`` and ``scripts/decode_kernels_check.py --open-kernel`` set it.
@@ -588,7 +595,8 @@ def open_kernel_for(qpk: int) -> str:
 
 def open_launch(qpk: int) -> tuple[str, int]:
     """The open group's launch :func:`decode` runs at ``qpk`` query heads per KV head, (form, warps per program):
-    :data:`OPEN_KERNEL` if set, else :func:`open_kernel_for`; :data:`OPEN_WARPS`.
+    :data:`OPEN_KERNEL` if set, else :func:`open_kernel_for`; :data:`OPEN_WARPS` if set, else
+    :data:`OPEN_WARPS_FOR` the form.
 
     Raises:
         ValueError: :data:`OPEN_KERNEL` other than None, "light" or "dot".
@@ -596,7 +604,7 @@ def open_launch(qpk: int) -> tuple[str, int]:
     kind = OPEN_KERNEL or open_kernel_for(qpk)
     if kind not in ("light", "dot"):
         raise ValueError(f"KIVI decode: OPEN_KERNEL must be 'light', 'dot' or None, got {kind!r}")
-    return kind, OPEN_WARPS
+    return kind, OPEN_WARPS or OPEN_WARPS_FOR[kind]
 
 
 def set_options(open_kernel: str | None = None, open_warps: int | None = None, pdl: bool | None = None,
@@ -809,7 +817,7 @@ def decode(
             group size; default :func:`default_lane_rows` (2-bit values: 4 at 1 query head per KV head, 2 above;
             4-bit values: 1; the fastest on the H200, docs/benchmarks.md).
         num_warps: warps per program of the split kernel (default 1 for "fma", 2 for "mma"; "tc" takes only 1;
-            the FMA and TC paths' open-group launch uses :data:`OPEN_WARPS`).
+            the FMA and TC paths' open-group launch uses :func:`open_launch`'s).
         kernel: "fma" (CUDA cores, codes in their word layout: :func:`_decode_fma_kernel`), "mma" (tensor cores,
             rows padded to 16 query heads: :func:`_decode_split_kernel`) or "tc" (tensor cores with operands built
             in registers, Gluon, NVIDIA sm_80+ only: :mod:`.decode_tc`); default :func:`default_kernel`.
