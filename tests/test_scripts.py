@@ -1,7 +1,8 @@
 """Helpers of the GPU scripts and benchmarks that decide what a measurement means, checked on small inputs:
 ``scripts/tp_check.py``'s one-ulp weight perturbation (the noise bound of the TP comparison),
-``benchmarks/tpot_equal_concurrency.py``'s split of a run's time into prefill-heavy and other steps, and
-``benchmarks/tc_rounding.py``'s account of the "tc" decode kernel's error."""
+``benchmarks/tpot_equal_concurrency.py``'s split of a run's time into prefill-heavy and other steps,
+``benchmarks/tc_rounding.py``'s account of the "tc" decode kernel's error, and ``benchmarks/decode_bounds.py``'s
+floors of a decode step (bytes, instructions, fixed cost)."""
 
 from __future__ import annotations
 
@@ -104,3 +105,35 @@ def test_tc_error_comes_from_the_keys():
     # for scale: FlashAttention's bf16 roundings of the same cache err more, sharp or not
     for case in (sharp, plain):
         assert case["bf16 attention (FlashAttention)"] > 2 * case["tc"]
+
+
+def test_decode_bounds_floors_and_marginal_rates(monkeypatch):
+    """benchmarks/decode_bounds.py: the bytes floor is bytes / copy, the instruction floor groups x KV heads x
+    requests x SASS per group / (SMs x 4 x clock), and the fixed cost and marginal shares come from the two longest
+    contexts (a run made of a known fixed cost plus a known rate gives them back; a third, shorter context does not
+    enter the line). The SASS count is the offline compile's, replaced here by a constant."""
+    bounds = load("benchmarks/decode_bounds.py")
+    monkeypatch.setattr(bounds, "loop_sass", lambda bits, qpk, head: 700)
+    copy_gbps, sms, mhz = 4000.0, 100, 2000.0
+    fixed, rate = 20.0, 0.5  # µs; share of the copy bandwidth the loop moves
+    rows = []
+    for ctx in (1025, 4097, 16385):  # 32, 128, 512 complete groups of 32
+        nbytes = 64 * 8 * ctx * 100.0
+        t = fixed + nbytes / (copy_gbps * 1e3) / rate if ctx > 2000 else 99.0
+        rows.append(dict(shape="gqa", batch=64, context=ctx, config="kivi2", status="ok", bytes=nbytes, time_us=t))
+    rows.append(dict(shape="gqa", batch=64, context=4097, config="fa3-fp8", status="ok", bytes=1.0, time_us=1.0))
+    cells, lines = bounds.bounds(dict(copy_gbps=copy_gbps, rows=rows), sms, mhz)
+    assert len(cells) == 3 and len(lines) == 1
+    c = cells[1]
+    assert c["bytes_us"] == pytest.approx(64 * 8 * 4097 * 100.0 / 4e6)
+    assert c["inst_us"] == pytest.approx(64 * 8 * 128 * 700 / (100 * 4 * 2000.0))
+    assert c["pct_copy"] == pytest.approx(c["bytes_us"] / c["time_us"])
+    line = lines[0]
+    assert line["contexts"] == (4097, 16385)
+    assert line["fixed_us"] == pytest.approx(fixed)
+    assert line["marginal_pct_copy"] == pytest.approx(rate)
+    groups = 64 * 8 * (512 - 128)
+    dt = rows[2]["time_us"] - rows[1]["time_us"]
+    assert line["marginal_pct_issue"] == pytest.approx(groups * 700 / (100 * 4 * 2000.0) / dt)
+    with pytest.raises(ValueError, match="unknown shape"):
+        bounds.bounds(dict(copy_gbps=copy_gbps, rows=[dict(rows[0], shape="mystery")]), sms, mhz)
