@@ -30,9 +30,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-GROUP = 32  # decode_attention.py's group size
-SHAPES = {"llama2-7b": (32, 32, 128), "gqa": (32, 8, 128), "gqa2": (32, 16, 128), "gqa3": (24, 8, 128),
-          "gqa8": (32, 4, 128)}  # decode_attention.py's: query heads, KV heads, head size
+from decode_attention import GROUP, SHAPES  # the run's group size and shapes (query heads, KV heads, head size)
 
 
 @functools.cache

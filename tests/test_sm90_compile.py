@@ -272,6 +272,7 @@ def test_pdl_only_on_hopper_outside_the_interpreter(monkeypatch):
     cap = {"v": (9, 0)}
     monkeypatch.setattr(dec, "cuda_capability", lambda device: cap["v"])
     monkeypatch.setattr(dec, "PDL", True)
+    monkeypatch.setattr(dec, "OPEN_WARPS", None)  # set_options below sets it: restored after the test
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     gpu = torch.device("cuda")
     assert dec.pdl_for(gpu)

@@ -892,7 +892,8 @@ def decode(
     out_args = (out, counts, out.stride(0), out.stride(1))
     mma = mma_constexprs(layout, qpk, num_stages, dot_args(query))
     if kernel in ("fma", "tc"):
-        pdl = pdl_for(query.device)  # the open group's launch below starts while this kernel runs
+        # the open group's launch below starts while this kernel runs (the interpreter ignores launch_pdl)
+        pdl = pdl_for(query.device)
         if kernel == "fma":
             _decode_fma_kernel[grid](*args[:11], ONE_F32_BITS, *args[11:], items, num_warps=num_warps or 1,
                                      maxnreg=maxnreg, WORK_LIST=work is not None, PDL=pdl,
@@ -909,12 +910,12 @@ def decode(
         kind, warps = open_launch(qpk)
         if kind == "light":
             _open_group_kernel[(R, H)](*args, *out_args, QPK=qpk, NUM_SPLITS=S, WORK_LIST=work is not None,
-                                       STAGE_DTYPE=stage_dtype(layout), PDL=pdl, num_warps=warps,
-                                       **layout_args(layout), **({"launch_pdl": True} if pdl else {}))
+                                       STAGE_DTYPE=stage_dtype(layout), PDL=pdl, num_warps=warps, launch_pdl=pdl,
+                                       **layout_args(layout))
         else:
             _decode_split_kernel[(R, H, 1)](*args, *out_args, NUM_SPLITS=S, DO_GROUPS=False, COMBINE=True,
-                                            WORK_LIST=work is not None, PDL=pdl, num_warps=warps, **mma,
-                                            **({"launch_pdl": True} if pdl else {}))
+                                            WORK_LIST=work is not None, PDL=pdl, num_warps=warps, launch_pdl=pdl,
+                                            **mma)
         return out
     _decode_split_kernel[(R, H, S)](*args, *out_args, NUM_SPLITS=S, DO_GROUPS=True,
                                     num_warps=num_warps or 2, **mma)
