@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
+# NOT RUN: no device machine could be started for it (about 120 s of device time lost); command 10 ran its light-form
+# check and grid on a fresh machine, together with the engine re-run.
 # session 15, device command 9 (a fresh machine, no vLLM: kernel-only): the open group's launch at 2 warps in its
 # "light" form (decode.OPEN_WARPS_FOR, after command 6's --open-warps 2). Accuracy (tc wide, every shape at 1 query
 # head per KV head runs "light"), then the KIVI-2 grid with the shipped defaults and, in the same run, all at 4 warps
