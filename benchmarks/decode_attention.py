@@ -38,7 +38,10 @@ Bytes per step (for GB/s; "% copy" = against dst.copy_(src) of 2 GiB measured at
         table, and the split partials (written by the split kernel, read by the open group's merge ("fma", "tc")
         or the reduction ("mma"); ``aux_bytes`` in JSON).
   FA3:  B * L * Hkv * 128 * 2 (K and V) * itemsize, + query (itemsize) and output (bf16), as for KIVI.
-"x fp8" / "x bf16" = FA3 time / this row's time (> 1: faster than FA3); "st/kivi2" = store time / KIVI-2 decode time.
+"x fp8" / "x bf16" = FA3 time / this row's time (> 1: faster than FA3); "st/kivi2" = store time / KIVI-2 decode time;
+"step us" = this row's decode then the steady store, as kernels.forward() launches them (the store a programmatic
+dependent of the attention on Hopper); "+st" / "+plain" = what the store adds to the decode time, so launched / as
+a plain launch, as a fraction of the decode time.
 
 Configs run outermost (all KIVI rows before any FA3 call); the JSON is rewritten after every row and a progress line
 is printed, so a killed run leaves its rows. ``--device cpu`` (hidden) runs the KIVI path under the Triton
@@ -258,7 +261,17 @@ def kivi_cell(bits, B, L, hq, h, d, io, device, args, kern):
     pos = p - torch.arange(B, device=device) % GROUP
     seq_steady, slot_steady = (pos + 1).to(torch.int32), slots_at(pos)
     ssms, _ = bench(lambda: store(kv_cache, key, value, slot_steady, qsl, seq_steady, lay, 0), device, args.eager)
-    return dict(row, status="ok", time_us=ms * 1e3, store_us=sms * 1e3, store_steady_us=ssms * 1e3, timing=mode)
+    row.update(status="ok", time_us=ms * 1e3, store_us=sms * 1e3, store_steady_us=ssms * 1e3, timing=mode)
+    # the decode step as kernels.forward() runs it: the attention, then the steady store, a programmatic dependent
+    # of it where decode.pdl_for allows (step_us); and with a plain store launch (step_plain_store_us)
+    for name, dependent in (("step_us", pdl_for(torch.device(device))), ("step_plain_store_us", False)):
+        sts, _ = bench(lambda dependent=dependent: (
+            decode(q, key, value, kv_cache, block_table, qsl, seq_lens, lay, scale, out, num_splits=splits,
+                   num_stages=args.num_stages, num_warps=args.num_warps, lane_rows=args.lane_rows, kernel=kernel,
+                   maxnreg=args.maxnreg, rescale_slack=args.rescale_slack, work=work),
+            store(kv_cache, key, value, slot_steady, qsl, seq_steady, lay, 0, pdl=dependent)), device, args.eager)
+        row[name] = sts * 1e3
+    return row
 
 
 def fa3_cell(fp8, B, L, hq, h, d, io, device, args, fa):
@@ -327,12 +340,16 @@ def derive(rows, copy_gbps):
             ok = k2 and k2["status"] == "ok"
             r["store_frac_of_kivi2_decode"] = r["store_us"] / k2["time_us"] if ok else None
             r["store_steady_frac_of_kivi2_decode"] = r["store_steady_us"] / k2["time_us"] if ok else None
+        if "step_us" in r:  # what the steady store adds to this row's own decode step, as launched and plainly
+            r["store_in_step_frac"] = (r["step_us"] - r["time_us"]) / r["time_us"]
+            r["plain_store_in_step_frac"] = (r["step_plain_store_us"] - r["time_us"]) / r["time_us"]
 
 
 def table(rows):
     f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
     head = f"{'shape':<10}{'B':>5}{'L':>7}  {'config':<9}{'time us':>10}{'MB read':>10}{'GB/s':>8}{'% copy':>8}" \
-           f"{'x fp8':>7}{'x bf16':>7}{'store us':>10}{'st/kivi2':>9}{'steady us':>10}{'sst/kivi2':>10}"
+           f"{'x fp8':>7}{'x bf16':>7}{'store us':>10}{'st/kivi2':>9}{'steady us':>10}{'sst/kivi2':>10}" \
+           f"{'step us':>9}{'+st':>7}{'+plain':>7}"
     lines = [head, "-" * len(head)]
     order = {c: i for i, c in enumerate(CONFIGS)}
     for r in sorted(rows, key=lambda r: (r["shape"], r["batch"], r["context"], order[r["config"]])):
@@ -344,7 +361,9 @@ def table(rows):
                      f"{f(r.get('speedup_vs_fp8'), '.2f'):>7}{f(r.get('speedup_vs_bf16'), '.2f'):>7}"
                      f"{f(r.get('store_us'), '.1f'):>10}{f(r.get('store_frac_of_kivi2_decode'), '.3f'):>9}"
                      f"{f(r.get('store_steady_us'), '.1f'):>10}"
-                     f"{f(r.get('store_steady_frac_of_kivi2_decode'), '.3f'):>10}")
+                     f"{f(r.get('store_steady_frac_of_kivi2_decode'), '.3f'):>10}"
+                     f"{f(r.get('step_us'), '.1f'):>9}{f(r.get('store_in_step_frac'), '.3f'):>7}"
+                     f"{f(r.get('plain_store_in_step_frac'), '.3f'):>7}")
     return "\n".join(lines)
 
 

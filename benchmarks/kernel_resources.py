@@ -95,15 +95,16 @@ def open_group_resources(bits: int, qpk: int, kind: str, num_warps: int, group_s
 
 
 def store_resources(bits: int, rows_per_program: int, num_warps: int = 4, group_size: int = 32, head_size: int = 128,
-                    residual: str = "kv") -> dict:
+                    residual: str = "kv", pdl: bool = False) -> dict:
     """The same figures for ``kivi_vllm.kernels.store._store_kernel`` as store() launches it for a bf16 model in a
-    pure-decode step (phase 0, every row), ``rows_per_program`` rows per program; ``ptx_ops`` also counts the
-    float32 divisions (``div.rn.f32``: the quantizer's reciprocals, one per group and scale)."""
+    pure-decode step (phase 0, every row), ``rows_per_program`` rows per program, as a programmatic dependent of the
+    attention with ``pdl``; ``ptx_ops`` also counts the float32 divisions (``div.rn.f32``: the quantizer's
+    reciprocals, one per group and scale)."""
     mod = importlib.import_module("kivi_vllm.kernels.store")
     common = importlib.import_module("kivi_vllm.kernels.common")
     lay = PageLayout(512, head_size, bits, bits, group_size, residual, torch.bfloat16)
     consts = dict(STAGE_DTYPE=common.stage_dtype(lay), PHASE=0, ROWS=False, rows_ptr=None,
-                  ROWS_PER_PROGRAM=rows_per_program, **common.layout_args(lay))
+                  ROWS_PER_PROGRAM=rows_per_program, PDL=pdl, **common.layout_args(lay))
     return compiled_resources(mod._store_kernel, consts, num_warps)
 
 
@@ -139,11 +140,15 @@ def compiled_resources(fn, consts: dict, num_warps: int, maxnreg: int | None = N
     ops = collections.Counter(".".join(m.split(".")[:2]) for m in
                               re.findall(r"\b(?:ld\.global|cp\.async|bar\.sync|mma\.sync|bra|griddepcontrol)\b[\w.]*", ptx))
     ops["div.rn.f32"] = len(re.findall(r"\bdiv\.rn\.f32\b", ptx))
-    # global loads issued before the first griddepcontrol.wait (a programmatic dependent's overlap; None: no wait)
+    # global loads and stores before the first griddepcontrol.wait in the PTX text (a programmatic dependent's
+    # overlap, and what it must not do before it), loads after it (None: no wait)
     wait = ptx.find("griddepcontrol.wait")
-    before_wait = len(re.findall(r"\bld\.global\b", ptx[:wait])) if wait >= 0 else None
+    count = lambda pattern, text: len(re.findall(pattern, text)) if wait >= 0 else None  # noqa: E731
     return dict(registers=regs, spill_bytes=spill, shared_bytes=shared, programs_per_sm=per_sm, ptx_ops=dict(ops),
-                loads_before_wait=before_wait, loops=sass_loops(k.asm["cubin"]))
+                loads_before_wait=count(r"\bld\.global\b", ptx[:wait]),
+                stores_before_wait=count(r"\bst\.global\b", ptx[:wait]),
+                async_before_wait=count(r"\bcp\.async\b", ptx[:wait]),
+                loads_after_wait=count(r"\bld\.global\b", ptx[wait:]), loops=sass_loops(k.asm["cubin"]))
 
 
 def sass_loops(cubin: bytes) -> list[dict]:

@@ -6,8 +6,9 @@ attention), and checks: every byte of the cache equal (store bit-exact), no NaN 
 error below 1e-2 (bf16). Grid: head sizes 64 and 128; GQA ratios 1, 4, 8; KIVI-2 and KIVI-4; residual kv (and k
 on two shapes); group 32; plus 8 shapes with groups 16, 64, 128 and head sizes 80, 96, 256 (decode: the kernel
 decode() picks, "tc" where it applies, "fma"/"mma" otherwise; ``--decode-kernel``);
-contexts that end exactly at, just before and just after group (32) and block (512) boundaries; batches mixing
-first chunks, continuation chunks and decode tokens.
+contexts that end exactly at, just before and just after group (32) and block (512) boundaries; per shape three
+batches mixing first chunks, continuation chunks and decode tokens, and one of decode tokens only (the pure-decode
+step, whose store is a programmatic dependent of the attention on Hopper).
 
     python scripts/kernel_sweep.py --out docs/measurements/kernel_sweep.json
     python scripts/kernel_sweep.py --prefill exact --flash-first-chunks   # prefill="exact" as the engine runs it
@@ -50,6 +51,12 @@ def mixed_batch(rng: random.Random, n: int) -> list[tuple[int, int]]:
     return reqs
 
 
+def decode_batch(rng: random.Random, n: int) -> list[tuple[int, int]]:
+    """n one-token requests whose contexts end at, just before and just after group/block edges: a pure-decode
+    step (kernels.forward's CUDA-graph shape, its store a programmatic dependent of the attention on Hopper)."""
+    return [(rng.choice(EDGES) + rng.choice([0, 0, rng.randrange(0, 64)]) - 1, 1) for _ in range(n)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="kernel_sweep.json")
@@ -87,8 +94,8 @@ def main() -> None:
             flash, what = first_chunk_attention(torch.bfloat16, head)
             if flash is None:
                 raise SystemExit(f"--flash-first-chunks: {what}")
-        for case in range(3):
-            reqs = mixed_batch(rng, a.batch)
+        for case in range(4):  # three mixed steps, one pure-decode step
+            reqs = mixed_batch(rng, a.batch) if case < 3 else decode_batch(rng, 2 * a.batch)
             seed = rng.randrange(2**31)
             b = Batch(lay, reqs, hkv * gqa, hkv, torch.bfloat16, seed, pad_tokens=2)
             out_ref, cache_ref = b.reference(streaming=streaming, device=DEV)

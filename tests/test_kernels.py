@@ -256,11 +256,29 @@ def test_listed_store_rows_run_one_per_program(monkeypatch):
 
 
 @pytest.mark.parametrize("residual", ["kv", "k"])
+@pytest.mark.parametrize("reqs", [MIXES["decode"], [(0, 1), (33, 1), (70, 1)]], ids=["completing", "none"])
+def test_store_as_dependent_writes_only_after_the_wait(reqs, residual, monkeypatch):
+    """store(pdl=True), the decode step's store as a programmatic dependent of the attention that reads the stage:
+    the program (here one, all rows, one KV head) writes nothing before griddepcontrol.wait, calls it once, on the
+    path with group-completing rows (3 here: positions 31, 63 and 95) and without, and then writes the reference's
+    bytes. (The interpreter runs the kernel's Python: gdc_wait is replaced by a probe that copies the cache.)"""
+    lay = PageLayout(64, 64, 2, 2, 32, residual, torch.bfloat16)
+    b = Batch(lay, reqs, 2, 1, torch.bfloat16, seed_of("pdl-store", residual, len(reqs)))
+    _, cache_ref = b.reference()
+    cache = b.cache.to(DEV, copy=True)
+    seen = []
+    monkeypatch.setattr(STORE, "gdc_wait", lambda: seen.append(cache.clone()))
+    K.store(cache, b.k, b.v, b.slot_mapping, b.qsl, b.seq_lens, lay, 0, rows_per_program=32, pdl=True)
+    assert len(seen) == 1 and torch.equal(seen[0], b.cache)
+    assert torch.equal(cache, cache_ref)
+
+
+@pytest.mark.parametrize("residual", ["kv", "k"])
 def test_store_warm_up_writes_nothing(residual, monkeypatch):
-    """warm_listed_rows (run by the backend in vLLM's first warm-up step) launches the listed-rows store of both
-    phases, one row of slot -1, and leaves every byte of the cache as it was (the real launches run: a stage or
-    record write would show); with residual "k" (no listed rows) it launches nothing. The store kernel does not
-    specialize on the row and request counts (a count of 1 or a multiple of 16 would compile another kernel mid-run)."""
+    """store.warm_up (run by the backend in vLLM's first warm-up step) runs its launches over one row of slot -1
+    and leaves every byte of the cache as it was (the real launches run: a stage or record write would show). The
+    store kernel does not specialize on the row and request counts (a count of 1 or a multiple of 16 would compile
+    another kernel mid-run)."""
     lay = PageLayout(64, 64, 2, 2, 32, residual, torch.bfloat16)
     b = Batch(lay, MIXES["mixed"], 4, 2, torch.bfloat16, seed_of("warm", residual))
     b.reference()  # fills the cache with a step's bytes
@@ -272,21 +290,52 @@ def test_store_warm_up_writes_nothing(residual, monkeypatch):
     class Spy:  # records each launch, then runs it
         def __getitem__(self, grid):
             def launch(*args, **kw):
-                launches.append((grid, kw["PHASE"], kw["ROWS"], args[3].tolist(), kw["rows_ptr"].tolist()))
+                launches.append((grid, kw["PHASE"], kw["ROWS"], args[3].tolist()))
                 return real[grid](*args, **kw)
             return launch
 
     monkeypatch.setattr(STORE, "_store_kernel", Spy())
-    STORE.warm_listed_rows(b.cache, b.k, b.v, b.qsl, b.seq_lens, lay)
+    STORE.warm_up(b.cache, b.k, b.v, b.qsl, b.seq_lens, lay)
     assert torch.equal(b.cache, before)
-    if residual == "kv":
-        assert launches == [((1, 2), 0, True, [-1], [0]), ((1, 2), 1, True, [-1], [0])], launches
-    else:
-        assert launches == []
+    listed = residual == "kv"
+    assert launches == [((1, 2), 0, listed, [-1]), ((1, 2), 1, listed, [-1])] + [((1, 2), 0, False, [-1])] * listed
     # (under the interpreter the decorator's arguments are kept as given; compiled, as ``params``)
     nospec = real.kwargs["do_not_specialize"] if hasattr(real, "kwargs") else [p.name for p in real.params
                                                                                 if p.do_not_specialize]
     assert {"num_reqs", "num_rows"} <= set(nospec)
+
+
+@pytest.mark.parametrize("residual", ["kv", "k"])
+def test_store_warm_up_covers_every_launch_of_serving(residual, monkeypatch):
+    """Every store launch forward() makes as the engine calls it - decode steps as a programmatic dependent,
+    prompt steps over listed rows (residual "kv") or every row ("k"), at each rows-per-program a GPU's
+    rows_per_program_for can pick - is one store.warm_up compiled: the same (phase, listed rows, rows per program,
+    PDL), so the same Triton specialization."""
+    lay = PageLayout(64, 64, 2, 2, 32, residual, torch.bfloat16)
+    on_gpu = STORE.ROWS_PER_PROGRAM_CHOICES
+    picks = iter(on_gpu * 8)
+    launches = []
+
+    class Spy:  # records the launch's specialization instead of running it
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append((kw["PHASE"], kw["ROWS"], kw["ROWS_PER_PROGRAM"], kw["PDL"]))
+
+    monkeypatch.setattr(STORE, "_store_kernel", Spy())
+    monkeypatch.setattr(STORE, "rows_per_program_for", lambda *args: next(picks))  # a GPU's picks, each in turn
+    monkeypatch.setattr(STORE, "rows_per_program_choices", lambda device: on_gpu)
+    monkeypatch.setattr(K, "pdl_for", lambda device: True)  # a Hopper GPU
+    monkeypatch.setattr(K, "decode", lambda *args, **kw: None)  # the stores' launches only
+    monkeypatch.setattr(K, "prefill", lambda *args, **kw: None)
+    b = Batch(lay, MIXES["mixed"], 4, 2, torch.bfloat16, seed_of("warm-all", residual))
+    STORE.warm_up(b.cache, b.k, b.v, b.qsl, b.seq_lens, lay, pdl=True)
+    warmed, launches[:] = set(launches), []
+    for mix in sorted(MIXES):
+        step = Batch(lay, MIXES[mix], 4, 2, torch.bfloat16, seed_of("warm-all", residual, mix))
+        for _ in on_gpu:  # listed rows as the metadata builder gives them: prompt steps, residual "kv"
+            step.kernels(store_rows=residual == "kv" and mix != "decode")
+    served = set(launches)
+    assert {(0, False, per, True) for per in on_gpu} <= served  # the decode steps, as dependents
+    assert served <= warmed, sorted(served - warmed)
 
 
 # every mix with both residuals and both GQA ratios, each pairing of residual and ratio in two of the four mixes
@@ -528,6 +577,47 @@ def test_open_group_kernels(open_kernel, qpk, residual, dtype, monkeypatch):
         monkeypatch.setattr(torch, "empty_like", empty_like)
         assert launched == [open_kernel], launched
         assert rel_err(out[:n], out_ref[:n]) < TOL, target
+
+
+@pytest.mark.parametrize("kernel", ["fma", "tc"])
+def test_pdl_launches_pair_the_constexpr_with_the_launch(kernel, monkeypatch):
+    """Where decode.pdl_for allows it (a Hopper GPU; patched here), a pure-decode step's launches form one
+    programmatic chain: the first kernel (``PDL``: lets its dependent start) -> the open group, either form
+    (``PDL`` = it waits for the slots, and ``launch_pdl``) -> the store (``PDL`` = it waits before writing, and
+    ``launch_pdl``); a kernel that waits but is launched plainly, or the reverse, would be a race or a stall. With
+    pdl_for False none of them is. Prompt steps' stores are never dependents. (Launches are recorded, not run.)"""
+    tc = importlib.import_module("kivi_vllm.kernels.decode_tc") if kernel == "tc" else None
+    launches = []
+
+    class Spy:  # records (kernel, PDL constexpr, launch_pdl) instead of running it
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launches.append((self.name, kw.get("PDL"), kw.get("launch_pdl", False)))
+
+    for name in ("_decode_fma_kernel", "_open_group_kernel", "_decode_split_kernel"):
+        monkeypatch.setattr(DECODE, name, Spy(name))
+    monkeypatch.setattr(STORE, "_store_kernel", Spy("store"))
+    monkeypatch.setattr(K, "prefill", lambda *args, **kw: None)
+    if tc is not None:
+        monkeypatch.setattr(tc, "tc_kernel", lambda: Spy("tc"))
+        monkeypatch.setattr(DECODE, "cuda_capability", lambda device: (9, 0))  # an H200
+    first = "tc" if kernel == "tc" else "_decode_fma_kernel"
+    for qpk, open_form in ((1, "_open_group_kernel"), (4, "_decode_split_kernel")):
+        lay = PageLayout(64, 128, 2, 2, 32, "kv", torch.bfloat16)
+        decode_step = Batch(lay, MIXES["decode"], 2 * qpk, 2, torch.bfloat16, seed_of("pdl", qpk))
+        mixed_step = Batch(lay, MIXES["mixed"], 2 * qpk, 2, torch.bfloat16, seed_of("pdl-mixed", qpk))
+        for pdl in (True, False):
+            monkeypatch.setattr(DECODE, "pdl_for", lambda device, pdl=pdl: pdl)
+            monkeypatch.setattr(K, "pdl_for", lambda device, pdl=pdl: pdl)
+            launches.clear()
+            decode_step.kernels(decode_kernel=kernel)
+            assert launches == [(first, pdl, False), (open_form, pdl, pdl), ("store", pdl, pdl)], launches
+            launches.clear()
+            mixed_step.kernels(decode_kernel=kernel, store_rows=True)
+            assert launches == [(first, pdl, False), (open_form, pdl, pdl), ("store", False, False),
+                                ("store", False, False)], launches
 
 
 @pytest.mark.parametrize("target", [1, 8, 40])

@@ -64,8 +64,10 @@ for head, g, bits in %(prefill)s:
     r = kr.prefill_resources(bits, 4, pre.block_q_for(8, 2), 4, group_size=g, head_size=head, unpack="words",
                              bulk_groups=None)
     out["prefill"].append(dict(r, default=pre.default_bulk_groups(lay)))
-out["pdl"] = {kind: [kr.open_group_resources(2, qpk, kind, 4, pdl=pdl) for pdl in (False, True)]
+dec = importlib.import_module("kivi_vllm.kernels.decode")
+out["pdl"] = {kind: [kr.open_group_resources(2, qpk, kind, dec.OPEN_WARPS_FOR[kind], pdl=pdl) for pdl in (False, True)]
               for kind, qpk in (("light", 1), ("dot", 4))}
+out["pdl"]["store"] = [kr.store_resources(2, 16, pdl=pdl) for pdl in (False, True)]
 out["pdl"]["tc"] = [kr.compiled_resources(tc.tc_kernel(), dict(tc.tc_constexprs(lay, 4, 8), WORK_LIST=True, PDL=pdl),
                                           1) for pdl in (False, True)]
 out["store"] = [kr.store_resources(bits, rpp, group_size=g, head_size=head, residual=res)
@@ -344,18 +346,39 @@ def test_store_compiles_without_spill_or_per_element_division(compiled, i):
 
 def test_open_group_overlaps_the_first_kernel_with_pdl(compiled):
     """decode.PDL: the "tc" kernel lets its dependent start (one launch_dependents), and the open group's launch,
-    both forms, loads its open group before it waits for the slots (griddepcontrol.wait on both of its paths, the
-    program with a one-token request and the one without); without PDL neither instruction is there, and the
-    figures that decide the programs per SM stay (registers, shared memory, the loop's instructions)."""
+    both forms at their shipped warps, loads its open group before it waits for the slots (griddepcontrol.wait on
+    both of its paths, the program with a one-token request and the one without) and reads the slots (max, sum,
+    accumulator) only after it, and lets the store after it start; without PDL none of these instructions is
+    there, and the figures that decide the programs per SM stay (registers, shared memory, the loop's
+    instructions)."""
     for kind in ("light", "dot"):
         off, on = compiled["pdl"][kind]
         assert "griddepcontrol.wait" not in off["ptx_ops"] and off["loads_before_wait"] is None
+        assert "griddepcontrol.launch_dependents" not in off["ptx_ops"]
         assert on["ptx_ops"]["griddepcontrol.wait"] == 2, on["ptx_ops"]
+        assert on["ptx_ops"]["griddepcontrol.launch_dependents"] == 1, on["ptx_ops"]
         # the request's bounds, block-table entry, the stage rows and this step's key/value come first
         assert on["loads_before_wait"] >= 5, (kind, on["loads_before_wait"])
+        # nothing is written, and no slot is read (plain or cp.async), before the first kernel is done
+        assert on["stores_before_wait"] == 0 and on["async_before_wait"] == 0, on
+        slot_reads = on["loads_after_wait"] + on["ptx_ops"].get("cp.async", 0) - on["async_before_wait"]
+        assert slot_reads >= 3, (kind, on["loads_after_wait"], on["ptx_ops"])
         assert on["registers"] == off["registers"] and on["shared_bytes"] == off["shared_bytes"]
     off, on = compiled["pdl"]["tc"]
     assert "griddepcontrol.launch_dependents" not in off["ptx_ops"]
     assert on["ptx_ops"]["griddepcontrol.launch_dependents"] == 1
     assert (on["registers"], on["programs_per_sm"]) == (off["registers"], off["programs_per_sm"])
     assert on["loops"][0]["instructions"] == off["loops"][0]["instructions"]
+
+
+def test_store_writes_after_the_attention_with_pdl(compiled):
+    """The decode step's store as a programmatic dependent (store(pdl=True), 16 rows per program as at batch 256):
+    it loads (the first completing group from the stage, this step's keys and values) before griddepcontrol.wait,
+    on both of its paths (with and without a completing row), and writes nothing to global memory before it (its
+    record writes share bytes with the stage the open group reads); without PDL no wait, the same registers."""
+    off, on = compiled["pdl"]["store"]
+    assert "griddepcontrol.wait" not in off["ptx_ops"]
+    assert on["ptx_ops"]["griddepcontrol.wait"] == 2, on["ptx_ops"]
+    assert on["stores_before_wait"] == 0, on
+    assert on["loads_before_wait"] >= 10, on["loads_before_wait"]
+    assert (on["registers"], on["spill_bytes"]) == (off["registers"], off["spill_bytes"])

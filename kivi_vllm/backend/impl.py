@@ -12,11 +12,12 @@ from vllm.v1.attention.backend import AttentionImpl, AttentionType
 
 from .. import kernels, reference
 from ..config import KiviConfig
-from ..kernels.store import warm_listed_rows
+from ..kernels.decode import pdl_for
+from ..kernels.store import warm_up
 from .metadata import KiviMetadata
 
-#: (layout, key dtype, device) whose listed-rows store launches are compiled in this process
-#: (:func:`kivi_vllm.kernels.store.warm_listed_rows`)
+#: (layout, key dtype, device) whose store launches are compiled in this process
+#: (:func:`kivi_vllm.kernels.store.warm_up`)
 _WARM_STORES: set = set()
 
 
@@ -99,9 +100,9 @@ class KiviAttentionImpl(AttentionImpl):
             warm = (m.layout, key.dtype, key.device)
             if n and warm not in _WARM_STORES and not torch.cuda.is_current_stream_capturing():
                 # vLLM's warm-up steps (CUDA-graph capture's eager runs) are decode-only: compile the prompt steps'
-                # store now, not in the first prompt step of serving
-                warm_listed_rows(kv_cache, key[:n], value[:n], m.query_start_loc, m.seq_lens, m.layout,
-                                 num_reqs=m.num_reqs)
+                # store (and the decode steps' at every rows-per-program) now, not in a step of serving
+                warm_up(kv_cache, key[:n], value[:n], m.query_start_loc, m.seq_lens, m.layout, num_reqs=m.num_reqs,
+                        pdl=pdl_for(key.device))
                 _WARM_STORES.add(warm)
             flash = None
             if self.first_chunk_dtype is not None and m.has_first_chunks:

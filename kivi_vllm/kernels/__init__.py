@@ -18,7 +18,7 @@ import torch
 
 from ..layout import PageLayout
 from . import flash
-from .decode import decode
+from .decode import decode, pdl_for
 from .prefill import prefill
 from .store import store
 
@@ -75,7 +75,8 @@ def forward(
 
     A pure-decode step (``tiles`` None) is two launches of decode (FMA or TC kernel: splits or work items, then the
     open group, which merges them into the output; MMA kernel: splits, reduction) plus one of store: the shape
-    captured in CUDA graphs.
+    captured in CUDA graphs. Where :func:`.decode.pdl_for` allows it, that store is a programmatic dependent of the
+    decode's last launch (it loads and quantizes while the attention runs and writes after it).
 
     Args:
         query: [T, num_heads, head_size]; key, value: [T, num_kv_heads, head_size] (T may include padding rows).
@@ -123,7 +124,7 @@ def forward(
     store_phase = partial(store, kv_cache, key, value, slot_mapping, query_start_loc, seq_lens, layout, num_reqs=n,
                           rows=store_rows)
     if tiles is None:
-        store_phase(0)
+        store_phase(0, pdl=pdl_for(query.device))
         return out
     prefill_phase = partial(prefill, *args, *tiles, layout, scale, out, block_q=block_q, exact=not streaming,
                             unpack=prefill_unpack, num_warps=prefill_warps, bulk_groups=prefill_bulk_groups,

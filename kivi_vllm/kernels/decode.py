@@ -82,6 +82,9 @@ def _decode_split_kernel(
     launched as a programmatic dependent of the first kernel, it waits for that kernel's slots (``griddepcontrol.wait``)
     only before merging them; every program waits once, also those without a one-token request (:data:`PDL`)."""
     tl.static_assert(DO_GROUPS or COMBINE, "the open group alone must merge (COMBINE): slot 0 is the first kernel's")
+    tl.static_assert(COMBINE or not PDL, "PDL is for the open group's launch (COMBINE)")
+    if PDL:
+        gdc_launch_dependents()  # the store after this launch loads and quantizes while it runs (store.store(pdl))
     G: tl.constexpr = GROUP_SIZE
     GROUPS_PER_PAGE: tl.constexpr = BLOCK_SIZE // GROUP_SIZE
     K_ROW: tl.constexpr = HEAD_SIZE * K_BITS // 8
@@ -272,6 +275,8 @@ def _open_group_kernel(
     programmatic dependent of the first kernel, it loads the open group while that kernel runs and waits for its
     slots (``griddepcontrol.wait``) before the first merge; every program waits once (:data:`PDL`)."""
     G: tl.constexpr = GROUP_SIZE
+    if PDL:
+        gdc_launch_dependents()  # the store after this launch loads and quantizes while it runs (store.store(pdl))
     r = tl.program_id(0)
     h = tl.program_id(1)
     q_start = tl.load(qsl_ptr + r).to(tl.int64)
