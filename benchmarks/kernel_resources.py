@@ -141,14 +141,20 @@ def compiled_resources(fn, consts: dict, num_warps: int, maxnreg: int | None = N
                               re.findall(r"\b(?:ld\.global|cp\.async|bar\.sync|mma\.sync|bra|griddepcontrol)\b[\w.]*", ptx))
     ops["div.rn.f32"] = len(re.findall(r"\bdiv\.rn\.f32\b", ptx))
     # global loads and stores before the first griddepcontrol.wait in the PTX text (a programmatic dependent's
-    # overlap, and what it must not do before it), loads after it (None: no wait)
+    # overlap, and what it must not do before it), loads after it (None: no wait); and for every wait the global
+    # stores between it and the label before it (its basic block: a store there runs before that wait on its path)
     wait = ptx.find("griddepcontrol.wait")
     count = lambda pattern, text: len(re.findall(pattern, text)) if wait >= 0 else None  # noqa: E731
+    block_stores = []
+    for m in re.finditer(r"griddepcontrol\.wait", ptx):
+        labels = list(re.finditer(r"^\$L__BB\w+:", ptx[:m.start()], re.MULTILINE))
+        block_stores.append(len(re.findall(r"\bst\.global\b", ptx[labels[-1].end() if labels else 0:m.start()])))
     return dict(registers=regs, spill_bytes=spill, shared_bytes=shared, programs_per_sm=per_sm, ptx_ops=dict(ops),
                 loads_before_wait=count(r"\bld\.global\b", ptx[:wait]),
                 stores_before_wait=count(r"\bst\.global\b", ptx[:wait]),
                 async_before_wait=count(r"\bcp\.async\b", ptx[:wait]),
-                loads_after_wait=count(r"\bld\.global\b", ptx[wait:]), loops=sass_loops(k.asm["cubin"]))
+                loads_after_wait=count(r"\bld\.global\b", ptx[wait:]), stores_in_block_before_waits=block_stores,
+                loops=sass_loops(k.asm["cubin"]))
 
 
 def sass_loops(cubin: bytes) -> list[dict]:

@@ -255,22 +255,32 @@ def test_listed_store_rows_run_one_per_program(monkeypatch):
     assert launches == [((n, 2), 1, True), ((-(-n // 16), 2), 16, False)], launches
 
 
+# one-token requests: the first row of the batch and of each 4-row program does not complete a group (positions 32
+# and 64), rows 1, 3 and 6 do (positions 31, 63, 95); or none does
+PDL_STORE_STEPS = {"completing": [(32, 1), (31, 1), (33, 1), (63, 1), (64, 1), (0, 1), (95, 1)],
+                   "none": [(0, 1), (33, 1), (70, 1)]}
+
+
 @pytest.mark.parametrize("residual", ["kv", "k"])
-@pytest.mark.parametrize("reqs", [MIXES["decode"], [(0, 1), (33, 1), (70, 1)]], ids=["completing", "none"])
-def test_store_as_dependent_writes_only_after_the_wait(reqs, residual, monkeypatch):
+@pytest.mark.parametrize("step", sorted(PDL_STORE_STEPS))
+def test_store_as_dependent_writes_only_after_the_wait(step, residual, monkeypatch):
     """store(pdl=True), the decode step's store as a programmatic dependent of the attention that reads the stage:
-    the program (here one, all rows, one KV head) writes nothing before griddepcontrol.wait, calls it once, on the
-    path with group-completing rows (3 here: positions 31, 63 and 95) and without, and then writes the reference's
-    bytes. (The interpreter runs the kernel's Python: gdc_wait is replaced by a probe that copies the cache.)"""
+    every program calls griddepcontrol.wait exactly once, on the path with group-completing rows (the first of them
+    not the program's first row) and without, the first program writes nothing before it, and the stores write the
+    reference's bytes; with all rows in one program (one KV head) nothing at all is written before the wait. (The
+    interpreter runs the kernel's Python, programs one after the other: gdc_wait is replaced by a probe that copies
+    the cache.)"""
     lay = PageLayout(64, 64, 2, 2, 32, residual, torch.bfloat16)
-    b = Batch(lay, reqs, 2, 1, torch.bfloat16, seed_of("pdl-store", residual, len(reqs)))
+    b = Batch(lay, PDL_STORE_STEPS[step], 2, 1, torch.bfloat16, seed_of("pdl-store", residual, step))
     _, cache_ref = b.reference()
-    cache = b.cache.to(DEV, copy=True)
-    seen = []
-    monkeypatch.setattr(STORE, "gdc_wait", lambda: seen.append(cache.clone()))
-    K.store(cache, b.k, b.v, b.slot_mapping, b.qsl, b.seq_lens, lay, 0, rows_per_program=32, pdl=True)
-    assert len(seen) == 1 and torch.equal(seen[0], b.cache)
-    assert torch.equal(cache, cache_ref)
+    for per in (32, 4):
+        cache = b.cache.to(DEV, copy=True)
+        seen = []
+        monkeypatch.setattr(STORE, "gdc_wait", lambda cache=cache, seen=seen: seen.append(cache.clone()))
+        K.store(cache, b.k, b.v, b.slot_mapping, b.qsl, b.seq_lens, lay, 0, rows_per_program=per, pdl=True)
+        assert len(seen) == -(-b.k.shape[0] // per), (per, len(seen))  # one wait per program (one KV head)
+        assert torch.equal(seen[0], b.cache), per
+        assert torch.equal(cache, cache_ref), per
 
 
 @pytest.mark.parametrize("residual", ["kv", "k"])

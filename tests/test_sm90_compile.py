@@ -361,6 +361,7 @@ def test_open_group_overlaps_the_first_kernel_with_pdl(compiled):
         assert on["loads_before_wait"] >= 5, (kind, on["loads_before_wait"])
         # nothing is written, and no slot is read (plain or cp.async), before the first kernel is done
         assert on["stores_before_wait"] == 0 and on["async_before_wait"] == 0, on
+        assert on["stores_in_block_before_waits"] == [0, 0], on
         slot_reads = on["loads_after_wait"] + on["ptx_ops"].get("cp.async", 0) - on["async_before_wait"]
         assert slot_reads >= 3, (kind, on["loads_after_wait"], on["ptx_ops"])
         assert on["registers"] == off["registers"] and on["shared_bytes"] == off["shared_bytes"]
@@ -373,12 +374,13 @@ def test_open_group_overlaps_the_first_kernel_with_pdl(compiled):
 
 def test_store_writes_after_the_attention_with_pdl(compiled):
     """The decode step's store as a programmatic dependent (store(pdl=True), 16 rows per program as at batch 256):
-    it loads (the first completing group from the stage, this step's keys and values) before griddepcontrol.wait,
-    on both of its paths (with and without a completing row), and writes nothing to global memory before it (its
-    record writes share bytes with the stage the open group reads); without PDL no wait, the same registers."""
+    it loads (this step's slots, keys and values; on the other path the first completing group) before a
+    griddepcontrol.wait on each of its two paths (with and without a completing row), and no global store precedes
+    either wait in the PTX or shares its basic block (its record writes share bytes with the stage the open group
+    reads; moving either wait after a write fails this, checked); without PDL no wait, the same registers."""
     off, on = compiled["pdl"]["store"]
     assert "griddepcontrol.wait" not in off["ptx_ops"]
     assert on["ptx_ops"]["griddepcontrol.wait"] == 2, on["ptx_ops"]
-    assert on["stores_before_wait"] == 0, on
+    assert on["stores_before_wait"] == 0 and on["stores_in_block_before_waits"] == [0, 0], on
     assert on["loads_before_wait"] >= 10, on["loads_before_wait"]
     assert (on["registers"], on["spill_bytes"]) == (off["registers"], off["spill_bytes"])

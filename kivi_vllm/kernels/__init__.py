@@ -124,6 +124,8 @@ def forward(
     store_phase = partial(store, kv_cache, key, value, slot_mapping, query_start_loc, seq_lens, layout, num_reqs=n,
                           rows=store_rows)
     if tiles is None:
+        # a programmatic dependent of the decode's last launch (its early loads are safe: the decode's first launch
+        # is a plain one, so no kernel before it still runs)
         store_phase(0, pdl=pdl_for(query.device))
         return out
     prefill_phase = partial(prefill, *args, *tiles, layout, scale, out, block_q=block_q, exact=not streaming,

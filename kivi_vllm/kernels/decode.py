@@ -578,8 +578,14 @@ PDL = True
 
 
 def pdl_for(device: torch.device) -> bool:
-    """Whether :func:`decode` launches the open group as a programmatic dependent on ``device``: :data:`PDL` and
-    an NVIDIA GPU of compute capability 9.0 or newer (never under the Triton interpreter or off CUDA)."""
+    """Whether the decode step's launches after the first kernel run as programmatic dependents on ``device`` (the
+    open group in :func:`decode`, the store after it in :func:`kivi_vllm.kernels.forward`): :data:`PDL` and an
+    NVIDIA GPU of compute capability 9.0 or newer (griddepcontrol is sm_90 PTX), never under the Triton
+    interpreter (which cannot run it) or off CUDA.
+
+    Args:
+        device: the device of the step's tensors.
+    """
     cap = cuda_capability(device)
     interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
     return bool(PDL) and cap is not None and cap >= (9, 0) and not interpreted
@@ -592,8 +598,9 @@ def open_kernel_for(qpk: int) -> str:
     rows) above. Both merge the first launch's slots and write the output. Measured on the H200 (fourteenth
     session, ``decode_attention.py --profile``, kivi2 at 4k context, docs/benchmarks.md): at the Llama-2-7B shape
     (1 query head per KV head) "light" took 20.6 and 64.1 µs at batch 64 and 256 against 28.9 and 103.6 for "dot"
-    (4 resident programs per SM at 112 registers x 4 warps, 8 at 64, ``benchmarks/kernel_resources.py
-    --open-group``: the launch is waves of short dependent load chains); at 4 query heads per KV head "light" took
+    (resident programs per SM, ``benchmarks/kernel_resources.py --open-group``: "dot" 4 at 112 registers x 4
+    warps, "light" 8, then at 64 registers x 4 warps, now 124 x 2 warps, :data:`OPEN_WARPS_FOR`; the launch is
+    waves of short dependent load chains); at 4 query heads per KV head "light" took
     19.1 and 61.5 against 10.6 and 29.8 (its per-head reductions over the tile run one after the other)."""
     return "light" if qpk == 1 else "dot"
 

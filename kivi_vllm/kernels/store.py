@@ -317,14 +317,17 @@ def store(
             take the listed rows instead of every row of ``key``. None: every row.
         rows_per_program: rows (a power of two, at most 32: a bit each in one int32) per program and KV head; None:
             :func:`rows_per_program_for` this launch (1 with ``rows``).
-        pdl: launch as a programmatic dependent of the previous kernel (Triton's ``launch_pdl``; Hopper+, never
-            under the interpreter): the programs load and quantize while it runs and wait for it before writing.
-            For the decode step's store after the attention's open group (:func:`kivi_vllm.kernels.forward`).
+        pdl: launch as a programmatic dependent of the previous kernel (Triton's ``launch_pdl``; compute
+            capability 9.0+; the interpreter cannot run its wait): the programs load and quantize while it runs and
+            wait for it before writing. For the decode step's store after the attention's open group
+            (:func:`kivi_vllm.kernels.forward`, where :func:`kivi_vllm.kernels.decode.pdl_for` decides). Their
+            loads before the wait (key, value, slots, the stage) must not be written by that kernel or any kernel
+            still running: true there, since the decode's first launch is a plain one.
 
     Raises:
         ValueError: wrong cache shape/dtype, key/value shapes that do not match the layout, key/value not
             contiguous in head_size, ``rows`` with residual="k" or not int32, ``rows_per_program`` not a power
-            of two in [1, 32].
+            of two in [1, 32], ``pdl`` on a CUDA GPU of compute capability below 9.0.
     """
     check_cache(kv_cache, layout)
     T, H, D = key.shape
@@ -344,6 +347,9 @@ def store(
         per = 1 if rows is not None else rows_per_program_for(num_rows, H, kv_cache.device)
     if per < 1 or per > 32 or per & (per - 1):
         raise ValueError(f"KIVI store: rows_per_program must be a power of two in [1, 32], got {per}")
+    if pdl and kv_cache.is_cuda and torch.cuda.get_device_capability(kv_cache.device) < (9, 0):
+        raise ValueError("KIVI store: pdl (griddepcontrol) needs compute capability 9.0 or newer, "
+                         f"not {torch.cuda.get_device_capability(kv_cache.device)}")
     if num_rows == 0 or n == 0:
         return
     _store_kernel[(triton.cdiv(num_rows, per), H)](
@@ -356,10 +362,13 @@ def store(
 
 def warm_up(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, query_start_loc: torch.Tensor,
             seq_lens: torch.Tensor, layout: PageLayout, num_reqs: int | None = None, pdl: bool = False) -> None:
-    """Compile every store launch a serving step can make, by running each over one row whose slot is -1 (writes
+    """Compile every store launch a serving step makes, by running each over one row whose slot is -1 (writes
     nothing): the prompt steps' (listed rows, both phases, residual "kv"; every row at each of
     :data:`ROWS_PER_PROGRAM_CHOICES`, both phases, residual "k") and the decode steps' (phase 0, every row, each
-    choice, as :func:`kivi_vllm.kernels.forward` launches it with ``pdl``). vLLM's warm-up runs (memory profile,
+    choice, as :func:`kivi_vllm.kernels.forward` launches it with ``pdl``): 7 specializations with "kv", 15 with
+    "k" on a Hopper GPU (cached on disk by Triton after the first start). Not covered: residual "kv" prompt steps
+    without host sequence lengths (every row, no list), which the metadata builder never makes under vLLM 0.26
+    (it always has ``seq_lens_cpu_upper_bound``). vLLM's warm-up runs (memory profile,
     CUDA-graph capture) have no prompt chunks with a KV cache, and capture only its batch sizes, so without this
     the first prompt step of serving compiled its store, about 2 s in which no request ran (Llama-3-8B shape on the
     H200, ``scripts/bench_gpu.sh decode kivi2``, vLLM's JIT monitor: "Triton kernel JIT compilation during
