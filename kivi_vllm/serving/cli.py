@@ -194,9 +194,12 @@ def main(argv: list[str] | None = None) -> None:
     args.attention_backend = "CUSTOM"
 
     if getattr(args, "model_tag", None) is None and not _given(argv, "--model") and not _given(argv, "--config"):
-        from ..models import default_model_path
+        from ..models import default_model_dir, default_model_path
 
-        print(f"{PROG}: no model given, serving {DEFAULT_SERVED_NAME} (converting it on first use)", file=sys.stderr)
+        where = default_model_dir()
+        how = f"from {where}" if (where / "config.json").is_file() else \
+            f"converting its GGUF file to {where} first (about 30 s)"
+        print(f"{PROG}: no model given, serving {DEFAULT_SERVED_NAME}, {how}", file=sys.stderr)
         args.model = str(default_model_path())
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         if not args.served_model_name:
