@@ -35,12 +35,17 @@ from kivi_vllm.layout import PageLayout  # noqa: E402
 EDGES = [31, 32, 33, 511, 512, 513, 1023, 1024, 1025, 2047, 2048, 2049]
 
 
+def edge_end(rng: random.Random) -> int:
+    """A sequence length at a group/block edge (EDGES), or up to 63 tokens after one (a third of the time)."""
+    return rng.choice(EDGES) + rng.choice([0, 0, rng.randrange(0, 64)])
+
+
 def mixed_batch(rng: random.Random, n: int) -> list[tuple[int, int]]:
     """n requests: decode tokens, first chunks and continuation chunks whose ends hit group/block edges."""
     reqs = []
     for _ in range(n):
         kind = rng.choice(["decode", "decode", "first", "continuation"])
-        end = rng.choice(EDGES) + rng.choice([0, 0, rng.randrange(0, 64)])
+        end = edge_end(rng)
         if kind == "decode":
             reqs.append((end - 1, 1))
         elif kind == "first":
@@ -54,7 +59,7 @@ def mixed_batch(rng: random.Random, n: int) -> list[tuple[int, int]]:
 def decode_batch(rng: random.Random, n: int) -> list[tuple[int, int]]:
     """n one-token requests whose contexts end at, just before and just after group/block edges: a pure-decode
     step (kernels.forward's CUDA-graph shape, its store a programmatic dependent of the attention on Hopper)."""
-    return [(rng.choice(EDGES) + rng.choice([0, 0, rng.randrange(0, 64)]) - 1, 1) for _ in range(n)]
+    return [(edge_end(rng) - 1, 1) for _ in range(n)]
 
 
 def main() -> None:

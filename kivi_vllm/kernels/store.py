@@ -35,6 +35,7 @@ from triton.language.extra.cuda import gdc_wait
 
 from ..layout import PageLayout
 from .common import check_cache, check_rows, find_request, layout_args, pack_rows, quantize, stage_dtype
+from .decode import cuda_capability
 
 
 @triton.jit
@@ -347,9 +348,9 @@ def store(
         per = 1 if rows is not None else rows_per_program_for(num_rows, H, kv_cache.device)
     if per < 1 or per > 32 or per & (per - 1):
         raise ValueError(f"KIVI store: rows_per_program must be a power of two in [1, 32], got {per}")
-    if pdl and kv_cache.is_cuda and torch.cuda.get_device_capability(kv_cache.device) < (9, 0):
-        raise ValueError("KIVI store: pdl (griddepcontrol) needs compute capability 9.0 or newer, "
-                         f"not {torch.cuda.get_device_capability(kv_cache.device)}")
+    cap = cuda_capability(kv_cache.device) if pdl else None
+    if cap is not None and cap < (9, 0):
+        raise ValueError(f"KIVI store: pdl (griddepcontrol) needs compute capability 9.0 or newer, not {cap}")
     if num_rows == 0 or n == 0:
         return
     _store_kernel[(triton.cdiv(num_rows, per), H)](
@@ -383,14 +384,14 @@ def warm_up(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, quer
         return
     one = partial(store, kv_cache, key[:1], value[:1], torch.full((1,), -1, dtype=torch.int64, device=key.device),
                   query_start_loc, seq_lens, layout, num_reqs=num_reqs)
+    row = torch.zeros(1, dtype=torch.int32, device=key.device)
     choices = rows_per_program_choices(key.device)
     listed = layout.residual == "kv"
     # (phase, listed rows, rows per program, pdl): the prompt steps', then the decode steps'
     launches = [(phase, listed, 1 if listed else per, False) for phase, per in itertools.product((0, 1), choices)]
     launches += [(0, False, per, pdl) for per in choices]
     for phase, rows, per, dependent in dict.fromkeys(launches):
-        one(phase, rows=torch.zeros(1, dtype=torch.int32, device=key.device) if rows else None,
-            rows_per_program=per, pdl=dependent)
+        one(phase, rows=row if rows else None, rows_per_program=per, pdl=dependent)
 
 
 #: Store programs per SM that :func:`rows_per_program_for` aims at: the rows per program grow until the launch has
